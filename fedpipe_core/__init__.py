@@ -1,0 +1,1 @@
+"""FedPipe core: federated LoRA fine-tuning algorithms, free of any Flower import."""

@@ -1,0 +1,96 @@
+"""Flat ``{key: ndarray}`` encodings of LoRA factors and ΔW, with validation on decode.
+
+Keys are ``<module>::A`` / ``<module>::B`` for factors (ΔW = B · A) and ``<module>::dW`` for a
+dense ΔW. The transport layer (Flower's ArrayRecord) carries these dicts unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from fedpipe_core.aggregate import LowRank, is_cheaper_dense, to_dense
+from fedpipe_core.lora import Factors
+
+SEP = "::"
+Shapes = Mapping[str, tuple[int, int]]
+
+
+class UpdateError(ValueError):
+    """An array payload that does not fit the model: the message names module and problem."""
+
+
+def encode_factors(factors: Factors) -> dict[str, np.ndarray]:
+    """(A, B) per module -> ``{module::A, module::B}``."""
+    out: dict[str, np.ndarray] = {}
+    for module, (A, B) in factors.items():
+        out[f"{module}{SEP}A"] = A.detach().float().cpu().numpy()
+        out[f"{module}{SEP}B"] = B.detach().float().cpu().numpy()
+    return out
+
+
+def encode_delta(lowranks: Mapping[str, LowRank]) -> dict[str, np.ndarray]:
+    """ΔW per module, as factors or dense, whichever is smaller."""
+    out: dict[str, np.ndarray] = {}
+    for module, lowrank in lowranks.items():
+        if is_cheaper_dense(lowrank):
+            out[f"{module}{SEP}dW"] = to_dense(lowrank).numpy()
+        else:
+            out.update(encode_factors({module: lowrank}))
+    return out
+
+
+def _group(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, dict[str, np.ndarray]]:
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        module, sep, part = key.rpartition(SEP)
+        if not sep or part not in ("A", "B", "dW"):
+            raise UpdateError(f"array {key!r}: expected '<module>::A|B|dW'")
+        if module not in shapes:
+            raise UpdateError(f"array {key!r}: {module!r} is not an adaptable module of this model")
+        array = np.asarray(value)
+        if array.dtype.kind != "f":
+            raise UpdateError(f"array {key!r}: dtype {array.dtype} is not floating point")
+        if array.ndim != 2:
+            raise UpdateError(f"array {key!r}: expected a matrix, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise UpdateError(f"array {key!r}: contains NaN or Inf")
+        grouped.setdefault(module, {})[part] = array
+    return grouped
+
+
+def _check_pair(module: str, parts: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if set(parts) != {"A", "B"}:
+        raise UpdateError(f"module {module!r}: expected both ::A and ::B, got {sorted(parts)}")
+    A, B = parts["A"], parts["B"]
+    out_dim, in_dim = shape
+    if A.shape[1] != in_dim or B.shape[0] != out_dim or A.shape[0] != B.shape[1] or A.shape[0] < 1:
+        raise UpdateError(
+            f"module {module!r}: A {A.shape} and B {B.shape} do not factor a ({out_dim}, {in_dim}) weight"
+        )
+    return A, B
+
+
+def decode_factors(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> Factors:
+    """Validate and convert ``{module::A, module::B}`` back to tensors."""
+    out: Factors = {}
+    for module, parts in _group(arrays, shapes).items():
+        A, B = _check_pair(module, parts, shapes[module])
+        out[module] = (torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32)))
+    return out
+
+
+def decode_delta(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, torch.Tensor]:
+    """Validate and densify a ΔW payload (factors or dense per module)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in _group(arrays, shapes).items():
+        if "dW" in parts:
+            if len(parts) != 1 or parts["dW"].shape != tuple(shapes[module]):
+                raise UpdateError(f"module {module!r}: dense ΔW must come alone with shape {shapes[module]}")
+            out[module] = torch.from_numpy(parts["dW"].astype(np.float32))
+        else:
+            A, B = _check_pair(module, parts, shapes[module])
+            out[module] = to_dense((torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32))))
+    return out

@@ -1,0 +1,201 @@
+"""Task data: E2E NLG and Alpaca instruction tuning, split by group, partitioned per client.
+
+An example is a prompt and a target; the loss is taken on the target tokens only. Splits are
+made by *group* (the E2E meaning representation, the Alpaca task) so that no group leaks from
+train into validation or test. Client partitions come from flwr-datasets partitioners.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from transformers import PreTrainedTokenizerBase
+
+from fedpipe_core.config import ConfigError
+
+BUILTIN_DATA = {
+    "e2e": Path(__file__).parent / "datasets" / "e2e" / "devset.jsonl",
+    "alpaca": Path(__file__).parent / "datasets" / "alpaca-seed" / "seed_tasks.jsonl",
+}
+SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training/evaluation pair. ``group`` is the split unit, ``key`` the non-IID unit."""
+
+    prompt: str
+    target: str
+    group: str
+    key: str
+
+
+def e2e_prompt(mr: str) -> str:
+    """The E2E prompt: the meaning representation, then the reference to generate."""
+    return f"Meaning representation: {mr}\nReference:"
+
+
+def alpaca_prompt(instruction: str, input_text: str) -> str:
+    """The Alpaca prompt template (with or without an input)."""
+    if input_text:
+        return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def load_examples(task: str, data_path: str = "") -> list[Example]:
+    """Load every example of ``task`` from ``data_path`` (built-in sample when empty)."""
+    path = Path(data_path).expanduser() if data_path else BUILTIN_DATA[task]
+    if not path.is_file():
+        raise ConfigError(f"run config 'data-path': {str(path)!r} does not exist or is not a file")
+    examples = _load_e2e(path) if task == "e2e" else _load_alpaca(path)
+    if not examples:
+        raise ConfigError(f"run config 'data-path': {str(path)!r} holds no usable {task} example")
+    return examples
+
+
+def _load_e2e(path: Path) -> list[Example]:
+    """E2E pairs from an ``mr,ref`` CSV (optionally gzipped) or a ``{mr, refs}`` JSONL."""
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            frame = pd.DataFrame([(r["mr"], ref) for r in rows for ref in r["refs"]], columns=["mr", "ref"])
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"run config 'data-path': {str(path)!r} is not a readable E2E file ({exc})") from exc
+    missing = {"mr", "ref"} - set(frame.columns)
+    if missing:
+        raise ConfigError(
+            f"run config 'data-path': {str(path)!r} lacks column(s) {', '.join(sorted(missing))} "
+            "(E2E format is a CSV with columns mr,ref)"
+        )
+    frame = frame[(frame["mr"].str.strip() != "") & (frame["ref"].str.strip() != "")]
+    return [
+        Example(e2e_prompt(mr.strip()), " " + ref.strip(), mr.strip(), _restaurant(mr))
+        for mr, ref in zip(frame["mr"], frame["ref"])
+    ]
+
+
+def _restaurant(mr: str) -> str:
+    match = re.search(r"name\[([^\]]*)\]", mr)
+    return match.group(1) if match else mr
+
+
+def _load_alpaca(path: Path) -> list[Example]:
+    """Alpaca records from a seed-task JSONL (``instances``) or an ``alpaca_data.json`` list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config 'data-path': {str(path)!r} is not valid Alpaca JSON/JSONL ({exc})") from exc
+    if not isinstance(rows, list):
+        raise ConfigError(f"run config 'data-path': {str(path)!r} must hold a JSON list of records")
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "instruction" not in row:
+            raise ConfigError(f"run config 'data-path': record {i} of {str(path)!r} has no 'instruction'")
+        instances = row.get("instances", [row])
+        task = str(row.get("name") or row.get("id") or row["instruction"])
+        for inst in instances:
+            output = str(inst.get("output", "")).strip()
+            if output:
+                prompt = alpaca_prompt(row["instruction"].strip(), str(inst.get("input", "")).strip())
+                examples.append(Example(prompt, output, task, task))
+    return examples
+
+
+def split_of(group: str) -> str:
+    """Deterministic split of a group: a stable hash into 100 buckets (80/10/10)."""
+    bucket = int(hashlib.sha256(group.encode("utf-8")).hexdigest(), 16) % 100
+    return next(name for name, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def split_examples(examples: list[Example]) -> dict[str, list[Example]]:
+    """train / validation / test, split by group so that no group is on two sides."""
+    splits: dict[str, list[Example]] = {name: [] for name in SPLIT_BUCKETS}
+    for example in examples:
+        splits[split_of(example.group)].append(example)
+    return splits
+
+
+def make_partitioner(kind: str, num_partitions: int, alpha: float, seed: int) -> Partitioner:
+    """IID, or non-IID by Dirichlet over the example key (E2E restaurant name, Alpaca task)."""
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    return DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="key",
+        alpha=alpha,
+        min_partition_size=1,
+        self_balancing=True,
+        shuffle=True,
+        seed=seed,
+    )
+
+
+def partition(
+    examples: list[Example], num_partitions: int, partition_id: int, kind: str, alpha: float, seed: int
+) -> list[Example]:
+    """The examples of client ``partition_id`` out of ``num_partitions``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if len(examples) < num_partitions:
+        raise ConfigError(f"{len(examples)} training examples cannot be split over {num_partitions} clients")
+    table = datasets.Dataset.from_dict(
+        {
+            "prompt": [e.prompt for e in examples],
+            "target": [e.target for e in examples],
+            "group": [e.group for e in examples],
+            "key": [e.key for e in examples],
+        }
+    )
+    partitioner = make_partitioner(kind, num_partitions, alpha, seed)
+    partitioner.dataset = table
+    part = partitioner.load_partition(partition_id)
+    return [Example(r["prompt"], r["target"], r["group"], r["key"]) for r in part]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; labels are IGNORE_INDEX on the prompt (loss on the target only)."""
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[: max(1, max_len - 1)]
+    target_ids = target_ids[: max_len - len(prompt_ids)]
+    return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
+
+
+def collate(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_len: int
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch with input_ids, attention_mask and labels."""
+    encoded = [encode(tokenizer, e, max_len) for e in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def references_by_group(examples: list[Example]) -> dict[str, list[str]]:
+    """Multi-reference view: group (E2E meaning representation) -> all its references."""
+    refs: dict[str, list[str]] = {}
+    for example in examples:
+        refs.setdefault(example.group, []).append(example.target.strip())
+    return refs

@@ -1,0 +1,149 @@
+"""LoRA adapters through peft: target resolution, per-module ranks, factors, ΔW merge.
+
+Shapes follow the LoRA paper: for a weight W of shape (out, in), A is (r, in), B is (out, r)
+and the adapter's update is ΔW = (alpha / r) · B · A. Merging adds ΔW into the base weight
+(GPT-2's Conv1D stores W transposed; merge handles it).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from fedpipe_core.config import ConfigError
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""module name -> (A of shape (r, in), B of shape (out, r))."""
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
+    """Full names of the modules to adapt.
+
+    ``spec`` is ``auto`` (peft's default projections for the architecture), ``all-linear``
+    (every linear layer in the transformer blocks, not the LM head) or a comma-separated list
+    of module-name suffixes (``q_proj,v_proj``; ``c_attn`` for GPT-2).
+    """
+    candidates = [name for name, mod in model.named_modules() if _adaptable(mod) and name]
+    head = {name for name, mod in model.named_modules() if mod is model.get_output_embeddings()}
+    candidates = [name for name in candidates if name not in head]
+    spec = spec.strip()
+    if spec == "all-linear":
+        return candidates
+    if spec == "auto":
+        suffixes = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+        if not suffixes:
+            raise ConfigError(
+                f"run config 'lora-target-modules': no default for model type {model.config.model_type!r}; "
+                "name the modules (e.g. 'q_proj,v_proj')"
+            )
+    else:
+        suffixes = [s.strip() for s in spec.split(",") if s.strip()]
+    chosen: list[str] = []
+    for suffix in suffixes:
+        matches = [name for name in candidates if name == suffix or name.endswith("." + suffix)]
+        if not matches:
+            known = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+            raise ConfigError(
+                f"run config 'lora-target-modules': {suffix!r} matches no linear module of "
+                f"{type(model).__name__} (it has: {', '.join(known)})"
+            )
+        chosen.extend(matches)
+    order = {name: i for i, name in enumerate(candidates)}
+    return sorted(set(chosen), key=order.__getitem__)
+
+
+def module_shape(model: nn.Module, name: str) -> tuple[int, int]:
+    """(out, in) of the weight ``name`` in the LoRA orientation."""
+    module = model.get_submodule(name)
+    if isinstance(module, Conv1D):
+        fan_in, fan_out = module.weight.shape
+        return int(fan_out), int(fan_in)
+    return int(module.out_features), int(module.in_features)
+
+
+def attach_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: float, seed: int) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA adapters, rank ``ranks[name]`` on each named module.
+
+    A is Kaiming-initialised from ``seed``, B is zero, so the wrapped model computes exactly
+    the base function until training moves B (the re-initialisation of FedPipe eq 12).
+    """
+    if not ranks:
+        raise ValueError("attach_lora: no module to adapt")
+    names = list(ranks)
+    config = LoraConfig(
+        r=ranks[names[0]],
+        lora_alpha=alpha,
+        target_modules=names,
+        rank_pattern={_exact(name): r for name, r in ranks.items()},
+        alpha_pattern={_exact(name): alpha for name in names},
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=any(isinstance(model.get_submodule(n), Conv1D) for n in names),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    got = {name: A.shape[0] for name, (A, _) in lora_factors(peft_model).items()}
+    if got != ranks:
+        raise RuntimeError(f"peft built ranks {got} instead of {ranks}")
+    return peft_model
+
+
+def _exact(name: str) -> str:
+    """A rank_pattern key that matches exactly one module name (peft treats keys as regexes)."""
+    return name.replace(".", r"\.")
+
+
+def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    return {
+        name.removeprefix(_PEFT_PREFIX): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
+
+
+def lora_factors(peft_model: PeftModel) -> Factors:
+    """Detached copies of (A, B) for every adapted module."""
+    return {
+        name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+        for name, layer in _lora_layers(peft_model).items()
+    }
+
+
+def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
+    """alpha / r of every adapted module."""
+    return {name: float(layer.scaling["default"]) for name, layer in _lora_layers(peft_model).items()}
+
+
+def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
+    """Load given (A, B) into the adapters (used by strategies that keep global factors)."""
+    layers = _lora_layers(peft_model)
+    for name, (A, B) in factors.items():
+        layer = layers[name]
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+
+
+def merge_delta(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """W ← W + ΔW for each named module (FedPipe eq 11, unquantized base)."""
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            module = model.get_submodule(name)
+            weight = module.weight
+            update = delta.T if isinstance(module, Conv1D) else delta
+            if update.shape != weight.shape:
+                raise ValueError(f"ΔW for {name} has shape {tuple(delta.shape)}, weight is {tuple(weight.shape)}")
+            weight.add_(update.to(weight.dtype))

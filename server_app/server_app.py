@@ -1,0 +1,109 @@
+"""FedPipe ServerApp: run the chosen strategy, evaluate the global model each round, write results."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.results import RunWriter
+from fedpipe_core.task import evaluate_validation, load_task, score_test
+from server_app.strategy import STRATEGIES, LoRAStrategy
+
+app = ServerApp()
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.2f} MB"
+
+
+def trainable_params(strategy: LoRAStrategy) -> float:
+    """Mean adapter parameters per client in the last round: Σ r · (out + in)."""
+    if not strategy.stats:
+        return 0.0
+    last = list(strategy.stats[max(strategy.stats)].ranks.values())
+    if not last:
+        return 0.0
+    shapes = strategy.task.shapes
+    return sum(sum(r * sum(shapes[m]) for m, r in plan.items()) for plan in last) / len(last)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the run config, federate, and leave ``runs/<run-id>/`` behind."""
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        task = load_task(config)
+    except ConfigError as exc:
+        log(ERROR, "FedPipe: %s", exc)
+        raise SystemExit(f"FedPipe: {exc}") from None
+    strategy = STRATEGIES[config.strategy](task)
+    out_root = Path(config.output_dir).expanduser().resolve()
+    writer = RunWriter(out_root, str(context.run_id))
+    writer.write_config(config, **{"run-id": context.run_id, "checkpoint": str(task.checkpoint), "target-modules": list(task.targets)})
+    log(INFO, "FedPipe: run %s, strategy %s, model %s, task %s -> %s", context.run_id, config.strategy, config.model, config.task, writer.dir)
+    started = time.time()
+    totals = {"bytes_up": 0, "bytes_down": 0}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        result = _evaluate_round(strategy, server_round, arrays, writer, totals, started)
+        return MetricRecord({"eval-loss": result["eval_loss"], "ppl": result["ppl"]})
+
+    result = strategy.start(
+        grid,
+        strategy.initial_arrays(),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout_s,
+        evaluate_fn=evaluate_fn,
+    )
+    final_delta = strategy.global_delta(result.arrays if len(result.arrays) else strategy.initial_arrays())
+    writer.save_delta(final_delta)
+    log(INFO, "FedPipe: scoring the final model on the test split")
+    summary: dict[str, object] = dict(score_test(task, final_delta))
+    if config.eval_base_generation:
+        log(INFO, "FedPipe: scoring the base model on the test split")
+        summary["base"] = score_test(task, {})
+    summary.update(
+        trainable_params=trainable_params(strategy),
+        total_bytes_up=totals["bytes_up"],
+        total_bytes_down=totals["bytes_down"],
+        total_bytes=totals["bytes_up"] + totals["bytes_down"],
+        rounds=config.num_server_rounds,
+        wall_s=time.time() - started,
+    )
+    writer.write_summary(summary)
+    log(INFO, "FedPipe: summary %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != "base"})
+
+
+def _evaluate_round(
+    strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, int], started: float
+) -> dict[str, float]:
+    """Evaluate base + global ΔW on the validation split, log one line, append to metrics.jsonl."""
+    loss = evaluate_validation(strategy.task, strategy.global_delta(arrays))
+    stats = strategy.stats.get(server_round)
+    row = {
+        "round": server_round,
+        "eval_loss": loss.loss,
+        "ppl": loss.ppl,
+        "train_loss": stats.train_loss if stats else None,
+        "clients": stats.clients if stats else 0,
+        "rejected": stats.rejected if stats else 0,
+        "bytes_up": stats.bytes_up if stats else 0,
+        "bytes_down": stats.bytes_down if stats else 0,
+        "wall_s": time.time() - started,
+    }
+    totals["bytes_up"] += row["bytes_up"]
+    totals["bytes_down"] += row["bytes_down"]
+    writer.append_metrics(row)
+    log(
+        INFO,
+        "FedPipe round %d/%d | eval loss %.4f (ppl %.2f) | clients %d | up %s down %s | %.1f s",
+        server_round, strategy.task.config.num_server_rounds, loss.loss, loss.ppl, row["clients"],
+        _mb(row["bytes_up"]), _mb(row["bytes_down"]), row["wall_s"],
+    )
+    return row
