@@ -107,7 +107,7 @@ def _load_alpaca(path: Path) -> list[Example]:
         if not isinstance(row, dict) or "instruction" not in row:
             raise ConfigError(f"run config 'data-path': record {i} of {str(path)!r} has no 'instruction'")
         instances = row.get("instances", [row])
-        task = str(row.get("name") or row.get("id") or row["instruction"])
+        task = str(row.get("id") or row.get("name") or row["instruction"])
         for inst in instances:
             output = str(inst.get("output", "")).strip()
             if output:
@@ -160,7 +160,7 @@ def partition(
             "group": [e.group for e in examples],
             "key": [e.key for e in examples],
         }
-    )
+    ).shuffle(seed=seed)  # IidPartitioner shards contiguously; the files are ordered by MR
     partitioner = make_partitioner(kind, num_partitions, alpha, seed)
     partitioner.dataset = table
     part = partitioner.load_partition(partition_id)

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedpipe_core.config import RunConfig
+from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
 from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
@@ -75,7 +75,7 @@ def load_task(config: RunConfig) -> Task:
         splits["train"] = splits["train"][: config.max_train_examples]
     for name in ("train", "validation"):
         if not splits[name]:
-            raise ValueError(f"the {config.task} data has no {name} example after splitting by group")
+            raise ConfigError(f"run config 'data-path': the {config.task} data has no {name} example after splitting by group")
     return Task(config, checkpoint, tokenizer, splits, targets, shapes)
 
 

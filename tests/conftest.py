@@ -1,0 +1,19 @@
+"""Shared fixtures: the embedded model is loaded once per test session (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture(scope="session")
+def task():
+    """The embedded default task (SmolLM2-135M, E2E), small caps for speed."""
+    from fedpipe_core.config import RunConfig
+    from fedpipe_core.task import load_task
+
+    return load_task(RunConfig(eval_examples=8, test_groups=2, local_steps=2, batch_size=2, max_seq_len=64))

@@ -1,0 +1,116 @@
+"""Data: group-wise splits, partitions that cover without overlap, target-only labels, loaders."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from fedpipe_core.config import ConfigError
+from fedpipe_core.data import (
+    BUILTIN_DATA,
+    IGNORE_INDEX,
+    Example,
+    encode,
+    load_examples,
+    partition,
+    references_by_group,
+    split_examples,
+)
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return load_examples("e2e")
+
+
+def test_builtin_e2e_is_the_full_devset(e2e):
+    assert len(e2e) == 4672
+    assert len({e.group for e in e2e}) == 547
+
+
+def test_splits_are_by_group_and_deterministic(e2e):
+    splits = split_examples(e2e)
+    groups = {name: {e.group for e in part} for name, part in splits.items()}
+    assert not groups["train"] & groups["validation"]
+    assert not groups["train"] & groups["test"]
+    assert not groups["validation"] & groups["test"]
+    assert sum(len(p) for p in splits.values()) == len(e2e)
+    assert 0.7 < len(groups["train"]) / 547 < 0.9
+    assert split_examples(list(reversed(e2e)))["test"] == list(reversed(splits["test"]))
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
+def test_partitions_cover_the_train_split_without_overlap(e2e, kind):
+    train = split_examples(e2e)["train"][:600]
+    parts = [partition(train, 4, pid, kind, alpha=0.5, seed=7) for pid in range(4)]
+    assert all(parts)
+    seen = [(e.prompt, e.target) for p in parts for e in p]
+    assert sorted(seen) == sorted((e.prompt, e.target) for e in train)
+    with pytest.raises(ValueError, match="outside"):
+        partition(train, 4, 4, kind, 0.5, 7)
+
+
+def _mean_tv_distance(parts):
+    from collections import Counter
+    keys = sorted({e.key for p in parts for e in p})
+    dists = [[Counter(e.key for e in p)[k] / len(p) for k in keys] for p in parts]
+    pairs = [(a, b) for i, a in enumerate(dists) for b in dists[i + 1 :]]
+    return sum(0.5 * sum(abs(x - y) for x, y in zip(a, b)) for a, b in pairs) / len(pairs)
+
+
+def test_dirichlet_partitions_are_skewed_by_restaurant(e2e):
+    train = split_examples(e2e)["train"]
+    iid = [partition(train, 4, pid, "iid", 0.5, 7) for pid in range(4)]
+    skewed = [partition(train, 4, pid, "dirichlet", 0.3, 7) for pid in range(4)]
+    assert _mean_tv_distance(iid) < 0.15
+    assert _mean_tv_distance(skewed) > _mean_tv_distance(iid) + 0.3
+
+
+def test_labels_cover_only_the_target(task):
+    example = Example("Meaning representation: name[X]\nReference:", " X is a pub.", "g", "X")
+    ids, labels = encode(task.tokenizer, example, 64)
+    prompt_len = len(task.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert ids[-1] == task.tokenizer.eos_token_id
+    short_ids, short_labels = encode(task.tokenizer, example, 8)
+    assert len(short_ids) == 8 and short_labels[-1] != IGNORE_INDEX
+
+
+def test_user_csv_loads_like_the_builtin_file(tmp_path, e2e):
+    rows = [json.loads(line) for line in BUILTIN_DATA["e2e"].read_text().splitlines()[:5]]
+    frame = pd.DataFrame([(r["mr"], ref) for r in rows for ref in r["refs"]], columns=["mr", "ref"])
+    path = tmp_path / "mine.csv"
+    frame.to_csv(path, index=False)
+    mine = load_examples("e2e", str(path))
+    assert mine == e2e[: len(frame)]
+    refs = references_by_group(mine)
+    assert refs[rows[0]["mr"]] == rows[0]["refs"]
+
+
+def test_alpaca_seed_and_full_formats(tmp_path):
+    seed = load_examples("alpaca")
+    assert len({e.group for e in seed}) == 175 and all("### Response:" in e.prompt for e in seed)
+    full = tmp_path / "alpaca_data.json"
+    full.write_text(json.dumps([{"instruction": "Add.", "input": "1+1", "output": "2"}, {"instruction": "Hi", "input": "", "output": "Hello"}]))
+    loaded = load_examples("alpaca", str(full))
+    assert [e.target for e in loaded] == ["2", "Hello"] and "### Input:\n1+1" in loaded[0].prompt
+
+
+@pytest.mark.parametrize(
+    ("task_name", "content", "name", "fragment"),
+    [
+        ("e2e", "a,b\n1,2\n", "bad.csv", "lacks column(s) mr, ref"),
+        ("e2e", "mr,ref\n", "empty.csv", "holds no usable e2e example"),
+        ("alpaca", "{not json", "bad.json", "not valid Alpaca JSON"),
+        ("alpaca", json.dumps([{"input": "x"}]), "noinst.json", "has no 'instruction'"),
+        ("e2e", '{"mr": "x"}\n', "bad.jsonl", "not a readable E2E file"),
+    ],
+)
+def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fragment):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_examples(task_name, str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_examples(task_name, str(tmp_path / "missing.csv"))
