@@ -27,6 +27,12 @@ def normalise(text: str) -> str:
     return " ".join(_TOKENIZE(text.lower().strip()).split())
 
 
+def _nist(refs: list[list[list[str]]], hyps: list[list[str]], n: int = 5) -> float:
+    """NIST-n; n-gram orders longer than every hypothesis add 0, as in mteval (nltk would divide by 0)."""
+    order = min(n, max(len(h) for h in hyps))
+    return corpus_nist(refs, hyps, n=order) if order > 0 else 0.0
+
+
 def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]]) -> dict[str, float]:
     """Score one hypothesis per MR against all references of that MR."""
     keys = sorted(hypotheses)
@@ -38,7 +44,7 @@ def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]
     width = max(len(r) for r in refs)
     ref_streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
     bleu = sacrebleu.corpus_bleu(hyps, ref_streams, tokenize="none", force=True).score
-    nist = corpus_nist([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps], n=5)
+    nist = _nist([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps])
     gts = {i: rs for i, rs in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,0 +1,106 @@
+"""End to end: a real `flwr run .` simulation (local SuperLink, Ray) on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_processes_mentioning(marker: str) -> None:
+    """Stop the local SuperLink (and its children) that this test's FLWR_HOME started."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and "flower-" in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    yield env
+    _stop_processes_mentioning(str(home))
+    time.sleep(1)
+
+
+def flwr_run(env: dict[str, str], run_config: str, supernodes: int = 3, timeout: int = 900) -> str:
+    cmd = [
+        "flwr", "run", ".", "--stream",
+        "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1",
+        "--run-config", run_config,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.stdout + done.stderr
+
+
+def test_federation_trains_and_writes_the_results_contract(flwr_env, tmp_path):
+    out_dir = tmp_path / "runs"
+    log = flwr_run(
+        flwr_env,
+        f'num-server-rounds=2 local-steps=3 batch-size=4 eval-examples=16 test-groups=3 max-new-tokens=24 '
+        f'max-train-examples=240 eval-base-generation=false output-dir="{out_dir}"',
+    )
+    runs = list(out_dir.iterdir()) if out_dir.exists() else []
+    assert len(runs) == 1, log[-3000:]
+    run = runs[0]
+    for name in ("config.json", "metrics.jsonl", "summary.json", "delta.safetensors"):
+        assert (run / name).is_file(), (name, log[-3000:])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in rows[1:])
+    assert rows[1]["bytes_down"] == 0 < rows[2]["bytes_down"]  # round 1 has no ΔW yet
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl", "trainable_params", "total_bytes", "wall_s"):
+        assert isinstance(summary[key], (int, float)), key
+    assert summary["trainable_params"] == 230_400  # rank 4 on q_proj, v_proj of 30 layers
+    assert json.loads((run / "config.json").read_text())["strategy"] == "fedpipe"
+    assert "FedPipe round 2/2 | eval loss" in log
+
+    csv = tmp_path / "mine.csv"
+    csv.write_text('mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n')
+    done = subprocess.run(
+        ["fedpipe-eval", str(run), "--data", str(csv), "--limit", "1"],
+        env=flwr_env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(scores) >= {"bleu", "nist", "meteor", "rouge_l", "cider", "ppl"} and scores["scored_groups"] == 1
+
+
+def test_invalid_run_config_stops_before_training(flwr_env, tmp_path):
+    log = flwr_run(flwr_env, f'lora-target-modules="q_proj,c_fc" output-dir="{tmp_path}"', supernodes=2, timeout=300)
+    assert "run config 'lora-target-modules': 'c_fc' matches no linear module" in log
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,123 @@
+"""Strategies end to end inside the server: per-node messages, validation, ΔW state, bytes."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedpipe_core.aggregate import ClientUpdate, aggregate_delta, fedavg_factors, to_dense
+from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
+from server_app.records import from_record, to_record
+from server_app.strategy import FedPipeStrategy, LoRAFedAvgStrategy
+
+
+@pytest.fixture(autouse=True)
+def run_identity():
+    """Messages need the run id a real ServerApp process has; set it as Flower's runtime does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+    yield
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def reply(node_id, arrays, metrics, error=None):
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node_id),
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
+        content=content,
+    )
+
+
+def client_factors(task, ranks, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, r in ranks.items():
+        o, i = task.shapes[module]
+        out[module] = (torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01)
+    return out
+
+
+def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
+    strategy = FedPipeStrategy(task)
+    grid = FakeGrid([11, 22, 33])
+    messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 22, 33]
+    assert all(m.content["config"]["state-from"] == 0 and m.content["config"]["state-to"] == 0 for m in messages)
+    modules = list(task.targets)
+    # node 22 is planned a subset of modules at rank 2 (heterogeneous plan)
+    strategy.stats[1].ranks[22] = {m: 2 for m in modules[:3]}
+    good11 = client_factors(task, strategy.stats[1].ranks[11], 1)
+    good22 = client_factors(task, strategy.stats[1].ranks[22], 2)
+    ok = {"train-loss": 2.0, "state-version": 0}
+    bad_nan = encode_factors(client_factors(task, strategy.stats[1].ranks[33], 3))
+    bad_nan[next(iter(bad_nan))][0, 0] = np.nan
+    replies = [
+        reply(11, encode_factors(good11), {**ok, "num-examples": 30}),
+        reply(22, encode_factors(good22), {**ok, "num-examples": 10}),
+        reply(33, bad_nan, {**ok, "num-examples": 10}),
+        reply(44, encode_factors(good11), {**ok, "num-examples": 10}),  # never sent a plan
+        reply(33, encode_factors(client_factors(task, {modules[0]: 9}, 4)), {**ok, "num-examples": 5}),  # wrong rank
+        reply(33, encode_factors(good11), {"train-loss": 1.0, "num-examples": 5}),  # no state-version
+        reply(33, encode_factors(good11), {**ok, "num-examples": 0}),
+        reply(33, {}, {**ok, "num-examples": 3}, error="CUDA out of memory"),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == 2 and strategy.stats[1].rejected == 6
+    alpha = task.config.lora_alpha
+    expected = aggregate_delta(
+        [
+            ClientUpdate(good11, {m: alpha / a.shape[0] for m, (a, _) in good11.items()}, 30),
+            ClientUpdate(good22, {m: alpha / a.shape[0] for m, (a, _) in good22.items()}, 10),
+        ]
+    )
+    got = strategy.global_delta(arrays)
+    assert set(got) == set(expected)
+    for m in expected:
+        torch.testing.assert_close(got[m], expected[m], rtol=1e-5, atol=1e-6)
+    assert strategy.synced == {11: 0, 22: 0}
+    # round 2: nodes 11/22 get round 1's ΔW exactly; node 33 (failed) also gets it from 0
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
+    for node in (11, 22, 33):
+        cfg = messages[node].content["config"]
+        assert (cfg["state-from"], cfg["state-to"]) == (0, 1)
+        sent = decode_delta(from_record(messages[node].content["arrays"]), task.shapes)
+        for m in expected:
+            torch.testing.assert_close(sent[m], expected[m], rtol=1e-5, atol=1e-6)
+    assert strategy.stats[2].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages.values())
+    assert strategy.stats[1].bytes_up == sum(to_record(encode_factors(f)).count_bytes() for f in (good11, good22))
+
+
+def test_lora_fedavg_round_averages_factors(task):
+    strategy = LoRAFedAvgStrategy(task)
+    initial = strategy.initial_arrays()
+    start = decode_factors(from_record(initial), task.shapes)
+    assert all(torch.count_nonzero(b) == 0 for _, b in start.values())
+    assert all(t.abs().sum() == 0 for t in strategy.global_delta(initial).values())
+    grid = FakeGrid([1, 2])
+    list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    f1 = client_factors(task, strategy.stats[1].ranks[1], 5)
+    f2 = client_factors(task, strategy.stats[1].ranks[2], 6)
+    replies = [
+        reply(1, encode_factors(f1), {"train-loss": 2.0, "num-examples": 1}),
+        reply(2, encode_factors(f2), {"train-loss": 2.0, "num-examples": 3}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = fedavg_factors([ClientUpdate(f1, {}, 1), ClientUpdate(f2, {}, 3)])
+    module = task.targets[0]
+    got = strategy.global_delta(arrays)[module]
+    a, b = expected[module]
+    torch.testing.assert_close(got, task.config.lora_alpha / a.shape[0] * to_dense((a, b)), rtol=1e-5, atol=1e-7)
