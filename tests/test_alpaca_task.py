@@ -1,0 +1,21 @@
+"""The instruction-tuning task runs through the same round code and is scored by perplexity."""
+
+import dataclasses
+
+import pytest
+
+from fedpipe_core.task import client_examples, load_task, run_client_round, score_test
+
+
+def test_alpaca_round_and_perplexity(task):
+    alpaca = load_task(dataclasses.replace(task.config, task="alpaca", eval_examples=4))
+    assert {e.group for e in alpaca.splits["train"]}.isdisjoint({e.group for e in alpaca.splits["test"]})
+    examples = client_examples(alpaca, 1, 3)
+    out = run_client_round(
+        alpaca, examples=examples, ranks={m: 2 for m in alpaca.targets[:4]}, base_delta={}, initial_factors=None, seed=0, state_version=0
+    )
+    assert out.num_examples == len(examples) and out.result.steps == alpaca.config.local_steps
+    assert len(out.arrays) == 8 and all(a.shape[0] == 2 for k, a in out.arrays.items() if k.endswith("::A"))
+    scores = score_test(alpaca, {})
+    assert set(scores) == {"ppl"} and 1.0 < scores["ppl"] < 1e4
+    assert scores["ppl"] == pytest.approx(score_test(alpaca, {})["ppl"])
