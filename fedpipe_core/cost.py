@@ -1,0 +1,120 @@
+"""Cost model of a client configuration: FLOPs of one local step and peak training memory.
+
+A configuration is (modules with their ranks, batch size, sequence length, base precision).
+Everything is derived from the model's real shapes (:class:`ModelSpec`):
+
+- forward: 2 · (linear params of the blocks + LM head) per token, plus attention scores
+  (4 · s · d per token and layer);
+- backward through the frozen base only computes activation gradients (no weight gradients),
+  and only from the output down to the lowest adapted layer: 1 × forward for those layers;
+- each LoRA adapter of rank r on an (out, in) weight costs 2 · r · (in + out) per token forward
+  and twice that backward (gradients of A, B and of its input).
+
+Memory: base weights at their precision (quantized linears, the rest in the compute dtype),
+adapters with gradient and two AdamW moments (4 copies), activations kept for the backward of
+the adapted layers (34 · s · b · d + 5 · heads · s² · b per layer in 16-bit units, Korthikanti et
+al.), and the logits with their gradient.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from fedpipe_core.quantize import bytes_per_param
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes the cost model needs."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    layer_linear_params: int
+    head_params: int
+    other_params: int
+    modules: dict[str, tuple[int, int, int]]
+    """candidate module -> (layer index, out, in)."""
+
+    @property
+    def linear_params(self) -> int:
+        return self.num_layers * self.layer_linear_params
+
+
+def layer_of(name: str) -> int:
+    """Transformer block index in a module name (``model.layers.7.self_attn.q_proj`` -> 7)."""
+    match = _LAYER.search(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not inside a numbered transformer block")
+    return int(match.group(1))
+
+
+def model_spec(model: PreTrainedModel, candidates: list[str]) -> ModelSpec:
+    """Read layer count, widths and parameter counts off a loaded model."""
+    cfg = model.config
+    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+    layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    vocab = int(cfg.vocab_size)
+    block_linear = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and _LAYER.search(name):
+            block_linear += module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    modules = {}
+    for name in candidates:
+        module = model.get_submodule(name)
+        w = module.weight
+        out_dim, in_dim = (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else tuple(w.shape)
+        modules[name] = (layer_of(name), int(out_dim), int(in_dim))
+    return ModelSpec(
+        num_layers=layers,
+        hidden=hidden,
+        heads=heads,
+        vocab=vocab,
+        layer_linear_params=block_linear // layers,
+        head_params=vocab * hidden,
+        other_params=total - block_linear,
+        modules=modules,
+    )
+
+
+def lora_params(spec: ModelSpec, ranks: dict[str, int]) -> int:
+    """Trainable adapter parameters: Σ r · (in + out)."""
+    return sum(r * (spec.modules[m][1] + spec.modules[m][2]) for m, r in ranks.items())
+
+
+def step_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int) -> float:
+    """FLOPs of one forward + backward step of ``batch`` sequences of ``seq`` tokens."""
+    tokens = batch * seq
+    layer_fwd = 2 * spec.layer_linear_params * tokens + 4 * seq * spec.hidden * tokens
+    head_fwd = 2 * spec.head_params * tokens
+    forward = spec.num_layers * layer_fwd + head_fwd
+    if not ranks:
+        return float(forward)
+    lowest = min(spec.modules[m][0] for m in ranks)
+    backward_base = (spec.num_layers - lowest) * layer_fwd + head_fwd
+    lora = sum(6 * r * (spec.modules[m][1] + spec.modules[m][2]) * tokens for m, r in ranks.items())
+    return float(forward + backward_base + lora)
+
+
+def peak_memory(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int, precision: str, compute_bytes: int = 4) -> float:
+    """Peak bytes of training this configuration (see module docstring)."""
+    base = spec.linear_params * bytes_per_param(precision) + spec.other_params * compute_bytes
+    adapters = 4 * lora_params(spec, ranks) * compute_bytes
+    if ranks:
+        lowest = min(spec.modules[m][0] for m in ranks)
+        per_layer = (34 * seq * batch * spec.hidden + 5 * spec.heads * seq * seq * batch) * compute_bytes / 2
+        activations = (spec.num_layers - lowest) * per_layer
+    else:
+        activations = 0.0
+    logits = 2 * batch * seq * spec.vocab * compute_bytes
+    return float(base + adapters + activations + logits)
