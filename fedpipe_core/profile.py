@@ -1,0 +1,85 @@
+"""Client profiles: free memory and achievable FLOPS (FedPipe step 1).
+
+Measured on the device (CUDA: free memory from the driver, FLOPS from a timed matmul in the
+training dtype; CPU: available RAM and a timed FP32 matmul), declared in a node's config
+(``memory-gb``, ``tflops``: a declared value overrides measurement), or drawn for simulation
+like the paper's testbed: memory budgets uniform over a range, compute spread like mixed
+RTX 3090-class cards, both scaled to the model being run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import psutil
+import torch
+
+RTX3090_TFLOPS = 35.6
+"""FP16/FP32 non-tensor-core peak of an RTX 3090, the paper's reference card."""
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """What a client can spend: ``memory_bytes`` for training, ``flops`` per second achieved."""
+
+    memory_bytes: float
+    flops: float
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Achieved FLOPS of a square matmul (2 · n³ per product), best of ``repeats``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up kernels and caches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def measure(device: str = "auto") -> ClientProfile:
+    """Profile this machine: CUDA when available (or asked for), else CPU."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return ClientProfile(float(free), matmul_flops(dev, torch.float16, size=4096), "cuda")
+    return ClientProfile(float(psutil.virtual_memory().available), matmul_flops(dev, torch.float32), "cpu")
+
+
+def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
+    """A profile from node config keys ``memory-gb`` and ``tflops`` (both needed), else None."""
+    if "memory-gb" not in node_config and "tflops" not in node_config:
+        return None
+    try:
+        memory_gb, tflops = float(node_config["memory-gb"]), float(node_config["tflops"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"node config needs numeric 'memory-gb' and 'tflops' together ({exc})") from exc
+    if memory_gb <= 0 or tflops <= 0:
+        raise ValueError(f"node config 'memory-gb'={memory_gb} and 'tflops'={tflops} must be > 0")
+    return ClientProfile(memory_gb * 2**30, tflops * 1e12, "declared")
+
+
+def simulated(partition_id: int, seed: int, reference_bytes: float, memory_range: tuple[float, float] = (0.45, 0.9),
+              compute_range: tuple[float, float] = (0.25, 1.0)) -> ClientProfile:
+    """A simulated client like the paper's (budgets 12-24 GB for a 27 GB FP32 LLaMA2-7B).
+
+    Memory is uniform over ``memory_range`` × ``reference_bytes`` (the FP32 training footprint
+    of the model run, so that budgets bind for it); compute is uniform over ``compute_range`` ×
+    an RTX 3090.
+    """
+    rng = random.Random(f"{seed}:{partition_id}")
+    memory = rng.uniform(*memory_range) * reference_bytes
+    flops = rng.uniform(*compute_range) * RTX3090_TFLOPS * 1e12
+    return ClientProfile(memory, flops, "simulated")

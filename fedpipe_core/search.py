@@ -1,0 +1,157 @@
+"""FedPipe's two-stage configuration search (Section III-D, Algorithm 1) and its exact MILP (eq 2).
+
+Stage 1 gives each client a batch size proportional to its share of FLOPS within [b_min, b_max].
+Stage 2 picks, per client, (weight, rank) pairs from the most important weight down and from the
+highest candidate rank down, keeping the cost model's step FLOPs × local steps within the
+client's FLOPS budget for the round; a rank-adjustment pass then raises ranks where budget is
+left. The precision of the frozen base is the highest whose peak memory fits the client.
+
+Both solvers maximise the same objective, Σ importance(m) · r_m over the chosen pairs, under
+the same constraints, so their ratio measures the greedy's gap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pulp
+
+from fedpipe_core.cost import ModelSpec, peak_memory, step_flops
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.quantize import PRECISIONS
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a plan may use."""
+
+    ranks: tuple[int, ...]
+    b_min: int
+    b_max: int
+    seq: int
+    local_steps: int
+
+
+@dataclass
+class Plan:
+    """One client's configuration for a round (empty ``ranks`` with a ``reason``: left out)."""
+
+    batch_size: int
+    precision: str
+    ranks: dict[str, int]
+    flops_budget: float
+    step_flops: float = 0.0
+    memory_bytes: float = 0.0
+    reason: str = ""
+    search_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.ranks)
+
+    def objective(self, importance: dict[str, float]) -> float:
+        return sum(importance[m] * r for m, r in self.ranks.items())
+
+
+def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
+    """Stage 1: b_k = b_max · F_k / max_j F_j, rounded and clipped to [b_min, b_max]."""
+    top = max(flops)
+    return [min(b_max, max(b_min, round(b_max * f / top))) for f in flops]
+
+
+def choose_precision(spec: ModelSpec, profile: ClientProfile, ranks: dict[str, int], batch: int, seq: int) -> str | None:
+    """The highest precision whose peak memory for this configuration fits, or None."""
+    for precision in PRECISIONS:
+        if peak_memory(spec, ranks, batch, seq, precision) <= profile.memory_bytes:
+            return precision
+    return None
+
+
+def _round_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, space: SearchSpace) -> float:
+    return space.local_steps * step_flops(spec, ranks, batch, space.seq)
+
+
+def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace) -> dict[str, int]:
+    """Algorithm 1, stage 2: weights by importance, ranks high -> low, then rank adjustment."""
+    order = sorted(importance, key=lambda m: (-importance[m], m))
+    ranks_desc = sorted(space.ranks, reverse=True)
+    chosen: dict[str, int] = {}
+    for module in order:
+        for rank in ranks_desc:
+            if _round_flops(spec, {**chosen, module: rank}, batch, space) <= budget:
+                chosen[module] = rank
+                break
+    improved = True
+    while improved:  # rank adjustment: raise ranks, most important first, while budget allows
+        improved = False
+        for module in [m for m in order if m in chosen]:
+            higher = [r for r in sorted(space.ranks) if r > chosen[module]]
+            for rank in reversed(higher):
+                if _round_flops(spec, {**chosen, module: rank}, batch, space) <= budget:
+                    chosen[module] = rank
+                    improved = True
+                    break
+    return chosen
+
+
+def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
+          time_limit_s: float = 60.0) -> dict[str, int]:
+    """The same choice as an MILP (eq 2 with the cost model's constraint), solved by CBC.
+
+    x[m, r] picks rank r for weight m (at most one per weight); z[l] = 1 when the backward pass
+    reaches block l, forced by any pick in a block at or below l. Step FLOPs are linear in x and z.
+    """
+    tokens = batch * space.seq
+    layer_fwd = 2 * spec.layer_linear_params * tokens + 4 * space.seq * spec.hidden * tokens
+    head = 2 * spec.head_params * tokens
+    fixed = spec.num_layers * layer_fwd + 2 * head
+    problem = pulp.LpProblem("fedpipe_config", pulp.LpMaximize)
+    modules = sorted(importance)
+    x = {(m, r): pulp.LpVariable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
+    z = {layer: pulp.LpVariable(f"z_{layer}", cat="Binary") for layer in range(spec.num_layers)}
+    problem += pulp.lpSum(importance[m] * r * x[m, r] for m, r in x)
+    for m in modules:
+        problem += pulp.lpSum(x[m, r] for r in space.ranks) <= 1
+        layer = spec.modules[m][0]
+        for upper in range(layer, spec.num_layers):
+            for r in space.ranks:
+                problem += z[upper] >= x[m, r]
+    lora = pulp.lpSum(6 * r * (spec.modules[m][1] + spec.modules[m][2]) * tokens * x[m, r] for m, r in x)
+    problem += space.local_steps * (fixed + layer_fwd * pulp.lpSum(z.values()) + lora) <= budget
+    problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
+    if not chosen or _round_flops(spec, chosen, batch, space) > budget * (1 + 1e-9):
+        return {}  # infeasible (or no incumbent within the time limit)
+    return chosen
+
+
+def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, float], batch: int, round_time_s: float,
+                space: SearchSpace, method: str = "greedy") -> Plan:
+    """Precision, then weights and ranks under the FLOPS budget F_k · round time."""
+    started = time.perf_counter()
+    budget = profile.flops * round_time_s
+    smallest = {max(importance, key=lambda m: (importance[m], m)): min(space.ranks)} if importance else {}
+    precision = choose_precision(spec, profile, smallest, batch, space.seq)
+    if precision is None:
+        need = peak_memory(spec, smallest, batch, space.seq, PRECISIONS[-1])
+        return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
+                    f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)")
+    solver = exact if method == "exact" else greedy
+    ranks = solver(spec, importance, budget, batch, space)
+    if not ranks:
+        return Plan(batch, precision, {}, budget, reason=f"FLOPS budget {budget:.3g} cannot afford one rank-{min(space.ranks)} adapter",
+                    search_s=time.perf_counter() - started)
+    precision = choose_precision(spec, profile, ranks, batch, space.seq) or precision
+    while peak_memory(spec, ranks, batch, space.seq, precision) > profile.memory_bytes and len(ranks) > 1:
+        ranks.pop(min(ranks, key=lambda m: (importance[m], m)))  # drop the least important to fit memory
+    return Plan(
+        batch_size=batch,
+        precision=precision,
+        ranks=ranks,
+        flops_budget=budget,
+        step_flops=step_flops(spec, ranks, batch, space.seq),
+        memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision),
+        search_s=time.perf_counter() - started,
+    )
