@@ -1,0 +1,125 @@
+"""FedPipe automation parts: quantization, cost model, profiles, two-stage search vs MILP."""
+
+import random
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedpipe_core.cost import lora_params, model_spec, peak_memory, step_flops
+from fedpipe_core.lora import attach_lora, resolve_target_modules
+from fedpipe_core.profile import ClientProfile, declared, measure, simulated
+from fedpipe_core.quantize import PRECISIONS, bytes_per_param, merge_quantized, normal_float_code, quantize
+from fedpipe_core.search import SearchSpace, batch_sizes, choose_precision, exact, greedy, plan_client
+
+
+def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():
+    nf4 = normal_float_code(4)
+    torch.testing.assert_close(nf4, bnbf.get_4bit_type("nf4", device="cpu").float(), atol=1e-4, rtol=0)
+    nf8 = normal_float_code(8)
+    assert nf8.shape == (256,) and nf8.min() == -1 and nf8.max() == 1 and (nf8 == 0).sum() == 1
+    assert torch.all(nf8[1:] > nf8[:-1])
+
+
+def test_quantization_error_falls_with_bits_and_merge_requantizes():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 192, generator=g) * 0.05
+    errors = {p: (quantize(w, p).dequantize() - w).abs().mean().item() for p in PRECISIONS}
+    assert errors["fp32"] == 0 < errors["fp16"] < errors["nf8"] < errors["nf4"] < 0.01
+    sizes = {p: quantize(w, p).nbytes() for p in PRECISIONS}
+    assert sizes == {p: pytest.approx(w.numel() * bytes_per_param(p)) for p in PRECISIONS}
+    delta = torch.randn(256, 192, generator=g) * 0.01
+    for p in ("nf8", "nf4"):
+        merged = merge_quantized(quantize(w, p), delta)
+        assert merged.precision == p
+        target = quantize(w, p).dequantize() + delta
+        assert (merged.dequantize() - target).abs().mean() <= errors[p] * 1.5
+    with pytest.raises(ValueError, match="unknown precision"):
+        quantize(w, "int3")
+
+
+@pytest.fixture(scope="module")
+def spec_and_model(task):
+    model = task.base_model()
+    candidates = resolve_target_modules(model, "all-linear")
+    return model_spec(model, candidates), candidates
+
+
+@pytest.mark.parametrize("layers", ["all", "top"])
+def test_step_flops_match_torch_flop_counter_within_3_percent(task, spec_and_model, layers):
+    spec, candidates = spec_and_model
+    chosen = list(task.targets) if layers == "all" else [c for c in candidates if ".29." in c][:4]
+    ranks = {m: 4 for m in chosen}
+    peft_model = attach_lora(task.base_model(), ranks, 8.0, 0)
+    ids = torch.randint(0, 1000, (2, 48))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+    measured = counter.get_total_flops()
+    assert step_flops(spec, ranks, 2, 48) == pytest.approx(measured, rel=0.03)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_params(spec, ranks) == trainable
+
+
+def test_memory_model_orders_precisions_and_counts_adapter_state_exactly(spec_and_model):
+    spec, candidates = spec_and_model
+    ranks = {candidates[-1]: 8}
+    mem = {p: peak_memory(spec, ranks, 4, 64, p) for p in PRECISIONS}
+    assert mem["fp32"] > mem["fp16"] > mem["nf8"] > mem["nf4"]
+    more = peak_memory(spec, {candidates[-1]: 16}, 4, 64, "fp32") - mem["fp32"]
+    assert more == 4 * 4 * 8 * sum(spec.modules[candidates[-1]][1:])  # params, grads, 2 Adam moments
+
+
+def test_profiles_measured_declared_simulated():
+    cpu = measure("cpu")
+    assert cpu.source == "cpu" and cpu.memory_bytes > 2**30 and cpu.flops > 1e9
+    d = declared({"memory-gb": 12, "tflops": 35.6})
+    assert d == ClientProfile(12 * 2**30, 35.6e12, "declared")
+    assert declared({"partition-id": 0}) is None
+    with pytest.raises(ValueError, match="memory-gb"):
+        declared({"memory-gb": 12})
+    sims = [simulated(i, 7, reference_bytes=1e9) for i in range(50)]
+    assert all(0.45e9 <= s.memory_bytes <= 0.9e9 for s in sims)
+    assert simulated(3, 7, 1e9) == sims[3] and simulated(3, 8, 1e9) != sims[3]
+
+
+def test_batch_sizes_follow_flops_share():
+    assert batch_sizes([40e12, 20e12, 5e12], 2, 8) == [8, 4, 2]
+    assert batch_sizes([10.0, 10.0], 1, 16) == [16, 16]
+
+
+def test_greedy_stays_in_budget_and_is_close_to_the_milp(spec_and_model):
+    spec, candidates = spec_and_model
+    pool = [c for c in candidates if c.endswith(("q_proj", "v_proj"))][-16:]
+    sub = type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}})
+    space = SearchSpace(ranks=(2, 4, 8), b_min=2, b_max=8, seq=64, local_steps=4)
+    full = 4 * step_flops(sub, {m: 8 for m in pool}, 8, 64)
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(5):
+        importance = {m: rng.random() for m in pool}
+        budget = full * rng.uniform(0.9, 0.98)  # the forward pass alone is ~70% of the full cost
+        g, e = greedy(sub, importance, budget, 8, space), exact(sub, importance, budget, 8, space)
+        for plan in (g, e):
+            assert plan and 4 * step_flops(sub, plan, 8, 64) <= budget
+        og, oe = (sum(importance[m] * r for m, r in p.items()) for p in (g, e))
+        assert og <= oe * (1 + 1e-6)
+        ratios.append(og / oe)
+    assert min(ratios) > 0.6
+
+
+def test_plans_pick_precision_by_memory_and_report_infeasible(spec_and_model):
+    spec, candidates = spec_and_model
+    pool = candidates[-8:]
+    importance = {m: float(i + 1) for i, m in enumerate(pool)}
+    space = SearchSpace(ranks=(2, 4, 8), b_min=2, b_max=8, seq=64, local_steps=4)
+    fp32_need = peak_memory(spec, {pool[-1]: 2}, 8, 64, "fp32")
+    rich = plan_client(spec, ClientProfile(4 * fp32_need, 1e13, "declared"), importance, 8, 10.0, space)
+    assert rich.precision == "fp32" and rich.feasible and rich.memory_bytes <= 4 * fp32_need
+    small = ClientProfile(peak_memory(spec, {pool[-1]: 2}, 8, 64, "nf4") * 1.01, 1e13, "declared")
+    assert choose_precision(spec, small, {pool[-1]: 2}, 8, 64) == "nf4"
+    none = plan_client(spec, ClientProfile(1e6, 1e13, "declared"), importance, 8, 10.0, space)
+    assert not none.feasible and "cannot hold the NF4 base" in none.reason
+    slow = plan_client(spec, ClientProfile(4 * fp32_need, 1.0, "declared"), importance, 8, 10.0, space)
+    assert not slow.feasible and "FLOPS budget" in slow.reason
