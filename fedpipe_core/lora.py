@@ -106,7 +106,8 @@ def _exact(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    """The LoRA layers of a peft model by base-model module name."""
     return {
         name.removeprefix(_PEFT_PREFIX): module
         for name, module in peft_model.named_modules()
@@ -118,18 +119,18 @@ def lora_factors(peft_model: PeftModel) -> Factors:
     """Detached copies of (A, B) for every adapted module."""
     return {
         name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
-        for name, layer in _lora_layers(peft_model).items()
+        for name, layer in lora_layers(peft_model).items()
     }
 
 
 def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
     """alpha / r of every adapted module."""
-    return {name: float(layer.scaling["default"]) for name, layer in _lora_layers(peft_model).items()}
+    return {name: float(layer.scaling["default"]) for name, layer in lora_layers(peft_model).items()}
 
 
 def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
     """Load given (A, B) into the adapters (used by strategies that keep global factors)."""
-    layers = _lora_layers(peft_model)
+    layers = lora_layers(peft_model)
     for name, (A, B) in factors.items():
         layer = layers[name]
         with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,13 @@ def train_local(
     weight_decay: float,
     max_len: int,
     seed: int,
+    after_backward: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run ``steps`` optimizer steps of causal-LM loss on the target tokens."""
+    """Run ``steps`` optimizer steps of causal-LM loss on the target tokens.
+
+    ``after_backward`` runs once per step between the backward pass and the optimizer step
+    (where gradients are available, e.g. for importance scoring).
+    """
     if not examples:
         raise ValueError("train_local: this client has no training example")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -64,6 +70,8 @@ def train_local(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train_local: non-finite loss {loss.item()} at step {len(losses)}")
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
