@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpipe_core.config import RunConfig
-from fedpipe_core.task import client_examples, load_task, node_state_dir, run_client_round, sync_node_state
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.task import client_examples, client_profile, load_task, node_state_dir, run_client_round, sync_node_state
 from server_app.records import from_record, to_record
 
 app = ClientApp()
@@ -19,6 +20,19 @@ def _partition(context: Context) -> tuple[int, int]:
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions'")
     return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def _profile(context: Context) -> ClientProfile:
+    task = load_task(RunConfig.from_mapping(context.run_config))
+    return client_profile(task, context.node_config, _partition(context)[0])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this node's profile (declared, simulated or measured)."""
+    profile = _profile(context)
+    record = ConfigRecord({"memory-bytes": profile.memory_bytes, "flops": profile.flops, "source": profile.source})
+    return Message(RecordDict({"profile": record}), reply_to=msg)
 
 
 @app.train()
@@ -35,19 +49,24 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
     payload = from_record(msg.content["arrays"])
     server_round = int(instruction["server-round"])
+    plan = {"batch_size": int(instruction["batch-size"]), "precision": str(instruction["precision"])}
     seed = config.seed * 1_000_003 + server_round * 1_009 + partition_id
     if instruction["mode"] == "fedpipe":
         start, end = int(instruction["state-from"]), int(instruction["state-to"])
         delta = sync_node_state(task, node_state_dir(task, context.run_id, context.node_id), payload, start, end)
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed, state_version=end)
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed, state_version=end, **plan)
     else:
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed, state_version=0)
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed, state_version=0, **plan)
+    profile = _profile(context)
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
             "train-loss": out.result.mean_loss,
             "steps": out.result.steps,
             "state-version": out.state_version,
+            "profile-memory-bytes": profile.memory_bytes,
+            "profile-flops": profile.flops,
+            **{f"importance::{m}": v for m, v in out.importance.items()},
         }
     )
     return Message(RecordDict({"arrays": to_record(out.arrays), "metrics": metrics}), reply_to=msg)

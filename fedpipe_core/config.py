@@ -15,6 +15,8 @@ from typing import Any, Mapping
 STRATEGIES = ("fedpipe", "lora-fedavg")
 TASKS = ("e2e", "alpaca")
 PARTITIONERS = ("iid", "dirichlet")
+SEARCHES = ("greedy", "exact")
+PROFILES = ("simulated", "measure")
 
 
 class ConfigError(ValueError):
@@ -51,11 +53,26 @@ class RunConfig:
     max_new_tokens: int = 40
     eval_base_generation: bool = True
     round_timeout_s: float = 3600.0
+    search: str = "greedy"
+    candidate_ranks: str = "2,4,8"
+    batch_min: int = 2
+    importance_beta1: float = 0.85
+    importance_beta2: float = 0.85
+    profile: str = "simulated"
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("task", self.task, TASKS)
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
+        _check_choice("search", self.search, SEARCHES)
+        _check_choice("profile", self.profile, PROFILES)
+        _check_min("batch-min", self.batch_min, 1)
+        if self.batch_min > self.batch_size:
+            raise ConfigError(f"run config 'batch-min': {self.batch_min} exceeds 'batch-size' {self.batch_size} (the largest batch)")
+        for key, beta in (("importance-beta1", self.importance_beta1), ("importance-beta2", self.importance_beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"run config '{key}': must be in [0, 1), got {beta!r}")
+        self.rank_candidates()
         _check_min("num-server-rounds", self.num_server_rounds, 1)
         _check_min("min-train-nodes", self.min_train_nodes, 1)
         _check_min("local-steps", self.local_steps, 1)
@@ -76,6 +93,16 @@ class RunConfig:
             raise ConfigError(f"run config 'weight-decay': must be >= 0, got {self.weight_decay!r}")
         if not self.model.strip():
             raise ConfigError("run config 'model': must name a built-in model or a local checkpoint directory")
+
+    def rank_candidates(self) -> tuple[int, ...]:
+        """``candidate-ranks`` as sorted distinct positive integers."""
+        try:
+            ranks = sorted({int(r) for r in self.candidate_ranks.split(",") if r.strip()})
+        except ValueError:
+            ranks = []
+        if not ranks or ranks[0] < 1:
+            raise ConfigError(f"run config 'candidate-ranks': expected positive integers like '2,4,8', got {self.candidate_ranks!r}")
+        return tuple(ranks)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedpipe_core.quantize import bytes_per_param
 
-_LAYER = re.compile(r"\.(\d+)\.")
+LAYER_PATTERN = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ModelSpec:
 
 def layer_of(name: str) -> int:
     """Transformer block index in a module name (``model.layers.7.self_attn.q_proj`` -> 7)."""
-    match = _LAYER.search(name)
+    match = LAYER_PATTERN.search(name)
     if match is None:
         raise ValueError(f"{name!r} is not inside a numbered transformer block")
     return int(match.group(1))
@@ -66,7 +66,7 @@ def model_spec(model: PreTrainedModel, candidates: list[str]) -> ModelSpec:
     vocab = int(cfg.vocab_size)
     block_linear = 0
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and _LAYER.search(name):
+        if isinstance(module, (nn.Linear, Conv1D)) and LAYER_PATTERN.search(name):
             block_linear += module.weight.numel()
     total = sum(p.numel() for p in model.parameters())
     modules = {}

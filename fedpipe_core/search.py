@@ -73,14 +73,23 @@ def _round_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, space: Sear
     return space.local_steps * step_flops(spec, ranks, batch, space.seq)
 
 
-def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace) -> dict[str, int]:
-    """Algorithm 1, stage 2: weights by importance, ranks high -> low, then rank adjustment."""
-    order = sorted(importance, key=lambda m: (-importance[m], m))
+def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
+           memory: float = float("inf"), precision: str = "fp32") -> dict[str, int]:
+    """Algorithm 1, stage 2: weights by importance, ranks high -> low, then rank adjustment.
+
+    A pair is taken when the round's FLOPs stay within ``budget`` and peak memory at
+    ``precision`` within ``memory``.
+    """
+
+    def fits(ranks: dict[str, int]) -> bool:
+        return _round_flops(spec, ranks, batch, space) <= budget and peak_memory(spec, ranks, batch, space.seq, precision) <= memory
+
+    order = sorted(importance, key=lambda m: (-importance[m], -spec.modules[m][0], m))  # ties: upper blocks first
     ranks_desc = sorted(space.ranks, reverse=True)
     chosen: dict[str, int] = {}
     for module in order:
         for rank in ranks_desc:
-            if _round_flops(spec, {**chosen, module: rank}, batch, space) <= budget:
+            if fits({**chosen, module: rank}):
                 chosen[module] = rank
                 break
     improved = True
@@ -89,7 +98,7 @@ def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: 
         for module in [m for m in order if m in chosen]:
             higher = [r for r in sorted(space.ranks) if r > chosen[module]]
             for rank in reversed(higher):
-                if _round_flops(spec, {**chosen, module: rank}, batch, space) <= budget:
+                if fits({**chosen, module: rank}):
                     chosen[module] = rank
                     improved = True
                     break
@@ -97,11 +106,12 @@ def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: 
 
 
 def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
-          time_limit_s: float = 60.0) -> dict[str, int]:
-    """The same choice as an MILP (eq 2 with the cost model's constraint), solved by CBC.
+          memory: float = float("inf"), precision: str = "fp32", time_limit_s: float = 60.0) -> dict[str, int]:
+    """The same choice as an MILP (eq 2 with the cost model's constraints), solved by CBC.
 
     x[m, r] picks rank r for weight m (at most one per weight); z[l] = 1 when the backward pass
-    reaches block l, forced by any pick in a block at or below l. Step FLOPs are linear in x and z.
+    reaches block l, forced by any pick in a block at or below l. Step FLOPs and peak memory
+    are both linear in x and z.
     """
     tokens = batch * space.seq
     layer_fwd = 2 * spec.layer_linear_params * tokens + 4 * space.seq * spec.hidden * tokens
@@ -120,32 +130,36 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
                 problem += z[upper] >= x[m, r]
     lora = pulp.lpSum(6 * r * (spec.modules[m][1] + spec.modules[m][2]) * tokens * x[m, r] for m, r in x)
     problem += space.local_steps * (fixed + layer_fwd * pulp.lpSum(z.values()) + lora) <= budget
+    if memory != float("inf"):
+        empty = peak_memory(spec, {}, batch, space.seq, precision)
+        per_layer = (34 * space.seq * batch * spec.hidden + 5 * spec.heads * space.seq**2 * batch) * 2
+        adapter = pulp.lpSum(16 * r * (spec.modules[m][1] + spec.modules[m][2]) * x[m, r] for m, r in x)
+        problem += empty + adapter + per_layer * pulp.lpSum(z.values()) <= memory
     problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
-    if not chosen or _round_flops(spec, chosen, batch, space) > budget * (1 + 1e-9):
+    over_memory = peak_memory(spec, chosen, batch, space.seq, precision) > memory * (1 + 1e-9)
+    if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget * (1 + 1e-9):
         return {}  # infeasible (or no incumbent within the time limit)
     return chosen
 
 
 def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, float], batch: int, round_time_s: float,
                 space: SearchSpace, method: str = "greedy") -> Plan:
-    """Precision, then weights and ranks under the FLOPS budget F_k · round time."""
+    """Precision first (the most bits that fit), then weights and ranks under FLOPS and memory."""
     started = time.perf_counter()
     budget = profile.flops * round_time_s
-    smallest = {max(importance, key=lambda m: (importance[m], m)): min(space.ranks)} if importance else {}
-    precision = choose_precision(spec, profile, smallest, batch, space.seq)
+    cheapest = {max(importance, key=lambda m: (spec.modules[m][0], m)): min(space.ranks)} if importance else {}
+    precision = choose_precision(spec, profile, cheapest, batch, space.seq)
     if precision is None:
-        need = peak_memory(spec, smallest, batch, space.seq, PRECISIONS[-1])
+        need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1])
         return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
                     f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)")
     solver = exact if method == "exact" else greedy
-    ranks = solver(spec, importance, budget, batch, space)
+    ranks = solver(spec, importance, budget, batch, space, memory=profile.memory_bytes, precision=precision)
+    elapsed = time.perf_counter() - started
     if not ranks:
-        return Plan(batch, precision, {}, budget, reason=f"FLOPS budget {budget:.3g} cannot afford one rank-{min(space.ranks)} adapter",
-                    search_s=time.perf_counter() - started)
-    precision = choose_precision(spec, profile, ranks, batch, space.seq) or precision
-    while peak_memory(spec, ranks, batch, space.seq, precision) > profile.memory_bytes and len(ranks) > 1:
-        ranks.pop(min(ranks, key=lambda m: (importance[m], m)))  # drop the least important to fit memory
+        return Plan(batch, precision, {}, budget, search_s=elapsed,
+                    reason=f"FLOPS budget {budget:.3g} per round cannot afford one rank-{min(space.ranks)} adapter")
     return Plan(
         batch_size=batch,
         precision=precision,
@@ -153,5 +167,5 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
         flops_budget=budget,
         step_flops=step_flops(spec, ranks, batch, space.seq),
         memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision),
-        search_s=time.perf_counter() - started,
+        search_s=elapsed,
     )

@@ -17,14 +17,19 @@ from typing import Mapping
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
+from fedpipe_core.cost import LAYER_PATTERN, ModelSpec, model_spec, peak_memory
 from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, module_shape, resolve_target_modules, set_lora_factors
 from fedpipe_core.metrics import e2e_scores
+from fedpipe_core.importance import ImportanceTracker
+from fedpipe_core.profile import ClientProfile, declared, measure, simulated
+from fedpipe_core.quantize import quantize
 from fedpipe_core.model import default_cache_dir, load_model, load_tokenizer, resolve_checkpoint
 from fedpipe_core.state import load_state, save_state, state_dir
 from fedpipe_core.train import TrainResult, train_local
@@ -51,6 +56,7 @@ class Task:
     splits: dict[str, list[Example]]
     targets: tuple[str, ...]
     shapes: dict[str, tuple[int, int]]
+    spec: ModelSpec
 
     def base_model(self) -> PreTrainedModel:
         """A fresh copy of the frozen base model."""
@@ -70,13 +76,14 @@ def load_task(config: RunConfig) -> Task:
     model = load_model(checkpoint)
     targets = tuple(resolve_target_modules(model, config.lora_target_modules))
     shapes = {m: module_shape(model, m) for m in targets}
+    spec = model_spec(model, list(targets))
     splits = split_examples(load_examples(config.task, config.data_path))
     if config.max_train_examples:
         splits["train"] = splits["train"][: config.max_train_examples]
     for name in ("train", "validation"):
         if not splits[name]:
             raise ConfigError(f"run config 'data-path': the {config.task} data has no {name} example after splitting by group")
-    return Task(config, checkpoint, tokenizer, splits, targets, shapes)
+    return Task(config, checkpoint, tokenizer, splits, targets, shapes, spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,6 +101,7 @@ class ClientRound:
     result: TrainResult
     num_examples: int
     state_version: int
+    importance: dict[str, float]
 
 
 class StateMismatch(RuntimeError):
@@ -121,25 +129,56 @@ def run_client_round(
     initial_factors: Mapping[str, np.ndarray] | None,
     seed: int,
     state_version: int,
+    batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> ClientRound:
-    """Merge ΔW into the base, attach adapters (fresh or given), train them, return the factors."""
+    """Merge ΔW into the base, hold it at ``precision``, attach adapters, train them, score them."""
     cfg = task.config
     model = task.base_model()
     merge_delta(model, base_delta)
+    apply_precision(model, precision)
     peft_model = attach_lora(model, ranks, cfg.lora_alpha, seed)
     if initial_factors is not None:
         set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+    tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2)
     result = train_local(
         peft_model, task.tokenizer, examples,
-        steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed,
+        steps=cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=tracker.update,
     )
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
         num_examples=len(examples),
         state_version=state_version,
+        importance=tracker.scores(),
     )
+
+
+def apply_precision(model: PreTrainedModel, precision: str) -> None:
+    """Hold every linear weight of the transformer blocks at ``precision`` (W ← deQ(Q(W)), eq 8).
+
+    The frozen base then computes exactly what a quantized base computes after dequantizing
+    for the matmul; adapters stay FP32.
+    """
+    if precision == "fp32":
+        return
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and LAYER_PATTERN.search(name):
+                module.weight.copy_(quantize(module.weight, precision).dequantize().to(module.weight.dtype))
+
+
+def client_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
+    """Declared in node config, else simulated (run config ``profile``), else measured here."""
+    profile = declared(node_config)
+    if profile is not None:
+        return profile
+    cfg = task.config
+    if cfg.profile == "simulated":
+        reference = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32")
+        return simulated(partition_id, cfg.seed, reference)
+    return measure()
 
 
 def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:

@@ -42,13 +42,13 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log(ERROR, "FedPipe: %s", exc)
         raise SystemExit(f"FedPipe: {exc}") from None
-    strategy = STRATEGIES[config.strategy](task)
     out_root = Path(config.output_dir).expanduser().resolve()
     writer = RunWriter(out_root, str(context.run_id))
+    strategy = STRATEGIES[config.strategy](task, plan_log=writer.dir / "plans.jsonl")
     writer.write_config(config, **{"run-id": context.run_id, "checkpoint": str(task.checkpoint), "target-modules": list(task.targets)})
     log(INFO, "FedPipe: run %s, strategy %s, model %s, task %s -> %s", context.run_id, config.strategy, config.model, config.task, writer.dir)
     started = time.time()
-    totals = {"bytes_up": 0, "bytes_down": 0}
+    totals = {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         result = _evaluate_round(strategy, server_round, arrays, writer, totals, started)
@@ -73,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         total_bytes_up=totals["bytes_up"],
         total_bytes_down=totals["bytes_down"],
         total_bytes=totals["bytes_up"] + totals["bytes_down"],
+        sim_time_s=totals["sim_time_s"],
         rounds=config.num_server_rounds,
         wall_s=time.time() - started,
     )
@@ -95,15 +96,19 @@ def _evaluate_round(
         "rejected": stats.rejected if stats else 0,
         "bytes_up": stats.bytes_up if stats else 0,
         "bytes_down": stats.bytes_down if stats else 0,
+        "left_out": stats.left_out if stats else 0,
+        "round_sim_s": stats.sim_time_s if stats else 0.0,
+        "sim_time_s": totals["sim_time_s"] + (stats.sim_time_s if stats else 0.0),
         "wall_s": time.time() - started,
     }
     totals["bytes_up"] += row["bytes_up"]
     totals["bytes_down"] += row["bytes_down"]
+    totals["sim_time_s"] = row["sim_time_s"]
     writer.append_metrics(row)
     log(
         INFO,
-        "FedPipe round %d/%d | eval loss %.4f (ppl %.2f) | clients %d | up %s down %s | %.1f s",
+        "FedPipe round %d/%d | eval loss %.4f (ppl %.2f) | clients %d | up %s down %s | sim %.1f s | %.1f s",
         server_round, strategy.task.config.num_server_rounds, loss.loss, loss.ppl, row["clients"],
-        _mb(row["bytes_up"]), _mb(row["bytes_down"]), row["wall_s"],
+        _mb(row["bytes_up"]), _mb(row["bytes_down"]), row["sim_time_s"], row["wall_s"],
     )
     return row

@@ -13,6 +13,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from logging import INFO, WARNING
 
 import numpy as np
@@ -26,6 +27,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedpipe_core.aggregate import ClientUpdate, aggregate_lowrank, concat_lowrank, fedavg_factors, to_dense
 from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta, encode_factors
 from fedpipe_core.lora import attach_lora, lora_factors
+from fedpipe_core.cost import peak_memory, step_flops
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.search import Plan, SearchSpace, batch_sizes, plan_client
 from fedpipe_core.task import Task
 from server_app.records import from_record, to_record
 
@@ -38,8 +42,10 @@ class RoundStats:
     bytes_up: int = 0
     clients: int = 0
     rejected: int = 0
+    left_out: int = 0
     train_loss: float = math.nan
     num_examples: int = 0
+    sim_time_s: float = 0.0
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
@@ -48,9 +54,11 @@ class LoRAStrategy(Strategy):
 
     name = "base"
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, plan_log: Path | None = None) -> None:
         self.task = task
         self.stats: dict[int, RoundStats] = {}
+        self.profiles: dict[int, ClientProfile] = {}
+        self.plan_log = plan_log
         self._current = ArrayRecord()  # the global state configure_train was last given
 
     # --- what subclasses define -------------------------------------------------------------
@@ -70,9 +78,40 @@ class LoRAStrategy(Strategy):
     def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The global ΔW per module that ``arrays`` stands for."""
 
-    def plan(self, node_id: int, server_round: int) -> dict[str, int]:
-        """The rank of each module this node adapts this round (uniform by default)."""
-        return self.task.uniform_ranks()
+    def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
+        """Each node's configuration this round; by default the run config's, the same for all."""
+        cfg, spec = self.task.config, self.task.spec
+        ranks = self.task.uniform_ranks()
+        return {
+            node: Plan(
+                batch_size=cfg.batch_size,
+                precision="fp32",
+                ranks=dict(ranks),
+                flops_budget=math.inf,
+                step_flops=step_flops(spec, ranks, cfg.batch_size, cfg.max_seq_len),
+                memory_bytes=peak_memory(spec, ranks, cfg.batch_size, cfg.max_seq_len, "fp32"),
+            )
+            for node in node_ids
+        }
+
+    def discover(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes never profiled for their profile (a QUERY message); failures are logged."""
+        unseen = [n for n in node_ids if n not in self.profiles]
+        if not unseen:
+            return
+        queries = [
+            Message(RecordDict({"config": ConfigRecord({"want": "profile"})}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in unseen
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.task.config.round_timeout_s):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %d could not be profiled: %s", node_id, reply.error.reason)
+                continue
+            try:
+                self.profiles[node_id] = profile_from_record(reply.content.config_records["profile"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log(WARNING, "node %d sent an unusable profile: %s", node_id, exc)
 
     # --- Flower's Strategy interface --------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -81,18 +120,56 @@ class LoRAStrategy(Strategy):
         available = len(list(grid.get_node_ids()))
         wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
         node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
+        self.discover(grid, sorted(node_ids))
         stats = self.stats.setdefault(server_round, RoundStats())
+        plans = self.make_plans(server_round, sorted(n for n in node_ids if n in self.profiles))
+        self._log_plans(server_round, plans)
         messages = []
-        for node_id in sorted(node_ids):
+        for node_id, plan in sorted(plans.items()):
+            if not plan.feasible:
+                log(WARNING, "round %d: node %d left out: %s", server_round, node_id, plan.reason)
+                stats.left_out += 1
+                continue
             payload, extra = self.node_payload(node_id, server_round, arrays)
-            ranks = self.plan(node_id, server_round)
-            stats.ranks[node_id] = ranks
+            stats.ranks[node_id] = plan.ranks
+            stats.sim_time_s = max(stats.sim_time_s, cfg.local_steps * plan.step_flops / self.profiles[node_id].flops)
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
-            node_config = ConfigRecord({**dict(config), **extra, "server-round": server_round, "ranks": json.dumps(ranks)})
+            node_config = ConfigRecord(
+                {
+                    **dict(config),
+                    **extra,
+                    "server-round": server_round,
+                    "ranks": json.dumps(plan.ranks),
+                    "batch-size": plan.batch_size,
+                    "precision": plan.precision,
+                }
+            )
             content = RecordDict({"arrays": record, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
+
+    def _log_plans(self, server_round: int, plans: dict[int, Plan]) -> None:
+        """Append each node's plan to plans.jsonl (round, node, profile, precision, batch, ranks, predictions)."""
+        if self.plan_log is None:
+            return
+        with open(self.plan_log, "a") as handle:
+            for node_id, plan in sorted(plans.items()):
+                profile = self.profiles[node_id]
+                row = {
+                    "round": server_round,
+                    "node_id": node_id,
+                    "profile": profile.to_dict(),
+                    "precision": plan.precision,
+                    "batch_size": plan.batch_size,
+                    "ranks": plan.ranks,
+                    "predicted_step_s": plan.step_flops / profile.flops,
+                    "predicted_round_s": self.task.config.local_steps * plan.step_flops / profile.flops,
+                    "predicted_memory_bytes": plan.memory_bytes,
+                    "search_s": plan.search_s,
+                    "left_out": plan.reason or None,
+                }
+                handle.write(json.dumps(row) + "\n")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
@@ -113,6 +190,7 @@ class LoRAStrategy(Strategy):
                 continue
             stats.bytes_up += size
             updates[node_id] = (update, metrics)
+            self._refresh_profile(node_id, metrics)
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
             return None, None
@@ -136,6 +214,14 @@ class LoRAStrategy(Strategy):
     # --- shared helpers -----------------------------------------------------------------------
     def on_failure(self, node_id: int) -> None:
         """Hook: a node's reply was an error or was rejected."""
+
+    def _refresh_profile(self, node_id: int, metrics: MetricRecord) -> None:
+        """A node reports its profile with every update; a changed one replaces the old."""
+        if "profile-memory-bytes" in metrics and "profile-flops" in metrics:
+            old = self.profiles.get(node_id)
+            new = ClientProfile(float(metrics["profile-memory-bytes"]), float(metrics["profile-flops"]), old.source if old else "reported")
+            if new.memory_bytes > 0 and new.flops > 0 and new != old:
+                self.profiles[node_id] = new
 
     def _validate(self, reply: Message, assigned: dict[str, int] | None) -> tuple[ClientUpdate, MetricRecord, int]:
         content = reply.content
@@ -176,10 +262,35 @@ class FedPipeStrategy(LoRAStrategy):
 
     name = "fedpipe"
 
-    def __init__(self, task: Task) -> None:
-        super().__init__(task)
+    def __init__(self, task: Task, plan_log: Path | None = None) -> None:
+        super().__init__(task, plan_log)
         self.increments: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.synced: dict[int, int] = {}
+        self.importance: dict[str, float] = {}
+
+    def current_importance(self) -> dict[str, float]:
+        """Latest score per weight; never-trained weights get the highest known score (explore them)."""
+        prior = max(self.importance.values(), default=1.0)
+        return {m: self.importance.get(m, prior) for m in self.task.targets}
+
+    def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
+        """Stage 1 batch sizes by FLOPS share, stage 2 weights/ranks under each FLOPS budget.
+
+        The round's time budget is what the fastest node needs for the run config's uniform
+        adapters at the largest batch size; every node gets FLOPS_k × that time.
+        """
+        if not node_ids:
+            return {}
+        cfg, spec = self.task.config, self.task.spec
+        flops = [self.profiles[n].flops for n in node_ids]
+        batches = batch_sizes(flops, cfg.batch_min, cfg.batch_size)
+        round_time = cfg.local_steps * step_flops(spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / max(flops)
+        space = SearchSpace(cfg.rank_candidates(), cfg.batch_min, cfg.batch_size, cfg.max_seq_len, cfg.local_steps)
+        importance = self.current_importance()
+        return {
+            node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search)
+            for node, batch in zip(node_ids, batches)
+        }
 
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord()
@@ -202,6 +313,7 @@ class FedPipeStrategy(LoRAStrategy):
             total[module] = total[module] + dense if module in total else dense
         for node_id, (_, metrics) in updates.items():
             self.synced[node_id] = int(metrics["state-version"])
+        self.importance.update(importance_of(updates))
         return to_record({f"{m}::dW": d.numpy() for m, d in total.items()})
 
     def on_failure(self, node_id: int) -> None:
@@ -215,6 +327,27 @@ class FedPipeStrategy(LoRAStrategy):
         if "state-version" not in metrics:
             raise UpdateError("reply metrics lack 'state-version'")
         return update, metrics, size
+
+
+def importance_of(updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> dict[str, float]:
+    """Example-weighted mean of the importance each client reported for the weights it trained."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for update, metrics in updates.values():
+        for module in update.factors:
+            key = f"importance::{module}"
+            if key in metrics and math.isfinite(float(metrics[key])):
+                sums[module] = sums.get(module, 0.0) + update.num_examples * float(metrics[key])
+                weights[module] = weights.get(module, 0.0) + update.num_examples
+    return {m: sums[m] / weights[m] for m in sums}
+
+
+def profile_from_record(record: ConfigRecord) -> ClientProfile:
+    """A ClientProfile from a node's QUERY reply."""
+    profile = ClientProfile(float(record["memory-bytes"]), float(record["flops"]), str(record["source"]))
+    if not (profile.memory_bytes > 0 and profile.flops > 0):
+        raise ValueError(f"memory {profile.memory_bytes} and flops {profile.flops} must be > 0")
+    return profile
 
 
 class LoRAFedAvgStrategy(LoRAStrategy):

@@ -25,11 +25,26 @@ def run_identity():
 
 
 class FakeGrid:
-    def __init__(self, nodes):
+    """Answers profile queries like the ClientApp does: every node declares the same profile."""
+
+    def __init__(self, nodes, memory=64 * 2**30, flops=35e12):
         self.nodes = nodes
+        self.profile = ConfigRecord({"memory-bytes": float(memory), "flops": float(flops), "source": "declared"})
+        self.queries = 0
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.queries += len(messages)
+        return [
+            SimpleNamespace(
+                metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                has_error=lambda: False,
+                content=RecordDict({"profile": self.profile}),
+            )
+            for m in messages
+        ]
 
 
 def reply(node_id, arrays, metrics, error=None):
