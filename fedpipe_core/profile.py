@@ -71,15 +71,16 @@ def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
     return ClientProfile(memory_gb * 2**30, tflops * 1e12, "declared")
 
 
-def simulated(partition_id: int, seed: int, reference_bytes: float, memory_range: tuple[float, float] = (0.45, 0.9),
-              compute_range: tuple[float, float] = (0.25, 1.0)) -> ClientProfile:
-    """A simulated client like the paper's (budgets 12-24 GB for a 27 GB FP32 LLaMA2-7B).
+def simulated(partition_id: int, seed: int, weight_bytes: float, training_bytes: float = 0.0,
+              memory_range: tuple[float, float] = (0.45, 0.9), compute_range: tuple[float, float] = (0.25, 1.0)) -> ClientProfile:
+    """A simulated client like the paper's (budgets 12-24 GB for LLaMA2-7B's 27 GB of FP32 weights).
 
-    Memory is uniform over ``memory_range`` × ``reference_bytes`` (the FP32 training footprint
-    of the model run, so that budgets bind for it); compute is uniform over ``compute_range`` ×
-    an RTX 3090.
+    Memory is uniform over ``memory_range`` × ``weight_bytes`` (the model's FP32 weights, so that
+    the budget decides the base precision as in the paper) plus ``training_bytes`` (adapters,
+    optimizer state and activations of the default plan at the smallest batch); compute is uniform over
+    ``compute_range`` × an RTX 3090.
     """
     rng = random.Random(f"{seed}:{partition_id}")
-    memory = rng.uniform(*memory_range) * reference_bytes
+    memory = rng.uniform(*memory_range) * weight_bytes + training_bytes
     flops = rng.uniform(*compute_range) * RTX3090_TFLOPS * 1e12
     return ClientProfile(memory, flops, "simulated")

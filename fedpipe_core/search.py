@@ -145,11 +145,17 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
 
 def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, float], batch: int, round_time_s: float,
                 space: SearchSpace, method: str = "greedy") -> Plan:
-    """Precision first (the most bits that fit), then weights and ranks under FLOPS and memory."""
+    """Precision first, then weights and ranks under FLOPS and memory.
+
+    The precision is the most bits with which every candidate weight at the smallest rank fits
+    in memory (the paper quantizes by memory budget before the search); failing that, the most
+    bits with which one adapter on the top block fits.
+    """
     started = time.perf_counter()
     budget = profile.flops * round_time_s
+    everything = {m: min(space.ranks) for m in importance}
     cheapest = {max(importance, key=lambda m: (spec.modules[m][0], m)): min(space.ranks)} if importance else {}
-    precision = choose_precision(spec, profile, cheapest, batch, space.seq)
+    precision = choose_precision(spec, profile, everything, batch, space.seq) or choose_precision(spec, profile, cheapest, batch, space.seq)
     if precision is None:
         need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1])
         return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "

@@ -79,9 +79,10 @@ def test_profiles_measured_declared_simulated():
     assert declared({"partition-id": 0}) is None
     with pytest.raises(ValueError, match="memory-gb"):
         declared({"memory-gb": 12})
-    sims = [simulated(i, 7, reference_bytes=1e9) for i in range(50)]
-    assert all(0.45e9 <= s.memory_bytes <= 0.9e9 for s in sims)
-    assert simulated(3, 7, 1e9) == sims[3] and simulated(3, 8, 1e9) != sims[3]
+    sims = [simulated(i, 7, weight_bytes=1e9, training_bytes=1e8) for i in range(50)]
+    assert all(0.55e9 <= s.memory_bytes <= 1.0e9 for s in sims)
+    assert all(0.25 * 35.6e12 <= s.flops <= 35.6e12 for s in sims)
+    assert simulated(3, 7, 1e9, 1e8) == sims[3] and simulated(3, 8, 1e9, 1e8) != sims[3]
 
 
 def test_batch_sizes_follow_flops_share():
