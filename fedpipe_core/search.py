@@ -148,14 +148,16 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
     """Precision first, then weights and ranks under FLOPS and memory.
 
     The precision is the most bits with which every candidate weight at the smallest rank fits
-    in memory (the paper quantizes by memory budget before the search); failing that, the most
-    bits with which one adapter on the top block fits.
+    in memory (the paper quantizes by memory budget before the search); when none does, NF4,
+    which leaves the most memory for adapters, if one adapter on the top block fits with it.
     """
     started = time.perf_counter()
     budget = profile.flops * round_time_s
     everything = {m: min(space.ranks) for m in importance}
     cheapest = {max(importance, key=lambda m: (spec.modules[m][0], m)): min(space.ranks)} if importance else {}
-    precision = choose_precision(spec, profile, everything, batch, space.seq) or choose_precision(spec, profile, cheapest, batch, space.seq)
+    precision = choose_precision(spec, profile, everything, batch, space.seq)
+    if precision is None and peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1]) <= profile.memory_bytes:
+        precision = PRECISIONS[-1]  # tight memory: the fewest bits leave the most room for adapters
     if precision is None:
         need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1])
         return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
