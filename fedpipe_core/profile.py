@@ -77,7 +77,7 @@ def simulated(partition_id: int, seed: int, weight_bytes: float, training_bytes:
 
     Memory is uniform over ``memory_range`` × ``weight_bytes`` (the model's FP32 weights, so that
     the budget decides the base precision as in the paper) plus ``training_bytes`` (adapters,
-    optimizer state and activations of the default plan at the smallest batch); compute is uniform over
+    optimizer state and activations of the default plan at the largest batch); compute is uniform over
     ``compute_range`` × an RTX 3090.
     """
     rng = random.Random(f"{seed}:{partition_id}")

@@ -177,7 +177,7 @@ def client_profile(task: Task, node_config: Mapping[str, object], partition_id: 
     cfg = task.config
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
-        training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_min, cfg.max_seq_len, "fp32") - weights
+        training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
         return simulated(partition_id, cfg.seed, weights, training)
     return measure()
 
