@@ -40,7 +40,7 @@ def main() -> None:
     cfg = RunConfig()
     task = load_task(cfg)
     spec = task.spec
-    space = SearchSpace(cfg.rank_candidates(), cfg.batch_min, cfg.batch_size, cfg.max_seq_len, cfg.local_steps)
+    space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
 
     # 1. plans for simulated heterogeneous clients (round 1: no importance yet)
     profiles = [client_profile(task, {}, k) for k in range(args.clients)]

@@ -92,29 +92,52 @@ def lora_params(spec: ModelSpec, ranks: dict[str, int]) -> int:
     return sum(r * (spec.modules[m][1] + spec.modules[m][2]) for m, r in ranks.items())
 
 
-def step_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int) -> float:
-    """FLOPs of one forward + backward step of ``batch`` sequences of ``seq`` tokens."""
+@dataclass(frozen=True)
+class LinearCost:
+    """A cost that is linear in the configuration: see :meth:`of`."""
+
+    idle: float
+    """Cost with no adapter at all (nothing to train)."""
+    fixed: float
+    per_block: float
+    """Added for every transformer block the backward pass reaches."""
+    per_param: float
+    """Added for every adapter parameter."""
+
+    def of(self, spec: ModelSpec, ranks: dict[str, int]) -> float:
+        """fixed + per_block · blocks reached + per_param · adapter parameters (idle without adapters)."""
+        if not ranks:
+            return float(self.idle)
+        return float(self.fixed + self.per_block * backward_blocks(spec, ranks) + self.per_param * lora_params(spec, ranks))
+
+
+def backward_blocks(spec: ModelSpec, ranks: dict[str, int]) -> int:
+    """Blocks from the lowest adapted one to the output: those the backward pass goes through."""
+    return spec.num_layers - min(spec.modules[m][0] for m in ranks) if ranks else 0
+
+
+def flops_terms(spec: ModelSpec, batch: int, seq: int) -> LinearCost:
+    """Step FLOPs as a linear cost (see module docstring)."""
     tokens = batch * seq
     layer_fwd = 2 * spec.layer_linear_params * tokens + 4 * seq * spec.hidden * tokens
     head_fwd = 2 * spec.head_params * tokens
     forward = spec.num_layers * layer_fwd + head_fwd
-    if not ranks:
-        return float(forward)
-    lowest = min(spec.modules[m][0] for m in ranks)
-    backward_base = (spec.num_layers - lowest) * layer_fwd + head_fwd
-    lora = sum(6 * r * (spec.modules[m][1] + spec.modules[m][2]) * tokens for m, r in ranks.items())
-    return float(forward + backward_base + lora)
+    return LinearCost(idle=forward, fixed=forward + head_fwd, per_block=layer_fwd, per_param=6 * tokens)
+
+
+def memory_terms(spec: ModelSpec, batch: int, seq: int, precision: str, compute_bytes: int = 4) -> LinearCost:
+    """Peak training bytes as a linear cost (see module docstring)."""
+    base = spec.linear_params * bytes_per_param(precision) + spec.other_params * compute_bytes
+    logits = 2 * batch * seq * spec.vocab * compute_bytes
+    per_block = (34 * seq * batch * spec.hidden + 5 * spec.heads * seq * seq * batch) * compute_bytes / 2
+    return LinearCost(idle=base + logits, fixed=base + logits, per_block=per_block, per_param=4 * compute_bytes)
+
+
+def step_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int) -> float:
+    """FLOPs of one forward + backward step of ``batch`` sequences of ``seq`` tokens."""
+    return flops_terms(spec, batch, seq).of(spec, ranks)
 
 
 def peak_memory(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int, precision: str, compute_bytes: int = 4) -> float:
     """Peak bytes of training this configuration (see module docstring)."""
-    base = spec.linear_params * bytes_per_param(precision) + spec.other_params * compute_bytes
-    adapters = 4 * lora_params(spec, ranks) * compute_bytes
-    if ranks:
-        lowest = min(spec.modules[m][0] for m in ranks)
-        per_layer = (34 * seq * batch * spec.hidden + 5 * spec.heads * seq * seq * batch) * compute_bytes / 2
-        activations = (spec.num_layers - lowest) * per_layer
-    else:
-        activations = 0.0
-    logits = 2 * batch * seq * spec.vocab * compute_bytes
-    return float(base + adapters + activations + logits)
+    return memory_terms(spec, batch, seq, precision, compute_bytes).of(spec, ranks)

@@ -13,11 +13,11 @@ the same constraints, so their ratio measures the greedy's gap.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pulp
 
-from fedpipe_core.cost import ModelSpec, peak_memory, step_flops
+from fedpipe_core.cost import ModelSpec, flops_terms, lora_params, memory_terms, peak_memory, step_flops
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.quantize import PRECISIONS
 
@@ -27,8 +27,6 @@ class SearchSpace:
     """What a plan may use."""
 
     ranks: tuple[int, ...]
-    b_min: int
-    b_max: int
     seq: int
     local_steps: int
 
@@ -45,14 +43,10 @@ class Plan:
     memory_bytes: float = 0.0
     reason: str = ""
     search_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def feasible(self) -> bool:
         return bool(self.ranks)
-
-    def objective(self, importance: dict[str, float]) -> float:
-        return sum(importance[m] * r for m, r in self.ranks.items())
 
 
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
@@ -113,10 +107,8 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
     reaches block l, forced by any pick in a block at or below l. Step FLOPs and peak memory
     are both linear in x and z.
     """
-    tokens = batch * space.seq
-    layer_fwd = 2 * spec.layer_linear_params * tokens + 4 * space.seq * spec.hidden * tokens
-    head = 2 * spec.head_params * tokens
-    fixed = spec.num_layers * layer_fwd + 2 * head
+    flops = flops_terms(spec, batch, space.seq)
+    mem = memory_terms(spec, batch, space.seq, precision)
     problem = pulp.LpProblem("fedpipe_config", pulp.LpMaximize)
     modules = sorted(importance)
     x = {(m, r): pulp.LpVariable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
@@ -128,13 +120,11 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
         for upper in range(layer, spec.num_layers):
             for r in space.ranks:
                 problem += z[upper] >= x[m, r]
-    lora = pulp.lpSum(6 * r * (spec.modules[m][1] + spec.modules[m][2]) * tokens * x[m, r] for m, r in x)
-    problem += space.local_steps * (fixed + layer_fwd * pulp.lpSum(z.values()) + lora) <= budget
+    blocks = pulp.lpSum(z.values())
+    params = pulp.lpSum(lora_params(spec, {m: r}) * x[m, r] for m, r in x)
+    problem += space.local_steps * (flops.fixed + flops.per_block * blocks + flops.per_param * params) <= budget
     if memory != float("inf"):
-        empty = peak_memory(spec, {}, batch, space.seq, precision)
-        per_layer = (34 * space.seq * batch * spec.hidden + 5 * spec.heads * space.seq**2 * batch) * 2
-        adapter = pulp.lpSum(16 * r * (spec.modules[m][1] + spec.modules[m][2]) * x[m, r] for m, r in x)
-        problem += empty + adapter + per_layer * pulp.lpSum(z.values()) <= memory
+        problem += mem.fixed + mem.per_block * blocks + mem.per_param * params <= memory
     problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
     over_memory = peak_memory(spec, chosen, batch, space.seq, precision) > memory * (1 + 1e-9)

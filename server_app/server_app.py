@@ -11,6 +11,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.cost import lora_params
 from fedpipe_core.results import RunWriter
 from fedpipe_core.task import evaluate_validation, load_task, score_test
 from server_app.strategy import STRATEGIES, LoRAStrategy
@@ -29,8 +30,7 @@ def trainable_params(strategy: LoRAStrategy) -> float:
     last = list(strategy.stats[max(strategy.stats)].ranks.values())
     if not last:
         return 0.0
-    shapes = strategy.task.shapes
-    return sum(sum(r * sum(shapes[m]) for m, r in plan.items()) for plan in last) / len(last)
+    return sum(lora_params(strategy.task.spec, plan) for plan in last) / len(last)
 
 
 @app.main()

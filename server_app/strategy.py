@@ -219,8 +219,12 @@ class LoRAStrategy(Strategy):
         """A node reports its profile with every update; a changed one replaces the old."""
         if "profile-memory-bytes" in metrics and "profile-flops" in metrics:
             old = self.profiles.get(node_id)
-            new = ClientProfile(float(metrics["profile-memory-bytes"]), float(metrics["profile-flops"]), old.source if old else "reported")
-            if new.memory_bytes > 0 and new.flops > 0 and new != old:
+            try:
+                new = checked_profile(metrics["profile-memory-bytes"], metrics["profile-flops"], old.source if old else "reported")
+            except ValueError as exc:
+                log(WARNING, "node %d reported an unusable profile: %s", node_id, exc)
+                return
+            if new != old:
                 self.profiles[node_id] = new
 
     def _validate(self, reply: Message, assigned: dict[str, int] | None) -> tuple[ClientUpdate, MetricRecord, int]:
@@ -285,7 +289,7 @@ class FedPipeStrategy(LoRAStrategy):
         flops = [self.profiles[n].flops for n in node_ids]
         batches = batch_sizes(flops, cfg.batch_min, cfg.batch_size)
         round_time = cfg.local_steps * step_flops(spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / max(flops)
-        space = SearchSpace(cfg.rank_candidates(), cfg.batch_min, cfg.batch_size, cfg.max_seq_len, cfg.local_steps)
+        space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
         importance = self.current_importance()
         return {
             node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search)
@@ -342,12 +346,17 @@ def importance_of(updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> dict
     return {m: sums[m] / weights[m] for m in sums}
 
 
-def profile_from_record(record: ConfigRecord) -> ClientProfile:
-    """A ClientProfile from a node's QUERY reply."""
-    profile = ClientProfile(float(record["memory-bytes"]), float(record["flops"]), str(record["source"]))
+def checked_profile(memory_bytes: object, flops: object, source: str) -> ClientProfile:
+    """A ClientProfile from reported numbers, which must be positive."""
+    profile = ClientProfile(float(memory_bytes), float(flops), source)
     if not (profile.memory_bytes > 0 and profile.flops > 0):
         raise ValueError(f"memory {profile.memory_bytes} and flops {profile.flops} must be > 0")
     return profile
+
+
+def profile_from_record(record: ConfigRecord) -> ClientProfile:
+    """A ClientProfile from a node's QUERY reply."""
+    return checked_profile(record["memory-bytes"], record["flops"], str(record["source"]))
 
 
 class LoRAFedAvgStrategy(LoRAStrategy):

@@ -94,7 +94,7 @@ def test_greedy_stays_in_budget_and_is_close_to_the_milp(spec_and_model):
     spec, candidates = spec_and_model
     pool = [c for c in candidates if c.endswith(("q_proj", "v_proj"))][-16:]
     sub = type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}})
-    space = SearchSpace(ranks=(2, 4, 8), b_min=2, b_max=8, seq=64, local_steps=4)
+    space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
     full = 4 * step_flops(sub, {m: 8 for m in pool}, 8, 64)
     rng = random.Random(1)
     ratios = []
@@ -114,7 +114,7 @@ def test_plans_pick_precision_by_memory_and_report_infeasible(spec_and_model):
     spec, candidates = spec_and_model
     pool = candidates[-8:]
     importance = {m: float(i + 1) for i, m in enumerate(pool)}
-    space = SearchSpace(ranks=(2, 4, 8), b_min=2, b_max=8, seq=64, local_steps=4)
+    space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
     fp32_need = peak_memory(spec, {pool[-1]: 2}, 8, 64, "fp32")
     rich = plan_client(spec, ClientProfile(4 * fp32_need, 1e13, "declared"), importance, 8, 10.0, space)
     assert rich.precision == "fp32" and rich.feasible and rich.memory_bytes <= 4 * fp32_need
