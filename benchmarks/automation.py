@@ -16,13 +16,12 @@ import random
 import statistics
 import time
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedpipe_core.config import RunConfig
-from fedpipe_core.cost import step_flops
+from fedpipe_core.cost import block_linears, step_flops
 from fedpipe_core.data import collate
 from fedpipe_core.lora import attach_lora
 from fedpipe_core.profile import measure
@@ -81,7 +80,7 @@ def main() -> None:
 
     # 3. quantization of the default model's block linears
     model = task.base_model()
-    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    weights = [m.weight for _, m in block_linears(model)]
     fp32_bytes = sum(w.numel() * 4 for w in weights)
     for precision in PRECISIONS:
         err, size, mag = 0.0, 0, 0.0

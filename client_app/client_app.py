@@ -51,19 +51,20 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(instruction["server-round"])
     plan = {"batch_size": int(instruction["batch-size"]), "precision": str(instruction["precision"])}
     seed = config.seed * 1_000_003 + server_round * 1_009 + partition_id
+    end = 0  # the last server round whose ΔW this node has merged (FedPipe only)
     if instruction["mode"] == "fedpipe":
         start, end = int(instruction["state-from"]), int(instruction["state-to"])
         delta = sync_node_state(task, node_state_dir(task, context.run_id, context.node_id), payload, start, end)
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed, state_version=end, **plan)
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed, **plan)
     else:
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed, state_version=0, **plan)
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed, **plan)
     profile = _profile(context)
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
             "train-loss": out.result.mean_loss,
             "steps": out.result.steps,
-            "state-version": out.state_version,
+            "state-version": end,
             "profile-memory-bytes": profile.memory_bytes,
             "profile-flops": profile.flops,
             **{f"importance::{m}": v for m, v in out.importance.items()},

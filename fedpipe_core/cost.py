@@ -57,6 +57,11 @@ def layer_of(name: str) -> int:
     return int(match.group(1))
 
 
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The linear layers (Linear, GPT-2's Conv1D) inside numbered transformer blocks."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and LAYER_PATTERN.search(n)]
+
+
 def model_spec(model: PreTrainedModel, candidates: list[str]) -> ModelSpec:
     """Read layer count, widths and parameter counts off a loaded model."""
     cfg = model.config
@@ -64,10 +69,7 @@ def model_spec(model: PreTrainedModel, candidates: list[str]) -> ModelSpec:
     heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
     layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
     vocab = int(cfg.vocab_size)
-    block_linear = 0
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and LAYER_PATTERN.search(name):
-            block_linear += module.weight.numel()
+    block_linear = sum(module.weight.numel() for _, module in block_linears(model))
     total = sum(p.numel() for p in model.parameters())
     modules = {}
     for name in candidates:

@@ -17,13 +17,12 @@ from typing import Mapping
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
-from fedpipe_core.cost import LAYER_PATTERN, ModelSpec, model_spec, peak_memory
+from fedpipe_core.cost import ModelSpec, block_linears, model_spec, peak_memory
 from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, module_shape, resolve_target_modules, set_lora_factors
 from fedpipe_core.metrics import e2e_scores
@@ -100,7 +99,6 @@ class ClientRound:
     arrays: dict[str, np.ndarray]
     result: TrainResult
     num_examples: int
-    state_version: int
     importance: dict[str, float]
 
 
@@ -128,7 +126,6 @@ def run_client_round(
     base_delta: dict[str, torch.Tensor],
     initial_factors: Mapping[str, np.ndarray] | None,
     seed: int,
-    state_version: int,
     batch_size: int | None = None,
     precision: str = "fp32",
 ) -> ClientRound:
@@ -150,7 +147,6 @@ def run_client_round(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
         num_examples=len(examples),
-        state_version=state_version,
         importance=tracker.scores(),
     )
 
@@ -164,9 +160,8 @@ def apply_precision(model: PreTrainedModel, precision: str) -> None:
     if precision == "fp32":
         return
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and LAYER_PATTERN.search(name):
-                module.weight.copy_(quantize(module.weight, precision).dequantize().to(module.weight.dtype))
+        for _, module in block_linears(model):
+            module.weight.copy_(quantize(module.weight, precision).dequantize().to(module.weight.dtype))
 
 
 def client_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:

@@ -12,7 +12,7 @@ def test_alpaca_round_and_perplexity(task):
     assert {e.group for e in alpaca.splits["train"]}.isdisjoint({e.group for e in alpaca.splits["test"]})
     examples = client_examples(alpaca, 1, 3)
     out = run_client_round(
-        alpaca, examples=examples, ranks={m: 2 for m in alpaca.targets[:4]}, base_delta={}, initial_factors=None, seed=0, state_version=0
+        alpaca, examples=examples, ranks={m: 2 for m in alpaca.targets[:4]}, base_delta={}, initial_factors=None, seed=0
     )
     assert out.num_examples == len(examples) and out.result.steps == alpaca.config.local_steps
     assert len(out.arrays) == 8 and all(a.shape[0] == 2 for k, a in out.arrays.items() if k.endswith("::A"))
