@@ -9,7 +9,16 @@ from flwr.clientapp import ClientApp
 
 from fedpipe_core.config import RunConfig
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.task import client_examples, client_profile, load_task, node_state_dir, run_client_round, sync_node_state
+from fedpipe_core.codec import decode_delta
+from fedpipe_core.task import (
+    client_examples,
+    client_profile,
+    load_task,
+    node_state_dir,
+    run_client_round,
+    run_full_round,
+    sync_node_state,
+)
 from server_app.records import from_record, to_record
 
 app = ClientApp()
@@ -49,15 +58,22 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
     payload = from_record(msg.content["arrays"])
     server_round = int(instruction["server-round"])
-    plan = {"batch_size": int(instruction["batch-size"]), "precision": str(instruction["precision"])}
+    plan = {"batch_size": int(instruction["batch-size"]), "local_steps": int(instruction["local-steps"])}
     seed = config.seed * 1_000_003 + server_round * 1_009 + partition_id
     end = 0  # the last server round whose ΔW this node has merged (FedPipe only)
-    if instruction["mode"] == "fedpipe":
+    mode = str(instruction["mode"])
+    if mode == "fedpipe":
         start, end = int(instruction["state-from"]), int(instruction["state-to"])
         delta = sync_node_state(task, node_state_dir(task, context.run_id, context.node_id), payload, start, end)
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed, **plan)
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed,
+                               precision=str(instruction["precision"]), **plan)
+    elif mode == "ft":
+        out = run_full_round(task, examples=examples, modules=list(ranks), base_delta=decode_delta(payload, task.shapes), seed=seed, **plan)
+    elif mode == "factors":
+        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed,
+                               precision=str(instruction["precision"]), fixed_scaling=bool(instruction["fixed-scaling"]), **plan)
     else:
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed, **plan)
+        raise ValueError(f"unknown train mode {mode!r}")
     profile = _profile(context)
     metrics = MetricRecord(
         {

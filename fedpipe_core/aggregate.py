@@ -11,7 +11,8 @@ a product of rank Σ_k r_k, which is what travels when it is smaller than the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +29,8 @@ class ClientUpdate:
     factors: Factors
     scaling: dict[str, float]
     num_examples: int
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full-weight updates W_after - W_before (full fine-tuning), by module."""
 
 
 def client_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,16 +82,76 @@ def is_cheaper_dense(lowrank: LowRank) -> bool:
     return rank * (B.shape[0] + fan_in) >= B.shape[0] * fan_in
 
 
+Weighting = Callable[[list[ClientUpdate], str], list[tuple[ClientUpdate, float]]]
+"""Which clients enter a module's average and with what weight (summing to 1)."""
+
+
+def norm_weights(updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
+    """HetLoRA's sparsity-weighted aggregation: w_k ∝ ||s_k · B_k · A_k||_F over the trainers."""
+    trained = [u for u in updates if module in u.factors]
+    norms = [float(torch.linalg.matrix_norm(client_delta(*u.factors[module], u.scaling[module]))) for u in trained]
+    total = sum(norms)
+    if total <= 0:
+        return module_weights(updates, module)  # all-zero updates: fall back to example weights
+    return [(u, n / total) for u, n in zip(trained, norms)]
+
+
+def pad_factors(lowrank: LowRank, rank: int) -> LowRank:
+    """Zero-pad (A, B) to ``rank``: extra rows of A and columns of B are 0, so B · A is unchanged."""
+    A, B = lowrank
+    extra = rank - A.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {A.shape[0]} down to {rank}")
+    return torch.cat([A, A.new_zeros(extra, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1)
+
+
+def truncate_factors(lowrank: LowRank, rank: int) -> LowRank:
+    """The first ``rank`` components: A[:r], B[:, :r] (HetLoRA's dispatch to a lower-rank client)."""
+    A, B = lowrank
+    return A[:rank].clone(), B[:, :rank].clone()
+
+
+def aggregate_padded(updates: list[ClientUpdate], ranks: dict[str, int], weighting: Weighting = module_weights) -> Factors:
+    """Average A and B separately after zero-padding each client's factors to ``ranks[module]``.
+
+    With equal ranks and example weights this is LoRA-FedAvg; with mixed ranks it is HetLoRA's
+    zero-padding aggregation; restricted to the clients that trained a module it is LEGEND's
+    per-layer aggregation. Modules nobody trained are absent from the result.
+    """
+    out: Factors = {}
+    for module in sorted({m for u in updates for m in u.factors}):
+        pairs = weighting(updates, module)
+        padded = [(pad_factors(u.factors[module], ranks[module]), w) for u, w in pairs]
+        out[module] = (sum(w * A.float() for (A, _), w in padded), sum(w * B.float() for (_, B), w in padded))
+    return out
+
+
 def fedavg_factors(updates: list[ClientUpdate]) -> Factors:
     """LoRA-FedAvg: average A and B *separately*, weighted by examples (fixed rank per module)."""
-    modules = sorted({m for u in updates for m in u.factors})
-    out: Factors = {}
-    for module in modules:
-        pairs = module_weights(updates, module)
-        ranks = {u.factors[module][0].shape[0] for u, _ in pairs}
-        if len(ranks) != 1:
-            raise ValueError(f"lora-fedavg needs one rank per module; {module} has ranks {sorted(ranks)}")
-        A = sum(w * u.factors[module][0].float() for u, w in pairs)
-        B = sum(w * u.factors[module][1].float() for u, w in pairs)
-        out[module] = (A, B)
+    ranks: dict[str, int] = {}
+    for module in sorted({m for u in updates for m in u.factors}):
+        found = {u.factors[module][0].shape[0] for u in updates if module in u.factors}
+        if len(found) != 1:
+            raise ValueError(f"lora-fedavg needs one rank per module; {module} has ranks {sorted(found)}")
+        ranks[module] = found.pop()
+    return aggregate_padded(updates, ranks)
+
+
+def svd_truncate(delta: torch.Tensor, rank: int) -> LowRank:
+    """FlexLoRA's redistribution: the best rank-``rank`` factors of ΔW (Eckart-Young).
+
+    ΔW = U Σ Vᵀ; A = V_rᵀ, B = U_r Σ_r, so ||ΔW - B·A||_F = sqrt(Σ_{i>r} σ_i²).
+    """
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, S.shape[0])
+    return Vh[:r].float(), (U[:, :r] * S[:r]).float()
+
+
+def aggregate_dense(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """FedAvg of full-weight updates: Σ_k n_k ΔW_k / Σ_k n_k over the clients that sent the module."""
+    out: dict[str, torch.Tensor] = {}
+    for module in sorted({m for u in updates for m in u.dense}):
+        trained = [u for u in updates if module in u.dense]
+        total = sum(u.num_examples for u in trained)
+        out[module] = sum((u.num_examples / total) * u.dense[module].double() for u in trained).float()
     return out

@@ -42,6 +42,11 @@ def encode_delta(lowranks: Mapping[str, LowRank]) -> dict[str, np.ndarray]:
     return out
 
 
+def encode_dense(deltas: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Dense ΔW per module -> ``{module::dW}``."""
+    return {f"{module}{SEP}dW": delta.detach().float().cpu().numpy() for module, delta in deltas.items()}
+
+
 def _group(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, dict[str, np.ndarray]]:
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():

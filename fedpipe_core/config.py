@@ -12,11 +12,12 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-STRATEGIES = ("fedpipe", "lora-fedavg")
+STRATEGIES = ("fedpipe", "lora-fedavg", "hetlora", "flexlora", "legend", "fedadapter", "ft")
 TASKS = ("e2e", "alpaca")
 PARTITIONERS = ("iid", "dirichlet")
 SEARCHES = ("greedy", "exact")
 PROFILES = ("simulated", "measure")
+HETEROGENEITY = ("hetero", "ideal")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,9 @@ class RunConfig:
     importance_beta1: float = 0.85
     importance_beta2: float = 0.85
     profile: str = "simulated"
+    heterogeneity: str = "hetero"
+    round_deadline_s: float = 0.0
+    adapter_upgrade_every: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -66,6 +70,10 @@ class RunConfig:
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("search", self.search, SEARCHES)
         _check_choice("profile", self.profile, PROFILES)
+        _check_choice("heterogeneity", self.heterogeneity, HETEROGENEITY)
+        _check_min("adapter-upgrade-every", self.adapter_upgrade_every, 1)
+        if self.round_deadline_s < 0:
+            raise ConfigError(f"run config 'round-deadline-s': must be >= 0 (0: no deadline), got {self.round_deadline_s!r}")
         _check_min("batch-min", self.batch_min, 1)
         if self.batch_min > self.batch_size:
             raise ConfigError(f"run config 'batch-min': {self.batch_min} exceeds 'batch-size' {self.batch_size} (the largest batch)")

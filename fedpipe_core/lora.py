@@ -72,21 +72,22 @@ def module_shape(model: nn.Module, name: str) -> tuple[int, int]:
     return int(module.out_features), int(module.in_features)
 
 
-def attach_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: float, seed: int) -> PeftModel:
+def attach_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: float | dict[str, float], seed: int) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters, rank ``ranks[name]`` on each named module.
 
     A is Kaiming-initialised from ``seed``, B is zero, so the wrapped model computes exactly
     the base function until training moves B (the re-initialisation of FedPipe eq 12).
+    ``alpha`` is one value or one per module (the scaling is alpha / r).
     """
     if not ranks:
         raise ValueError("attach_lora: no module to adapt")
     names = list(ranks)
     config = LoraConfig(
         r=ranks[names[0]],
-        lora_alpha=alpha,
+        lora_alpha=alpha[names[0]] if isinstance(alpha, dict) else alpha,
         target_modules=names,
         rank_pattern={_exact(name): r for name, r in ranks.items()},
-        alpha_pattern={_exact(name): alpha for name in names},
+        alpha_pattern={_exact(name): alpha[name] if isinstance(alpha, dict) else alpha for name in names},
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -129,13 +130,20 @@ def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
 
 
 def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
-    """Load given (A, B) into the adapters (used by strategies that keep global factors)."""
+    """Load given (A, B) into the adapters (used by strategies that keep global factors).
+
+    Factors of a lower rank than the adapter fill its first components (A[:r], B[:, :r]); the
+    rest keeps its fresh initialisation (random A, zero B), so B · A is still the given product.
+    """
     layers = lora_layers(peft_model)
     for name, (A, B) in factors.items():
         layer = layers[name]
+        rank = A.shape[0]
+        if rank > layer.lora_A["default"].weight.shape[0]:
+            raise ValueError(f"{name}: factors of rank {rank} exceed the adapter's rank {layer.lora_A['default'].weight.shape[0]}")
         with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
+            layer.lora_A["default"].weight[:rank].copy_(A)
+            layer.lora_B["default"].weight[:, :rank].copy_(B)
 
 
 def merge_delta(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:

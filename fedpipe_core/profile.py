@@ -72,15 +72,18 @@ def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
 
 
 def simulated(partition_id: int, seed: int, weight_bytes: float, training_bytes: float = 0.0,
-              memory_range: tuple[float, float] = (0.45, 0.9), compute_range: tuple[float, float] = (0.25, 1.0)) -> ClientProfile:
+              memory_range: tuple[float, float] = (0.45, 0.9), compute_range: tuple[float, float] = (0.25, 1.0),
+              ideal: bool = False) -> ClientProfile:
     """A simulated client like the paper's (budgets 12-24 GB for LLaMA2-7B's 27 GB of FP32 weights).
 
     Memory is uniform over ``memory_range`` × ``weight_bytes`` (the model's FP32 weights, so that
     the budget decides the base precision as in the paper) plus ``training_bytes`` (adapters,
     optimizer state and activations of the default plan at the largest batch); compute is uniform over
-    ``compute_range`` × an RTX 3090.
+    ``compute_range`` × an RTX 3090. ``ideal`` gives every client the middle of both ranges
+    (the homogeneous testbed).
     """
     rng = random.Random(f"{seed}:{partition_id}")
-    memory = rng.uniform(*memory_range) * weight_bytes + training_bytes
-    flops = rng.uniform(*compute_range) * RTX3090_TFLOPS * 1e12
+    draw = (lambda low, high: (low + high) / 2) if ideal else rng.uniform
+    memory = draw(*memory_range) * weight_bytes + training_bytes
+    flops = draw(*compute_range) * RTX3090_TFLOPS * 1e12
     return ClientProfile(memory, flops, "simulated")

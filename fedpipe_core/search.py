@@ -43,6 +43,8 @@ class Plan:
     memory_bytes: float = 0.0
     reason: str = ""
     search_s: float = 0.0
+    local_steps: int = 0
+    """Local steps this round (set by the strategy; fewer than the run config's under a deadline)."""
 
     @property
     def feasible(self) -> bool:

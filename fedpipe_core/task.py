@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -17,10 +18,11 @@ from typing import Mapping
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
+from fedpipe_core.codec import decode_delta, decode_factors, encode_dense, encode_factors
 from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
 from fedpipe_core.cost import ModelSpec, block_linears, model_spec, peak_memory
 from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
@@ -118,6 +120,14 @@ def sync_node_state(task: Task, directory: Path, payload: Mapping[str, np.ndarra
     return state.delta
 
 
+def lora_alphas(config: RunConfig, ranks: dict[str, int], fixed_scaling: bool) -> dict[str, float]:
+    """Per-module alpha: the run config's (scaling alpha / r), or alpha · r / lora-rank so that every
+    rank gets the scaling alpha / lora-rank (strategies that average factors of different ranks)."""
+    if not fixed_scaling:
+        return {m: config.lora_alpha for m in ranks}
+    return {m: config.lora_alpha * r / config.lora_rank for m, r in ranks.items()}
+
+
 def run_client_round(
     task: Task,
     *,
@@ -128,26 +138,61 @@ def run_client_round(
     seed: int,
     batch_size: int | None = None,
     precision: str = "fp32",
+    local_steps: int | None = None,
+    fixed_scaling: bool = False,
 ) -> ClientRound:
     """Merge ΔW into the base, hold it at ``precision``, attach adapters, train them, score them."""
     cfg = task.config
     model = task.base_model()
     merge_delta(model, base_delta)
     apply_precision(model, precision)
-    peft_model = attach_lora(model, ranks, cfg.lora_alpha, seed)
+    peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks, fixed_scaling), seed)
     if initial_factors is not None:
         set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
     tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2)
-    result = train_local(
-        peft_model, task.tokenizer, examples,
-        steps=cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=tracker.update,
-    )
+    result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
         num_examples=len(examples),
         importance=tracker.scores(),
+    )
+
+
+def run_full_round(
+    task: Task,
+    *,
+    examples: list[Example],
+    modules: list[str],
+    base_delta: dict[str, torch.Tensor],
+    seed: int,
+    batch_size: int | None = None,
+    local_steps: int | None = None,
+) -> ClientRound:
+    """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before."""
+    model = task.base_model()
+    merge_delta(model, base_delta)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    weights = {m: model.get_submodule(m).weight for m in modules}
+    before = {m: w.detach().clone() for m, w in weights.items()}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    result = _train(task, model, examples, seed, batch_size, local_steps, None)
+    deltas = {}
+    for module, weight in weights.items():
+        change = weight.detach() - before[module]
+        deltas[module] = change.T if isinstance(model.get_submodule(module), Conv1D) else change
+    return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={})
+
+
+def _train(task: Task, model: torch.nn.Module, examples: list[Example], seed: int, batch_size: int | None,
+           local_steps: int | None, after_backward: Callable[[], None] | None) -> TrainResult:
+    cfg = task.config
+    return train_local(
+        model, task.tokenizer, examples,
+        steps=local_steps or cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=after_backward,
     )
 
 
@@ -173,7 +218,7 @@ def client_profile(task: Task, node_config: Mapping[str, object], partition_id: 
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
         training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
-        return simulated(partition_id, cfg.seed, weights, training)
+        return simulated(partition_id, cfg.seed, weights, training, ideal=cfg.heterogeneity == "ideal")
     return measure()
 
 

@@ -11,10 +11,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.cost import lora_params
 from fedpipe_core.results import RunWriter
 from fedpipe_core.task import evaluate_validation, load_task, score_test
-from server_app.strategy import STRATEGIES, LoRAStrategy
+from server_app.peers import STRATEGIES
+from server_app.strategy import LoRAStrategy
 
 app = ServerApp()
 
@@ -24,13 +24,13 @@ def _mb(num_bytes: int) -> str:
 
 
 def trainable_params(strategy: LoRAStrategy) -> float:
-    """Mean adapter parameters per client in the last round: Σ r · (out + in)."""
+    """Mean parameters a client trained in the last round (adapters: Σ r · (out + in))."""
     if not strategy.stats:
         return 0.0
     last = list(strategy.stats[max(strategy.stats)].ranks.values())
     if not last:
         return 0.0
-    return sum(lora_params(strategy.task.spec, plan) for plan in last) / len(last)
+    return sum(strategy.trainable_params(plan) for plan in last) / len(last)
 
 
 @app.main()

@@ -24,12 +24,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedpipe_core.aggregate import ClientUpdate, aggregate_lowrank, concat_lowrank, fedavg_factors, to_dense
-from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta, encode_factors
-from fedpipe_core.lora import attach_lora, lora_factors
-from fedpipe_core.cost import peak_memory, step_flops
+from fedpipe_core.aggregate import ClientUpdate, aggregate_lowrank, concat_lowrank, to_dense
+from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta
+from fedpipe_core.cost import lora_params, peak_memory, step_flops
+from fedpipe_core.peers import capability_rank, deadline_steps
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.search import Plan, SearchSpace, batch_sizes, plan_client
+from fedpipe_core.search import Plan, SearchSpace, batch_sizes, choose_precision, plan_client
 from fedpipe_core.task import Task
 from server_app.records import from_record, to_record
 
@@ -53,6 +53,10 @@ class LoRAStrategy(Strategy):
     """Base: per-node train messages, validated replies, byte counts; server-side evaluation only."""
 
     name = "base"
+    mode = "factors"
+    """How a node trains: ``factors`` (start from the sent A, B), ``fedpipe`` (merge ΔW, fresh adapters), ``ft``."""
+    fixed_scaling = True
+    """Adapters scale by alpha / lora-rank whatever their rank (False: alpha / r)."""
 
     def __init__(self, task: Task, plan_log: Path | None = None) -> None:
         self.task = task
@@ -67,7 +71,7 @@ class LoRAStrategy(Strategy):
         """The global state before round 1."""
 
     @abstractmethod
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
         """Arrays and extra config for one node's train message."""
 
     @abstractmethod
@@ -80,19 +84,44 @@ class LoRAStrategy(Strategy):
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
         """Each node's configuration this round; by default the run config's, the same for all."""
-        cfg, spec = self.task.config, self.task.spec
         ranks = self.task.uniform_ranks()
+        return {node: self.fit_plan(node, ranks, self.task.config.batch_size) for node in node_ids}
+
+    def fit_plan(self, node_id: int, ranks: dict[str, int], batch: int) -> Plan:
+        """A plan with these adapters and batch, its base held at the highest precision that fits the node."""
+        cfg, spec, profile = self.task.config, self.task.spec, self.profiles[node_id]
+        precision = choose_precision(spec, profile, ranks, batch, cfg.max_seq_len)
+        if precision is None:
+            need = peak_memory(spec, ranks, batch, cfg.max_seq_len, "nf4")
+            return Plan(batch, "none", {}, math.inf, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold "
+                        f"this configuration even on an NF4 base ({need / 2**30:.2f} GiB)")
+        return Plan(batch, precision, dict(ranks), math.inf, step_flops=step_flops(spec, ranks, batch, cfg.max_seq_len),
+                    memory_bytes=peak_memory(spec, ranks, batch, cfg.max_seq_len, precision))
+
+    def capability_plans(self, node_ids: list[int]) -> dict[int, Plan]:
+        """HetLoRA / FlexLoRA: every target module at the node's capability rank, the run config's batch."""
+        top = max(self.profiles[n].flops for n in node_ids)
+        candidates = self.task.config.rank_candidates()
         return {
-            node: Plan(
-                batch_size=cfg.batch_size,
-                precision="fp32",
-                ranks=dict(ranks),
-                flops_budget=math.inf,
-                step_flops=step_flops(spec, ranks, cfg.batch_size, cfg.max_seq_len),
-                memory_bytes=peak_memory(spec, ranks, cfg.batch_size, cfg.max_seq_len, "fp32"),
-            )
+            node: self.fit_plan(node, {m: capability_rank(self.profiles[node].flops, top, candidates) for m in self.task.targets},
+                                self.task.config.batch_size)
             for node in node_ids
         }
+
+    def round_time_s(self, node_ids: list[int]) -> float:
+        """The round's time budget: the fastest node's time for the uniform plan at the largest batch."""
+        cfg = self.task.config
+        uniform = step_flops(self.task.spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
+        return cfg.local_steps * uniform / max(self.profiles[n].flops for n in node_ids)
+
+    def scaling(self, rank: int) -> float:
+        """The adapter scaling a node used for a module of this rank."""
+        cfg = self.task.config
+        return cfg.lora_alpha / (cfg.lora_rank if self.fixed_scaling else rank)
+
+    def trainable_params(self, ranks: dict[str, int]) -> int:
+        """Parameters a node trains under a plan with these ranks."""
+        return lora_params(self.task.spec, ranks)
 
     def discover(self, grid: Grid, node_ids: list[int]) -> None:
         """Ask nodes never profiled for their profile (a QUERY message); failures are logged."""
@@ -123,6 +152,8 @@ class LoRAStrategy(Strategy):
         self.discover(grid, sorted(node_ids))
         stats = self.stats.setdefault(server_round, RoundStats())
         plans = self.make_plans(server_round, sorted(n for n in node_ids if n in self.profiles))
+        for node_id, plan in plans.items():
+            self._apply_deadline(node_id, plan)
         self._log_plans(server_round, plans)
         messages = []
         for node_id, plan in sorted(plans.items()):
@@ -130,9 +161,9 @@ class LoRAStrategy(Strategy):
                 log(WARNING, "round %d: node %d left out: %s", server_round, node_id, plan.reason)
                 stats.left_out += 1
                 continue
-            payload, extra = self.node_payload(node_id, server_round, arrays)
             stats.ranks[node_id] = plan.ranks
-            stats.sim_time_s = max(stats.sim_time_s, cfg.local_steps * plan.step_flops / self.profiles[node_id].flops)
+            stats.sim_time_s = max(stats.sim_time_s, plan.local_steps * plan.step_flops / self.profiles[node_id].flops)
+            payload, extra = self.node_payload(node_id, server_round, arrays, plan)
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             node_config = ConfigRecord(
@@ -140,6 +171,8 @@ class LoRAStrategy(Strategy):
                     **dict(config),
                     **extra,
                     "server-round": server_round,
+                    "mode": self.mode,
+                    "local-steps": plan.local_steps,
                     "ranks": json.dumps(plan.ranks),
                     "batch-size": plan.batch_size,
                     "precision": plan.precision,
@@ -148,6 +181,17 @@ class LoRAStrategy(Strategy):
             content = RecordDict({"arrays": record, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
+
+    def _apply_deadline(self, node_id: int, plan: Plan) -> None:
+        """Local steps the node finishes within ``round-deadline-s``; none at all leaves it out."""
+        cfg = self.task.config
+        if not plan.feasible:
+            return
+        step_s = plan.step_flops / self.profiles[node_id].flops
+        plan.local_steps = deadline_steps(step_s, cfg.local_steps, cfg.round_deadline_s)
+        if plan.local_steps < 1:
+            plan.ranks = {}
+            plan.reason = f"one local step takes {step_s:.3g} s, past the round deadline of {cfg.round_deadline_s:g} s"
 
     def _log_plans(self, server_round: int, plans: dict[int, Plan]) -> None:
         """Append each node's plan to plans.jsonl (round, node, profile, precision, batch, ranks, predictions)."""
@@ -163,8 +207,9 @@ class LoRAStrategy(Strategy):
                     "precision": plan.precision,
                     "batch_size": plan.batch_size,
                     "ranks": plan.ranks,
+                    "local_steps": plan.local_steps,
                     "predicted_step_s": plan.step_flops / profile.flops,
-                    "predicted_round_s": self.task.config.local_steps * plan.step_flops / profile.flops,
+                    "predicted_round_s": plan.local_steps * plan.step_flops / profile.flops,
                     "predicted_memory_bytes": plan.memory_bytes,
                     "search_s": plan.search_s,
                     "left_out": plan.reason or None,
@@ -240,10 +285,14 @@ class LoRAStrategy(Strategy):
             raise UpdateError(f"num-examples must be a positive integer, got {num_examples!r}")
         if not math.isfinite(float(metrics["train-loss"])):
             raise UpdateError(f"train-loss is not finite: {metrics['train-loss']!r}")
-        record = content.array_records["arrays"]
-        factors = decode_factors(from_record(record), self.task.shapes)
         if assigned is None:
             raise UpdateError("reply from a node that was not sent a plan this round")
+        record = content.array_records["arrays"]
+        return self.decode_update(from_record(record), assigned, num_examples), metrics, record.count_bytes()
+
+    def decode_update(self, arrays: dict[str, np.ndarray], assigned: dict[str, int], num_examples: int) -> ClientUpdate:
+        """A node's adapter factors, checked against the modules and ranks it was assigned."""
+        factors = decode_factors(arrays, self.task.shapes)
         for module, (A, _) in factors.items():
             if module not in assigned:
                 raise UpdateError(f"module {module!r} was not assigned to this node")
@@ -251,9 +300,7 @@ class LoRAStrategy(Strategy):
                 raise UpdateError(f"module {module!r} has rank {A.shape[0]}, assigned {assigned[module]}")
         if not factors:
             raise UpdateError("reply carries no adapter")
-        alpha = self.task.config.lora_alpha
-        scaling = {m: alpha / A.shape[0] for m, (A, _) in factors.items()}
-        return ClientUpdate(factors, scaling, num_examples), metrics, record.count_bytes()
+        return ClientUpdate(factors, {m: self.scaling(A.shape[0]) for m, (A, _) in factors.items()}, num_examples)
 
 
 class FedPipeStrategy(LoRAStrategy):
@@ -265,6 +312,8 @@ class FedPipeStrategy(LoRAStrategy):
     """
 
     name = "fedpipe"
+    mode = "fedpipe"
+    fixed_scaling = False
 
     def __init__(self, task: Task, plan_log: Path | None = None) -> None:
         super().__init__(task, plan_log)
@@ -286,9 +335,8 @@ class FedPipeStrategy(LoRAStrategy):
         if not node_ids:
             return {}
         cfg, spec = self.task.config, self.task.spec
-        flops = [self.profiles[n].flops for n in node_ids]
-        batches = batch_sizes(flops, cfg.batch_min, cfg.batch_size)
-        round_time = cfg.local_steps * step_flops(spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / max(flops)
+        batches = batch_sizes([self.profiles[n].flops for n in node_ids], cfg.batch_min, cfg.batch_size)
+        round_time = self.round_time_s(node_ids)
         space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
         importance = self.current_importance()
         return {
@@ -299,14 +347,14 @@ class FedPipeStrategy(LoRAStrategy):
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord()
 
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
         start = self.synced.get(node_id, 0)
         pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for rnd in range(start + 1, server_round):
             for module, lowrank in self.increments.get(rnd, {}).items():
                 pending.setdefault(module, []).append(lowrank)
         payload = encode_delta({m: concat_lowrank(parts) for m, parts in pending.items()})
-        return payload, {"mode": "fedpipe", "state-from": start, "state-to": server_round - 1}
+        return payload, {"state-from": start, "state-to": server_round - 1}
 
     def combine(self, server_round: int, arrays: ArrayRecord, updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> ArrayRecord:
         increment = aggregate_lowrank([u for u, _ in updates.values()])
@@ -357,36 +405,3 @@ def checked_profile(memory_bytes: object, flops: object, source: str) -> ClientP
 def profile_from_record(record: ConfigRecord) -> ClientProfile:
     """A ClientProfile from a node's QUERY reply."""
     return checked_profile(record["memory-bytes"], record["flops"], str(record["source"]))
-
-
-class LoRAFedAvgStrategy(LoRAStrategy):
-    """LoRA with FedAvg: one rank for all, A and B averaged separately (the usual baseline).
-
-    The global state is the pair (A, B) per module; every node starts from it each round.
-    """
-
-    name = "lora-fedavg"
-
-    def initial_arrays(self) -> ArrayRecord:
-        cfg = self.task.config
-        peft_model = attach_lora(self.task.base_model(), self.task.uniform_ranks(), cfg.lora_alpha, cfg.seed)
-        return to_record(encode_factors(lora_factors(peft_model)))
-
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
-        return from_record(arrays), {"mode": "lora-fedavg"}
-
-    def combine(self, server_round: int, arrays: ArrayRecord, updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> ArrayRecord:
-        averaged = fedavg_factors([u for u, _ in updates.values()])
-        previous = decode_factors(from_record(arrays), self.task.shapes)
-        return to_record(encode_factors({**previous, **averaged}))
-
-    def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        alpha = self.task.config.lora_alpha
-        factors = decode_factors(from_record(arrays), self.task.shapes)
-        return {m: (alpha / A.shape[0]) * to_dense((A, B)) for m, (A, B) in factors.items()}
-
-
-STRATEGIES: dict[str, type[LoRAStrategy]] = {
-    FedPipeStrategy.name: FedPipeStrategy,
-    LoRAFedAvgStrategy.name: LoRAFedAvgStrategy,
-}
