@@ -7,9 +7,9 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpipe_core.codec import decode_delta
 from fedpipe_core.config import RunConfig
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.codec import decode_delta
 from fedpipe_core.task import (
     client_examples,
     client_profile,

@@ -6,7 +6,7 @@ dense ΔW. The transport layer (Flower's ArrayRecord) carries these dicts unchan
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -9,8 +9,9 @@ line naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 STRATEGIES = ("fedpipe", "lora-fedavg", "hetlora", "flexlora", "legend", "fedadapter", "ft")
 TASKS = ("e2e", "alpaca")
@@ -113,7 +114,7 @@ class RunConfig:
         return tuple(ranks)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a flat kebab-case mapping (Flower's ``context.run_config``)."""
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}

@@ -25,7 +25,7 @@ BUILTIN_DATA = {
     "e2e": Path(__file__).parent / "datasets" / "e2e" / "devset.jsonl",
     "alpaca": Path(__file__).parent / "datasets" / "alpaca-seed" / "seed_tasks.jsonl",
 }
-SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
+SPLIT_BUCKETS = {"train": range(80), "validation": range(80, 90), "test": range(90, 100)}
 IGNORE_INDEX = -100
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Mapping
+from collections.abc import Mapping
 
 import sacrebleu
 from nltk.translate.nist_score import corpus_nist

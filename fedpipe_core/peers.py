@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import math
 
-from fedpipe_core.cost import ModelSpec, backward_blocks, flops_terms, memory_terms, step_flops
+from fedpipe_core.cost import (
+    ModelSpec,
+    backward_blocks,
+    flops_terms,
+    memory_terms,
+    step_flops,
+)
 
 
 def capability_rank(flops: float, max_flops: float, candidates: tuple[int, ...]) -> int:

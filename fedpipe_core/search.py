@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import pulp
 
-from fedpipe_core.cost import ModelSpec, flops_terms, lora_params, memory_terms, peak_memory, step_flops
+from fedpipe_core.cost import (
+    ModelSpec,
+    flops_terms,
+    lora_params,
+    memory_terms,
+    peak_memory,
+    step_flops,
+)
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.quantize import PRECISIONS
 

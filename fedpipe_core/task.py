@@ -10,10 +10,9 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -21,17 +20,40 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from fedpipe_core.codec import (
+    decode_delta,
+    decode_factors,
+    encode_dense,
+    encode_factors,
+)
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.codec import decode_delta, decode_factors, encode_dense, encode_factors
-from fedpipe_core.data import Example, load_examples, partition, references_by_group, split_examples
 from fedpipe_core.cost import ModelSpec, block_linears, model_spec, peak_memory
+from fedpipe_core.data import (
+    Example,
+    load_examples,
+    partition,
+    references_by_group,
+    split_examples,
+)
 from fedpipe_core.evaluate import LossResult, evaluate_loss, generate
-from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, module_shape, resolve_target_modules, set_lora_factors
-from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.importance import ImportanceTracker
+from fedpipe_core.lora import (
+    attach_lora,
+    lora_factors,
+    merge_delta,
+    module_shape,
+    resolve_target_modules,
+    set_lora_factors,
+)
+from fedpipe_core.metrics import e2e_scores
+from fedpipe_core.model import (
+    default_cache_dir,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+)
 from fedpipe_core.profile import ClientProfile, declared, measure, simulated
 from fedpipe_core.quantize import quantize
-from fedpipe_core.model import default_cache_dir, load_model, load_tokenizer, resolve_checkpoint
 from fedpipe_core.state import load_state, save_state, state_dir
 from fedpipe_core.train import TrainResult, train_local
 

@@ -30,8 +30,8 @@ from flwr.app import ArrayRecord, MetricRecord
 from fedpipe_core.aggregate import (
     ClientUpdate,
     Weighting,
-    aggregate_dense,
     aggregate_delta,
+    aggregate_dense,
     aggregate_padded,
     module_weights,
     norm_weights,
@@ -39,9 +39,22 @@ from fedpipe_core.aggregate import (
     to_dense,
     truncate_factors,
 )
-from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_dense, encode_factors
+from fedpipe_core.codec import (
+    UpdateError,
+    decode_delta,
+    decode_factors,
+    encode_dense,
+    encode_factors,
+)
 from fedpipe_core.lora import attach_lora, lora_factors
-from fedpipe_core.peers import fedadapter_config, full_params, full_peak_memory, full_step_flops, layers_top_down, legend_ranks
+from fedpipe_core.peers import (
+    fedadapter_config,
+    full_params,
+    full_peak_memory,
+    full_step_flops,
+    layers_top_down,
+    legend_ranks,
+)
 from fedpipe_core.search import Plan
 from server_app.records import from_record, to_record
 from server_app.strategy import FedPipeStrategy, LoRAStrategy

@@ -13,23 +13,41 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedpipe_core.aggregate import ClientUpdate, aggregate_lowrank, concat_lowrank, to_dense
+from fedpipe_core.aggregate import (
+    ClientUpdate,
+    aggregate_lowrank,
+    concat_lowrank,
+    to_dense,
+)
 from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta
 from fedpipe_core.cost import lora_params, peak_memory, step_flops
 from fedpipe_core.peers import capability_rank, deadline_steps
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.search import Plan, SearchSpace, batch_sizes, choose_precision, plan_client
+from fedpipe_core.search import (
+    Plan,
+    SearchSpace,
+    batch_sizes,
+    choose_precision,
+    plan_client,
+)
 from fedpipe_core.task import Task
 from server_app.records import from_record, to_record
 

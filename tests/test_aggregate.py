@@ -14,7 +14,13 @@ from fedpipe_core.aggregate import (
     is_cheaper_dense,
     to_dense,
 )
-from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta, encode_factors
+from fedpipe_core.codec import (
+    UpdateError,
+    decode_delta,
+    decode_factors,
+    encode_delta,
+    encode_factors,
+)
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}
 

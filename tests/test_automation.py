@@ -10,8 +10,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedpipe_core.cost import lora_params, model_spec, peak_memory, step_flops
 from fedpipe_core.lora import attach_lora, resolve_target_modules
 from fedpipe_core.profile import ClientProfile, declared, measure, simulated
-from fedpipe_core.quantize import PRECISIONS, bytes_per_param, merge_quantized, normal_float_code, quantize
-from fedpipe_core.search import SearchSpace, batch_sizes, choose_precision, exact, greedy, plan_client
+from fedpipe_core.quantize import (
+    PRECISIONS,
+    bytes_per_param,
+    merge_quantized,
+    normal_float_code,
+    quantize,
+)
+from fedpipe_core.search import (
+    SearchSpace,
+    batch_sizes,
+    choose_precision,
+    exact,
+    greedy,
+    plan_client,
+)
 
 
 def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():

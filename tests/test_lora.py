@@ -6,7 +6,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_delta
 from fedpipe_core.config import ConfigError
-from fedpipe_core.lora import attach_lora, lora_factors, lora_scaling, merge_delta, module_shape, resolve_target_modules
+from fedpipe_core.lora import (
+    attach_lora,
+    lora_factors,
+    lora_scaling,
+    merge_delta,
+    module_shape,
+    resolve_target_modules,
+)
 
 
 def tiny_gpt2():

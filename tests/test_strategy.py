@@ -7,10 +7,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedpipe_core.aggregate import ClientUpdate, aggregate_delta, fedavg_factors, to_dense
+from fedpipe_core.aggregate import (
+    ClientUpdate,
+    aggregate_delta,
+    fedavg_factors,
+    to_dense,
+)
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
-from server_app.records import from_record, to_record
 from server_app.peers import LoRAFedAvgStrategy
+from server_app.records import from_record, to_record
 from server_app.strategy import FedPipeStrategy
 
 
