@@ -149,6 +149,8 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
     The precision is the most bits with which every candidate weight at the smallest rank fits
     in memory (the paper quantizes by memory budget before the search); when none does, NF4,
     which leaves the most memory for adapters, if one adapter on the top block fits with it.
+    A node whose FLOPS budget affords no adapter at all trains that one cheapest adapter rather
+    than drop out (its round takes longer than the budget).
     """
     started = time.perf_counter()
     budget = profile.flops * round_time_s
@@ -165,8 +167,7 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
     ranks = solver(spec, importance, budget, batch, space, memory=profile.memory_bytes, precision=precision)
     elapsed = time.perf_counter() - started
     if not ranks:
-        return Plan(batch, precision, {}, budget, search_s=elapsed,
-                    reason=f"FLOPS budget {budget:.3g} per round cannot afford one rank-{min(space.ranks)} adapter")
+        ranks = cheapest  # a slow node still takes part with the least work there is; it stretches the round
     return Plan(
         batch_size=batch,
         precision=precision,

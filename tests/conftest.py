@@ -17,3 +17,14 @@ def task():
     from fedpipe_core.task import load_task
 
     return load_task(RunConfig(eval_examples=8, test_groups=2, local_steps=2, batch_size=2, max_seq_len=64))
+
+
+@pytest.fixture(autouse=True)
+def run_identity():
+    """Messages need the run id a real ServerApp process has; set it as Flower's runtime does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+    yield

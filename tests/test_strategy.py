@@ -1,11 +1,10 @@
 """Strategies end to end inside the server: per-node messages, validation, ΔW state, bytes."""
 
-from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from fakes import FakeGrid, client_factors, reply
+from flwr.app import ConfigRecord
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
@@ -17,59 +16,6 @@ from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from server_app.peers import LoRAFedAvgStrategy
 from server_app.records import from_record, to_record
 from server_app.strategy import FedPipeStrategy
-
-
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Messages need the run id a real ServerApp process has; set it as Flower's runtime does."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 1
-    yield
-
-
-class FakeGrid:
-    """Answers profile queries like the ClientApp does: every node declares the same profile."""
-
-    def __init__(self, nodes, memory=64 * 2**30, flops=35e12):
-        self.nodes = nodes
-        self.profile = ConfigRecord({"memory-bytes": float(memory), "flops": float(flops), "source": "declared"})
-        self.queries = 0
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        self.queries += len(messages)
-        return [
-            SimpleNamespace(
-                metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
-                has_error=lambda: False,
-                content=RecordDict({"profile": self.profile}),
-            )
-            for m in messages
-        ]
-
-
-def reply(node_id, arrays, metrics, error=None):
-    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
-    return SimpleNamespace(
-        metadata=SimpleNamespace(src_node_id=node_id),
-        has_error=lambda: error is not None,
-        error=SimpleNamespace(reason=error),
-        content=content,
-    )
-
-
-def client_factors(task, ranks, seed):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for module, r in ranks.items():
-        o, i = task.shapes[module]
-        out[module] = (torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01)
-    return out
 
 
 def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):

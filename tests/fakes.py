@@ -1,0 +1,58 @@
+"""Stand-ins for Flower's Grid and node replies, for driving strategies inside one process."""
+
+from types import SimpleNamespace
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from server_app.records import to_record
+
+
+class FakeGrid:
+    """Answers profile queries like the ClientApp does: every node declares the same profile,
+    or its own from ``profiles`` ({node: (memory bytes, flops)})."""
+
+    def __init__(self, nodes, memory=64 * 2**30, flops=35e12, profiles=None):
+        self.nodes = nodes
+        self.profiles = profiles or {}
+        self.default = (memory, flops)
+        self.queries = 0
+
+    def _profile(self, node):
+        memory, flops = self.profiles.get(node, self.default)
+        return ConfigRecord({"memory-bytes": float(memory), "flops": float(flops), "source": "declared"})
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.queries += len(messages)
+        return [
+            SimpleNamespace(
+                metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                has_error=lambda: False,
+                content=RecordDict({"profile": self._profile(m.metadata.dst_node_id)}),
+            )
+            for m in messages
+        ]
+
+
+def reply(node_id, arrays, metrics, error=None):
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node_id),
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
+        content=content,
+    )
+
+
+def client_factors(task, ranks, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, r in ranks.items():
+        o, i = task.shapes[module]
+        out[module] = (torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01)
+    return out
+
+

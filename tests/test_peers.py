@@ -1,0 +1,224 @@
+"""Peer strategies: aggregation on hand-computed cases, per-device configurations, a round of each."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from fakes import FakeGrid, client_factors, reply
+from flwr.app import ConfigRecord
+
+from fedpipe_core.aggregate import (
+    ClientUpdate,
+    aggregate_dense,
+    aggregate_padded,
+    module_weights,
+    norm_weights,
+    svd_truncate,
+)
+from fedpipe_core.codec import (
+    decode_delta,
+    decode_factors,
+    encode_dense,
+    encode_factors,
+)
+from fedpipe_core.cost import step_flops
+from fedpipe_core.peers import (
+    capability_rank,
+    deadline_steps,
+    fedadapter_config,
+    legend_ranks,
+    rising_ranks,
+)
+from fedpipe_core.task import run_full_round
+from server_app.peers import (
+    STRATEGIES,
+    FlexLoRAStrategy,
+    FullFTStrategy,
+    HetLoRAStrategy,
+    LegendStrategy,
+)
+from server_app.records import from_record
+
+
+def factors(rank, out, fan_in, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
+
+
+def test_hetlora_zero_padding_with_norm_weights_by_hand():
+    a1, b1 = factors(2, 6, 5, 1)
+    a2, b2 = factors(4, 6, 5, 2)
+    s = 2.0
+    updates = [ClientUpdate({"q": (a1, b1)}, {"q": s}, 10), ClientUpdate({"q": (a2, b2)}, {"q": s}, 30)]
+    n1, n2 = float(torch.linalg.norm(s * b1 @ a1)), float(torch.linalg.norm(s * b2 @ a2))
+    w1, w2 = n1 / (n1 + n2), n2 / (n1 + n2)
+    A, B = aggregate_padded(updates, {"q": 4}, norm_weights)["q"]
+    assert A.shape == (4, 5) and B.shape == (6, 4)
+    torch.testing.assert_close(A[:2], w1 * a1 + w2 * a2[:2])
+    torch.testing.assert_close(A[2:], w2 * a2[2:])  # client 1's padded rows are zeros
+    torch.testing.assert_close(B[:, :2], w1 * b1 + w2 * b2[:, :2])
+    torch.testing.assert_close(B[:, 2:], w2 * b2[:, 2:])
+    # example weights (LoRA-FedAvg / LEGEND) differ from norm weights
+    A_ex, _ = aggregate_padded(updates, {"q": 4}, module_weights)["q"]
+    torch.testing.assert_close(A_ex[:2], 0.25 * a1 + 0.75 * a2[:2])
+
+
+def test_legend_per_layer_weights_by_hand():
+    # client 1 (10 examples) trains layers 0 and 1, client 2 (30) layer 1 only, client 3 (20) layer 2 only
+    l0_1, l1_1, l1_2, l2_3 = factors(2, 4, 3, 1), factors(4, 4, 3, 2), factors(2, 4, 3, 3), factors(4, 4, 3, 4)
+    updates = [
+        ClientUpdate({"l0": l0_1, "l1": l1_1}, {"l0": 1.0, "l1": 1.0}, 10),
+        ClientUpdate({"l1": l1_2}, {"l1": 1.0}, 30),
+        ClientUpdate({"l2": l2_3}, {"l2": 1.0}, 20),
+    ]
+    out = aggregate_padded(updates, {"l0": 4, "l1": 4, "l2": 4}, LegendStrategy.weighting)
+    torch.testing.assert_close(out["l0"][0][:2], l0_1[0])  # the only device on layer 0 gets weight 1
+    torch.testing.assert_close(out["l0"][0][2:], torch.zeros(2, 3))
+    torch.testing.assert_close(out["l1"][0][:2], 0.25 * l1_1[0][:2] + 0.75 * l1_2[0])
+    torch.testing.assert_close(out["l1"][0][2:], 0.25 * l1_1[0][2:])
+    torch.testing.assert_close(out["l2"][1], l2_3[1])
+
+
+def test_flexlora_svd_truncation_meets_the_eckart_young_bound():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(12, 9, generator=g)
+    sigma = torch.linalg.svdvals(delta.double())
+    for rank in (1, 3, 9, 20):
+        A, B = svd_truncate(delta, rank)
+        r = min(rank, 9)
+        assert A.shape == (r, 9) and B.shape == (12, r)
+        error = float(torch.linalg.norm(delta - B @ A))
+        assert error == pytest.approx(float(sigma[r:].pow(2).sum().sqrt()), abs=1e-4)
+        other = factors(r, 12, 9, rank)  # any other rank-r product is no closer
+        assert error <= float(torch.linalg.norm(delta - other[1] @ other[0])) + 1e-6
+
+
+def test_ft_averages_dense_updates_by_examples():
+    d1, d2 = torch.ones(3, 2), torch.full((3, 2), 5.0)
+    out = aggregate_dense([ClientUpdate({}, {}, 30, dense={"w": d1}), ClientUpdate({}, {}, 10, dense={"w": d2, "u": d2})])
+    torch.testing.assert_close(out["w"], torch.full((3, 2), 2.0))
+    torch.testing.assert_close(out["u"], d2)
+
+
+def test_capability_rank_and_rising_ranks():
+    assert [capability_rank(f, 100.0, (2, 4, 8)) for f in (100, 60, 50, 30, 10)] == [8, 4, 4, 2, 2]
+    assert rising_ranks(1, (2, 4, 8)) == [8]
+    assert rising_ranks(6, (2, 4, 8)) == [8, 8, 4, 4, 2, 2]
+    assert rising_ranks(4, (4, 2)) == [4, 4, 2, 2]
+
+
+def test_legend_depth_grows_with_capacity_and_ranks_rise_to_the_output(task):
+    spec, cfg = task.spec, task.config
+    modules = list(task.targets)
+    unit = cfg.local_steps * step_flops(spec, {modules[-1]: 8}, cfg.batch_size, cfg.max_seq_len)
+    depths = []
+    for factor in (0.5, 1.2, 2.0, 100.0):
+        ranks = legend_ranks(spec, modules, factor * unit, cfg.batch_size, cfg.max_seq_len, cfg.local_steps, (2, 4, 8))
+        layers = sorted({spec.modules[m][0] for m in ranks})
+        assert layers == list(range(spec.num_layers - len(layers), spec.num_layers))  # the last L layers
+        by_layer = [next(r for m, r in ranks.items() if spec.modules[m][0] == layer) for layer in layers]
+        assert by_layer == sorted(by_layer)  # non-decreasing towards the output
+        depths.append(len(layers))
+        if factor >= 1.2:
+            assert cfg.local_steps * step_flops(spec, ranks, cfg.batch_size, cfg.max_seq_len) <= factor * unit
+    assert depths[0] == 1 and depths == sorted(depths) and depths[-1] == spec.num_layers
+
+
+def test_fedadapter_upgrades_alternately_deeper_and_wider():
+    configs = [fedadapter_config(r, 30, (2, 4, 8), every=1) for r in range(1, 7)]
+    assert configs == [(3, 2), (6, 2), (6, 4), (12, 4), (12, 8), (24, 8)]
+    assert fedadapter_config(3, 30, (2, 4, 8), every=2) == (6, 2)
+
+
+def test_deadline_cuts_local_steps_and_leaves_out_a_node_that_cannot_finish_one(task):
+    assert deadline_steps(0.3, 6, 0.0) == 6
+    assert deadline_steps(0.3, 6, 1.0) == 3
+    assert deadline_steps(0.3, 6, 0.2) == 0
+    cfg = task.config
+    step = step_flops(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
+    deadline = 1.0
+    # node 1 does one step in 0.1 s, node 2 in 0.4 s, node 3 in 2 s
+    profiles = {1: (64 * 2**30, step / 0.1), 2: (64 * 2**30, step / 0.4), 3: (64 * 2**30, step / 2.0)}
+    strategy = STRATEGIES["lora-fedavg"](replace(task, config=replace(cfg, round_deadline_s=deadline, local_steps=6)))
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid([1, 2, 3], profiles=profiles))}
+    assert sorted(messages) == [1, 2]
+    assert messages[1].content["config"]["local-steps"] == 6 and messages[2].content["config"]["local-steps"] == 2
+    assert strategy.stats[1].left_out == 1
+    assert strategy.stats[1].sim_time_s == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_runs_a_round_and_moves_the_global_delta(task, name):
+    strategy = STRATEGIES[name](task)
+    grid = FakeGrid([1, 2, 3], profiles={1: (64 * 2**30, 35e12), 2: (64 * 2**30, 20e12), 3: (64 * 2**30, 9e12)})
+    initial = strategy.initial_arrays()
+    assert all(float(d.abs().sum()) == 0 for d in strategy.global_delta(initial).values())
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    replies = []
+    for node, seed in ((1, 1), (2, 2), (3, 3)):
+        ranks = strategy.stats[1].ranks[node]
+        if name == "ft":
+            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(seed)) for m in ranks})
+        else:
+            arrays = encode_factors(client_factors(task, ranks, seed))
+        replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * seed, "state-version": 0}))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients"] == 3 and strategy.stats[1].rejected == 0
+    delta = strategy.global_delta(arrays)
+    trained = set().union(*(strategy.stats[1].ranks[n] for n in (1, 2, 3)))
+    assert {m for m, d in delta.items() if float(d.abs().sum()) > 0} == trained
+    assert strategy.stats[1].bytes_up == sum(r.content.array_records["arrays"].count_bytes() for r in replies)
+    assert strategy.stats[1].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages)
+    list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # round 2 dispatches from the new state
+
+
+def test_heterogeneous_rank_strategies_give_slow_nodes_lower_ranks(task):
+    profiles = {1: (64 * 2**30, 35e12), 2: (64 * 2**30, 9e12)}
+    for cls in (HetLoRAStrategy, FlexLoRAStrategy):
+        strategy = cls(task)
+        list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid([1, 2], profiles=profiles)))
+        assert set(strategy.stats[1].ranks[1].values()) == {8} and set(strategy.stats[1].ranks[2].values()) == {2}
+
+
+def test_flexlora_sends_each_node_the_truncated_global_delta(task):
+    strategy = FlexLoRAStrategy(task)
+    grid = FakeGrid([1, 2], profiles={1: (64 * 2**30, 35e12), 2: (64 * 2**30, 9e12)})
+    list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    replies = [
+        reply(n, encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)), {"train-loss": 1.0, "num-examples": 5})
+        for n in (1, 2)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    delta = strategy.global_delta(arrays)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
+    module = task.targets[0]
+    sent = decode_factors(from_record(messages[2].content["arrays"]), task.shapes)[module]
+    assert sent[0].shape[0] == 2
+    A, B = svd_truncate(delta[module], 2)
+    torch.testing.assert_close(strategy.scaling(2) * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
+
+
+def test_ft_leaves_out_nodes_that_cannot_hold_it_and_rejects_factor_replies(task):
+    strategy = FullFTStrategy(task)
+    grid = FakeGrid([1, 2], profiles={1: (64 * 2**30, 35e12), 2: (0.5 * 2**30, 35e12)})
+    messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    assert [m.metadata.dst_node_id for m in messages] == [1] and strategy.stats[1].left_out == 1
+    bad = reply(1, encode_factors(client_factors(task, {task.targets[0]: 2}, 0)), {"train-loss": 1.0, "num-examples": 5})
+    assert strategy.aggregate_train(1, [bad]) == (None, None) and strategy.stats[1].rejected == 1
+    assert strategy.trainable_params(strategy.stats[1].ranks[1]) == sum(o * i for o, i in task.shapes.values())
+
+
+def test_full_round_trains_whole_target_weights_only(task):
+    examples = task.splits["train"][:4]
+    modules = list(task.targets[-2:])
+    out = run_full_round(task, examples=examples, modules=modules, base_delta={}, seed=0, batch_size=2, local_steps=1)
+    delta = decode_delta(out.arrays, task.shapes)
+    assert set(delta) == set(modules)
+    for module in modules:
+        assert delta[module].shape == task.shapes[module]
+        assert torch.linalg.matrix_rank(delta[module].double()) > 8  # a full-rank change, not an adapter
+    assert math.isfinite(out.result.mean_loss) and out.result.steps == 1
+    assert np.isfinite(next(iter(out.arrays.values()))).all()
