@@ -19,6 +19,8 @@ PARTITIONERS = ("iid", "dirichlet")
 SEARCHES = ("greedy", "exact")
 PROFILES = ("simulated", "measure")
 HETEROGENEITY = ("hetero", "ideal")
+WEIGHT_SELECTIONS = ("importance", "random")
+BASE_PRECISIONS = ("auto", "fp32", "fp16", "nf8", "nf4")
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,8 @@ class RunConfig:
     heterogeneity: str = "hetero"
     round_deadline_s: float = 0.0
     adapter_upgrade_every: int = 1
+    weight_selection: str = "importance"
+    base_precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -72,6 +76,8 @@ class RunConfig:
         _check_choice("search", self.search, SEARCHES)
         _check_choice("profile", self.profile, PROFILES)
         _check_choice("heterogeneity", self.heterogeneity, HETEROGENEITY)
+        _check_choice("weight-selection", self.weight_selection, WEIGHT_SELECTIONS)
+        _check_choice("base-precision", self.base_precision, BASE_PRECISIONS)
         _check_min("adapter-upgrade-every", self.adapter_upgrade_every, 1)
         if self.round_deadline_s < 0:
             raise ConfigError(f"run config 'round-deadline-s': must be >= 0 (0: no deadline), got {self.round_deadline_s!r}")

@@ -143,20 +143,25 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
 
 
 def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, float], batch: int, round_time_s: float,
-                space: SearchSpace, method: str = "greedy") -> Plan:
+                space: SearchSpace, method: str = "greedy", precision: str = "auto") -> Plan:
     """Precision first, then weights and ranks under FLOPS and memory.
 
     The precision is the most bits with which every candidate weight at the smallest rank fits
     in memory (the paper quantizes by memory budget before the search); when none does, NF4,
     which leaves the most memory for adapters, if one adapter on the top block fits with it.
     A node whose FLOPS budget affords no adapter at all trains that one cheapest adapter rather
-    than drop out (its round takes longer than the budget).
+    than drop out (its round takes longer than the budget). A fixed ``precision`` (ablations)
+    replaces the memory rule; the plan's predicted memory then shows what it costs.
     """
     started = time.perf_counter()
     budget = profile.flops * round_time_s
     everything = {m: min(space.ranks) for m in importance}
     cheapest = {max(importance, key=lambda m: (spec.modules[m][0], m)): min(space.ranks)} if importance else {}
-    precision = choose_precision(spec, profile, everything, batch, space.seq)
+    memory = profile.memory_bytes
+    if precision != "auto":
+        memory = float("inf")
+    else:
+        precision = choose_precision(spec, profile, everything, batch, space.seq)
     if precision is None and peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1]) <= profile.memory_bytes:
         precision = PRECISIONS[-1]  # tight memory: the fewest bits leave the most room for adapters
     if precision is None:
@@ -164,7 +169,7 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
         return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
                     f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)")
     solver = exact if method == "exact" else greedy
-    ranks = solver(spec, importance, budget, batch, space, memory=profile.memory_bytes, precision=precision)
+    ranks = solver(spec, importance, budget, batch, space, memory=memory, precision=precision)
     elapsed = time.perf_counter() - started
     if not ranks:
         ranks = cheapest  # a slow node still takes part with the least work there is; it stretches the round

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -339,8 +340,14 @@ class FedPipeStrategy(LoRAStrategy):
         self.synced: dict[int, int] = {}
         self.importance: dict[str, float] = {}
 
-    def current_importance(self) -> dict[str, float]:
-        """Latest score per weight; never-trained weights get the highest known score (explore them)."""
+    def current_importance(self, server_round: int = 0) -> dict[str, float]:
+        """Latest score per weight; never-trained weights get the highest known score (explore them).
+
+        With ``weight-selection = random`` (the ablation) scores are drawn afresh each round.
+        """
+        if self.task.config.weight_selection == "random":
+            rng = random.Random(f"{self.task.config.seed}:{server_round}")
+            return {m: rng.random() for m in self.task.targets}
         prior = max(self.importance.values(), default=1.0)
         return {m: self.importance.get(m, prior) for m in self.task.targets}
 
@@ -356,9 +363,9 @@ class FedPipeStrategy(LoRAStrategy):
         batches = batch_sizes([self.profiles[n].flops for n in node_ids], cfg.batch_min, cfg.batch_size)
         round_time = self.round_time_s(node_ids)
         space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
-        importance = self.current_importance()
+        importance = self.current_importance(server_round)
         return {
-            node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search)
+            node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search, precision=cfg.base_precision)
             for node, batch in zip(node_ids, batches)
         }
 

@@ -1,0 +1,180 @@
+"""``fedpipe-bench``: run a named suite of strategies × settings as real simulations, then report.
+
+Each run is ``flwr run <app> --run-config ...`` with the suite's settings and a fixed seed; its
+results land in ``<out>/<suite>/runs/<strategy>--<setting>/<run-id>/``. A run whose
+``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. When every run
+has finished (or failed, logged in ``<out>/<suite>/failures.json``) the report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.report import write_report
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named set of runs (see suites.yaml)."""
+
+    name: str
+    supernodes: int
+    runs: list[tuple[str, str]]
+    settings: dict[str, dict[str, Any]]
+    run_config: dict[str, Any]
+    target_eval_loss: float | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config_of(self, strategy: str, setting: str, output_dir: Path) -> dict[str, Any]:
+        """The run config of one run, validated."""
+        values = {**self.run_config, **self.settings[setting], "strategy": strategy, "output-dir": str(output_dir)}
+        RunConfig.from_mapping(values)  # a typo in a suite fails here, before any run starts
+        return values
+
+
+def load_suites(path: Path | None = None) -> dict[str, Suite]:
+    """Suites from a YAML file (the packaged suites.yaml by default)."""
+    text = path.read_text() if path else resources.files("fedpipe_core").joinpath("suites.yaml").read_text()
+    raw = yaml.safe_load(text) or {}
+    suites = {}
+    for name, spec in raw.items():
+        try:
+            settings = {str(k): dict(v or {}) for k, v in spec["settings"].items()}
+            runs = [tuple(pair) for pair in spec.get("runs", [])] or [(s, t) for s in spec["strategies"] for t in settings]
+            suites[name] = Suite(
+                name=name,
+                supernodes=int(spec.get("supernodes", 2)),
+                runs=[(str(s), str(t)) for s, t in runs],
+                settings=settings,
+                run_config=dict(spec.get("run-config", {})),
+                target_eval_loss=spec.get("target-eval-loss"),
+                description=str(spec.get("description", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"suite {name!r}: malformed ({exc!r}); needs 'settings' and 'strategies' or 'runs'") from exc
+        unknown = sorted({t for _, t in suites[name].runs} - set(settings))
+        if unknown:
+            raise ConfigError(f"suite {name!r}: runs name unknown settings {unknown}")
+    return suites
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_dir(suite_dir: Path, strategy: str, setting: str) -> Path:
+    return suite_dir / "runs" / f"{strategy}--{setting}"
+
+
+def finished(directory: Path) -> Path | None:
+    """The run directory with a summary.json under ``directory``, if any."""
+    done = sorted(directory.glob("*/summary.json"))
+    return done[-1].parent if done else None
+
+
+def run_one(suite: Suite, strategy: str, setting: str, suite_dir: Path, app: Path, timeout_s: float) -> tuple[bool, str]:
+    """One ``flwr run``; returns (finished, log tail)."""
+    out = run_dir(suite_dir, strategy, setting)
+    if out.exists():
+        shutil.rmtree(out)  # a partial run from an interrupted benchmark
+    out.mkdir(parents=True)
+    values = suite.config_of(strategy, setting, out.resolve())
+    cmd = [
+        "flwr", "run", str(app), "--stream",
+        "--federation-config", f"num-supernodes={suite.supernodes} client-resources-num-cpus=1",
+        "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in values.items()),
+    ]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        log = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        log = f"timed out after {timeout_s:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    (out / "flwr.log").write_text(log if isinstance(log, str) else log.decode(errors="replace"))
+    return finished(out) is not None, log[-2000:] if isinstance(log, str) else ""
+
+
+def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0) -> Path:
+    """Run what is missing of ``suite``, then write its report; returns the suite directory."""
+    suite_dir = out_root / suite.name
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(s, t) for s, t in suite.runs if finished(run_dir(suite_dir, s, t)) is None]
+    failures: dict[str, str] = {}
+    console.print(f"[bold]{suite.name}[/]: {len(suite.runs)} runs, {len(suite.runs) - len(todo)} already finished")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(suite.name, total=len(todo))
+        for strategy, setting in todo:
+            progress.update(bar, description=f"{suite.name}: {strategy} / {setting}")
+            started = time.time()
+            ok, tail = run_one(suite, strategy, setting, suite_dir, app, timeout_s)
+            if not ok:
+                failures[f"{strategy}--{setting}"] = tail
+                progress.console.print(f"[red]{strategy} / {setting} failed[/] (log: {run_dir(suite_dir, strategy, setting) / 'flwr.log'})")
+            else:
+                progress.console.print(f"{strategy} / {setting}: done in {time.time() - started:.0f} s")
+            progress.advance(bar)
+    (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
+    runs = {(s, t): finished(run_dir(suite_dir, s, t)) for s, t in suite.runs}
+    write_report(suite.name, {k: v for k, v in runs.items() if v is not None}, out_root / "report", suite.target_eval_loss)
+    return suite_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedpipe-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", help="suite name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--suites-file", type=Path, help="a suites YAML file instead of the packaged one")
+    parser.add_argument("--out", type=Path, default=Path("bench"), help="where runs and report/ go (default: ./bench)")
+    parser.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (default: .)")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per run")
+    args = parser.parse_args(argv)
+    try:
+        suites = load_suites(args.suites_file)
+        if args.list:
+            for name, suite in suites.items():
+                console.print(f"{name}: {len(suite.runs)} runs, {suite.supernodes} clients. {suite.description}")
+            return 0
+        if args.suite is None:
+            raise ConfigError("name a suite with --suite (see --list)")
+        if args.suite not in suites:
+            raise ConfigError(f"unknown suite {args.suite!r} (known: {', '.join(suites)})")
+        suite = suites[args.suite]
+        for strategy, setting in suite.runs:
+            suite.config_of(strategy, setting, args.out)
+        if not (args.app / "pyproject.toml").is_file():
+            raise ConfigError(f"--app {str(args.app)!r} is not a Flower app directory (no pyproject.toml)")
+    except ConfigError as exc:
+        console.print(f"[red]fedpipe-bench: {exc}[/]")
+        return 2
+    suite_dir = run_suite(suite, args.out.resolve(), args.app.resolve(), args.timeout_s)
+    failures = json.loads((suite_dir / "failures.json").read_text())
+    console.print(f"report: {args.out / 'report'}" + (f"  ([red]{len(failures)} failed runs[/])" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

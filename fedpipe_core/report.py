@@ -1,0 +1,181 @@
+"""The benchmark report: ``results.json``, a markdown table per suite, and PNG plots.
+
+Time and bytes to target: the eval loss is followed round by round (round 0 is the base model
+at simulated time 0 and no bytes); the target is crossed between two rounds, and the simulated
+time and cumulative bytes are interpolated linearly at the crossing. A run that never reaches
+the target has null there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
+RANK_PLOTS = ("fedpipe", "legend")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(rows: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """(simulated time, cumulative bytes up + down, eval loss) after each round, round 0 first."""
+    out, total = [], 0.0
+    for row in sorted(rows, key=lambda r: r["round"]):
+        total += (row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)
+        out.append((float(row.get("sim_time_s") or 0.0), total, float(row["eval_loss"])))
+    return out
+
+
+def to_target(points: list[tuple[float, float, float]], target: float) -> tuple[float | None, float | None]:
+    """Simulated time and bytes at which the eval loss first reaches ``target`` (interpolated)."""
+    if points[0][2] <= target:
+        return points[0][0], points[0][1]
+    for (t0, b0, l0), (t1, b1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            frac = (l0 - target) / (l0 - l1)
+            return t0 + frac * (t1 - t0), b0 + frac * (b1 - b0)
+    return None, None
+
+
+def summarize(run: Path) -> dict[str, Any]:
+    """One run's figures from its results contract."""
+    summary = json.loads((run / "summary.json").read_text())
+    rows = read_jsonl(run / "metrics.jsonl")
+    points = curve(rows)
+    return {
+        **{m: summary.get(m) for m in METRICS},
+        "trainable_params": summary.get("trainable_params"),
+        "bytes_up": summary.get("total_bytes_up"),
+        "bytes_down": summary.get("total_bytes_down"),
+        "wall_s": summary.get("wall_s"),
+        "sim_time_s": summary.get("sim_time_s"),
+        "base_eval_loss": points[0][2] if points else None,
+        "final_eval_loss": points[-1][2] if points else None,
+        "clients_per_round": [r.get("clients", 0) for r in sorted(rows, key=lambda r: r["round"]) if r["round"] > 0],
+        "run_dir": str(run),
+        "_curve": points,
+    }
+
+
+def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: float | None) -> dict[str, float | None]:
+    """Per setting: the fixed target, or the highest final eval loss among runs that improved."""
+    out: dict[str, float | None] = {}
+    for setting in sorted({s for _, s in results}):
+        if fixed is not None:
+            out[setting] = float(fixed)
+            continue
+        finals = [r["final_eval_loss"] for (_, s), r in results.items()
+                  if s == setting and r["final_eval_loss"] is not None and r["final_eval_loss"] < r["base_eval_loss"] - 1e-6]
+        out[setting] = max(finals) if finals else None
+    return out
+
+
+def write_report(suite: str, runs: dict[tuple[str, str], Path], out: Path, target: float | None = None) -> dict[str, Any]:
+    """Summarize finished runs, merge them into ``out/results.json``, write the table and plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {key: summarize(path) for key, path in sorted(runs.items())}
+    targets = targets_by_setting(results, target)
+    for (_, setting), row in results.items():
+        row["target_eval_loss"] = targets[setting]
+        reached = to_target(row["_curve"], targets[setting]) if targets[setting] is not None and row["_curve"] else (None, None)
+        row["sim_time_to_target_s"], row["bytes_to_target"] = reached
+    for (strategy, setting), row in results.items():
+        base = results.get(("fedpipe", setting))
+        for key, ratio in (("sim_time_to_target_s", "time_to_target_vs_fedpipe"), ("bytes_to_target", "bytes_to_target_vs_fedpipe")):
+            mine, ref = row[key], base[key] if base else None
+            row[ratio] = mine / ref if mine is not None and ref else None
+    path = out / "results.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged[suite] = {f"{s}/{t}": {k: v for k, v in row.items() if not k.startswith("_")} for (s, t), row in results.items()}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    (out / f"{suite}.md").write_text(markdown(suite, results, targets))
+    plot_loss(suite, results, out / f"{suite}-eval-loss-vs-sim-time.png")
+    plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
+    for (strategy, setting), path_ in runs.items():
+        if strategy in RANK_PLOTS:
+            plot_ranks(path_, out / f"{suite}-ranks-{strategy}-{setting}.png", f"{suite}: {strategy} / {setting}")
+    return merged[suite]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets: dict[str, float | None]) -> str:
+    """The suite's table: metrics, trainable params, bytes, time to target and ratios to fedpipe."""
+    lines = [f"# Benchmark `{suite}`", ""]
+    for setting, target in targets.items():
+        lines.append(f"- setting `{setting}`: target eval loss {_fmt(target, 4)}")
+    lines += [
+        "",
+        "| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params | MB up | MB down "
+        "| sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |",
+        "|" + "---|" * 17,
+    ]
+    for (strategy, setting), r in results.items():
+        mb = (lambda b: None if b is None else b / 1e6)
+        lines.append(
+            f"| {strategy} | {setting} | {_fmt(r['bleu'], 2)} | {_fmt(r['nist'])} | {_fmt(r['meteor'])} | {_fmt(r['rouge_l'])} "
+            f"| {_fmt(r['cider'])} | {_fmt(r['ppl'], 2)} | {_fmt(r['final_eval_loss'], 4)} | {_fmt(r['trainable_params'], 0)} "
+            f"| {_fmt(mb(r['bytes_up']), 2)} | {_fmt(mb(r['bytes_down']), 2)} | {_fmt(r['sim_time_to_target_s'], 4)} "
+            f"| {_fmt(mb(r['bytes_to_target']), 2)} | {_fmt(r['time_to_target_vs_fedpipe'], 2)} "
+            f"| {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
+        )
+    lines += ["", "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.", ""]
+    return "\n".join(lines)
+
+
+def plot_loss(suite: str, results: dict[tuple[str, str], dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (strategy, setting), r in results.items():
+        points = r["_curve"]
+        ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"{strategy} / {setting}")
+    ax.set(xlabel="simulated time (s)", ylabel="eval loss", title=f"{suite}: eval loss vs simulated time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes(suite: str, runs: dict[tuple[str, str], Path], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (strategy, setting), run in runs.items():
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["round"] > 0]
+        ax.plot([r["round"] for r in rows], [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows], marker="o",
+                label=f"{strategy} / {setting}")
+    ax.set(xlabel="round", ylabel="MB up + down", title=f"{suite}: bytes per round", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranks(run: Path, path: Path, title: str) -> None:
+    """Per client: Σ of its adapter ranks per round (from plans.jsonl)."""
+    plans = read_jsonl(run / "plans.jsonl")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, node in enumerate(sorted({p["node_id"] for p in plans})):
+        rows = sorted((p for p in plans if p["node_id"] == node), key=lambda p: p["round"])
+        tflops = rows[0]["profile"]["flops"] / 1e12
+        ax.plot([p["round"] for p in rows], [sum(p["ranks"].values()) for p in rows], marker="o",
+                label=f"client {index} ({tflops:.1f} TFLOPS)")
+    ax.set(xlabel="round", ylabel="Σ adapter rank", title=f"{title}: per-client ranks")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

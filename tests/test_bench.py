@@ -1,0 +1,111 @@
+"""fedpipe-bench: suites, time/bytes to target, the report files, and a real smoke suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpipe_core.bench import load_suites
+from fedpipe_core.config import ConfigError
+from fedpipe_core.report import to_target, write_report
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_packaged_suites_are_valid_run_configs(tmp_path):
+    suites = load_suites()
+    assert {"smoke", "e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"} <= set(suites)
+    assert len(suites["e2e"].runs) == 14 and {s for s, _ in suites["e2e"].runs} == {
+        "fedpipe", "lora-fedavg", "legend", "hetlora", "flexlora", "fedadapter", "ft"}
+    for suite in suites.values():
+        for strategy, setting in suite.runs:
+            values = suite.config_of(strategy, setting, tmp_path)
+            assert values["strategy"] == strategy and values["output-dir"] == str(tmp_path)
+
+
+def test_malformed_suites_are_refused(tmp_path):
+    bad = tmp_path / "suites.yaml"
+    bad.write_text("x:\n  strategies: [fedpipe]\n")
+    with pytest.raises(ConfigError, match="suite 'x'"):
+        load_suites(bad)
+    bad.write_text("x:\n  strategies: [fedpipe]\n  settings: {a: {}}\n  runs: [[fedpipe, b]]\n")
+    with pytest.raises(ConfigError, match="unknown settings"):
+        load_suites(bad)
+    bad.write_text("x:\n  strategies: [nope]\n  settings: {a: {}}\n")
+    with pytest.raises(ConfigError, match="'strategy'"):
+        load_suites(bad)["x"].config_of("nope", "a", tmp_path)
+
+
+def test_time_and_bytes_to_target_interpolate_the_crossing():
+    points = [(0.0, 0.0, 3.0), (1.0, 10.0, 2.5), (3.0, 30.0, 1.5)]
+    assert to_target(points, 2.0) == pytest.approx((2.0, 20.0))
+    assert to_target(points, 2.5) == pytest.approx((1.0, 10.0))
+    assert to_target(points, 3.5) == (0.0, 0.0)
+    assert to_target(points, 1.0) == (None, None)
+
+
+def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float) -> Path:
+    run = directory / "1"
+    run.mkdir(parents=True)
+    rows = [{"round": r, "eval_loss": loss, "sim_time_s": t, "bytes_up": 0 if r == 0 else mb * 1e6 / 2,
+             "bytes_down": 0 if r == 0 else mb * 1e6 / 2, "clients": 0 if r == 0 else 2}
+            for r, (loss, t) in enumerate(zip(losses, sim))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"bleu": bleu, "ppl": 5.0, "trainable_params": 100.0, "total_bytes_up": 1,
+                                                  "total_bytes_down": 2, "wall_s": 9.0, "sim_time_s": sim[-1]}))
+    plans = [{"round": r, "node_id": n, "profile": {"flops": 1e13 * (n + 1)}, "ranks": {"q": 2 * (n + 1)}}
+             for r in (1, 2) for n in (0, 1)]
+    (run / "plans.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plans))
+    return run
+
+
+def test_report_files_and_ratios_from_finished_runs(tmp_path):
+    runs = {
+        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0),
+        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0),
+    }
+    out = tmp_path / "report"
+    rows = write_report("demo", runs, out)
+    # target: the highest final eval loss among improving runs = 2.0, reached by fedpipe at round 1
+    assert rows["fedpipe/hetero"]["target_eval_loss"] == 2.0
+    assert rows["fedpipe/hetero"]["sim_time_to_target_s"] == pytest.approx(1.0)
+    assert rows["lora-fedavg/hetero"]["sim_time_to_target_s"] == pytest.approx(6.0)
+    assert rows["lora-fedavg/hetero"]["time_to_target_vs_fedpipe"] == pytest.approx(6.0)
+    assert rows["lora-fedavg/hetero"]["bytes_to_target_vs_fedpipe"] == pytest.approx(4e6 / 4e6)
+    assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
+    table = (out / "demo.md").read_text()
+    assert "| lora-fedavg | hetero | 20.00 |" in table and "6.00" in table
+    for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "demo-ranks-fedpipe-hetero.png"):
+        assert (out / name).stat().st_size > 5000
+    write_report("other", {("fedpipe", "x"): runs[("fedpipe", "hetero")]}, out, target=2.5)
+    merged = json.loads((out / "results.json").read_text())
+    assert set(merged) == {"demo", "other"} and merged["other"]["fedpipe/x"]["sim_time_to_target_s"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    cmd = ["fedpipe-bench", "--suite", "smoke", "--out", str(tmp_path / "bench"), "--app", str(ROOT)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results = json.loads((tmp_path / "bench" / "report" / "results.json").read_text())["smoke"]
+        assert set(results) == {"fedpipe/hetero", "lora-fedavg/hetero"}
+        for row in results.values():
+            assert row["bytes_up"] > 0 and row["bytes_down"] >= 0 and row["trainable_params"] > 0
+            assert row["final_eval_loss"] < row["base_eval_loss"] and row["bleu"] is not None
+        assert (tmp_path / "bench" / "report" / "smoke.md").is_file()
+        assert (tmp_path / "bench" / "report" / "smoke-ranks-fedpipe-hetero.png").is_file()
+        started = time.time()
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0 and "2 already finished" in again.stdout
+        assert time.time() - started < 60
+    finally:
+        subprocess.run(["pkill", "-f", str(tmp_path / "flwr-home")], check=False)
