@@ -16,7 +16,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
 RANK_PLOTS = ("fedpipe", "legend")
