@@ -38,6 +38,12 @@ def client_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
     return scale * (B.double() @ A.double()).float()
 
 
+def lowrank_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
+    """‖s · B · A‖_F without forming the product: ‖BA‖_F² = Σ (BᵀB) ⊙ (AAᵀ) (r × r matrices)."""
+    gram = (B.double().T @ B.double()) * (A.double() @ A.double().T)
+    return abs(scale) * float(gram.sum().clamp_min(0.0).sqrt())
+
+
 def module_weights(updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
     """The clients that trained ``module`` with their weights n_k / Σ n_j over those clients."""
     trained = [u for u in updates if module in u.factors]
@@ -89,7 +95,7 @@ Weighting = Callable[[list[ClientUpdate], str], list[tuple[ClientUpdate, float]]
 def norm_weights(updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
     """HetLoRA's sparsity-weighted aggregation: w_k ∝ ||s_k · B_k · A_k||_F over the trainers."""
     trained = [u for u in updates if module in u.factors]
-    norms = [float(torch.linalg.matrix_norm(client_delta(*u.factors[module], u.scaling[module]))) for u in trained]
+    norms = [lowrank_norm(*u.factors[module], u.scaling[module]) for u in trained]
     total = sum(norms)
     if total <= 0:
         return module_weights(updates, module)  # all-zero updates: fall back to example weights

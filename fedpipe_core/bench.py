@@ -117,11 +117,11 @@ def run_one(suite: Suite, strategy: str, setting: str, suite_dir: Path, app: Pat
     return finished(out) is not None, log[-2000:] if isinstance(log, str) else ""
 
 
-def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0) -> Path:
-    """Run what is missing of ``suite``, then write its report; returns the suite directory."""
+def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0, report_only: bool = False) -> Path:
+    """Run what is missing of ``suite`` (nothing with ``report_only``), then write its report."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(s, t) for s, t in suite.runs if finished(run_dir(suite_dir, s, t)) is None]
+    todo = [] if report_only else [(s, t) for s, t in suite.runs if finished(run_dir(suite_dir, s, t)) is None]
     failures: dict[str, str] = {}
     console.print(f"[bold]{suite.name}[/]: {len(suite.runs)} runs, {len(suite.runs) - len(todo)} already finished")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where runs and report/ go (default: ./bench)")
     parser.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (default: .)")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per run")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     args = parser.parse_args(argv)
     try:
         suites = load_suites(args.suites_file)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]fedpipe-bench: {exc}[/]")
         return 2
-    suite_dir = run_suite(suite, args.out.resolve(), args.app.resolve(), args.timeout_s)
+    suite_dir = run_suite(suite, args.out.resolve(), args.app.resolve(), args.timeout_s, args.report_only)
     failures = json.loads((suite_dir / "failures.json").read_text())
     console.print(f"report: {args.out / 'report'}" + (f"  ([red]{len(failures)} failed runs[/])" if failures else ""))
     return 1 if failures else 0

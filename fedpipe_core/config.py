@@ -68,6 +68,7 @@ class RunConfig:
     adapter_upgrade_every: int = 1
     weight_selection: str = "importance"
     base_precision: str = "auto"
+    max_update_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -102,6 +103,7 @@ class RunConfig:
         _check_positive("lora-alpha", self.lora_alpha)
         _check_positive("dirichlet-alpha", self.dirichlet_alpha)
         _check_positive("round-timeout-s", self.round_timeout_s)
+        _check_positive("max-update-ratio", self.max_update_ratio)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"run config 'fraction-train': must be in (0, 1], got {self.fraction_train!r}")
         if self.weight_decay < 0:

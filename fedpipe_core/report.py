@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def to_target(points: list[tuple[float, float, float]], target: float) -> tuple[
     """Simulated time and bytes at which the eval loss first reaches ``target`` (interpolated)."""
     if points[0][2] <= target:
         return points[0][0], points[0][1]
-    for (t0, b0, l0), (t1, b1, l1) in zip(points, points[1:]):
+    for (t0, b0, l0), (t1, b1, l1) in pairwise(points):
         if l1 <= target:
             frac = (l0 - target) / (l0 - l1)
             return t0 + frac * (t1 - t0), b0 + frac * (b1 - b0)
@@ -123,8 +124,8 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
         lines.append(f"- setting `{setting}`: target eval loss {_fmt(target, 4)}")
     lines += [
         "",
-        "| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params | MB up | MB down "
-        "| sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |",
+        ("| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params | MB up | MB down "
+         "| sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"),
         "|" + "---|" * 17,
     ]
     for (strategy, setting), r in results.items():

@@ -116,6 +116,13 @@ def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[
     return partition(task.splits["train"], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
 
 
+@functools.lru_cache(maxsize=4)
+def weight_norms(task: Task) -> dict[str, float]:
+    """‖W‖_F of every target weight of the base model (the scale an update is judged against)."""
+    model = task.base_model()
+    return {m: float(model.get_submodule(m).weight.detach().norm()) for m in task.targets}
+
+
 @dataclass(frozen=True)
 class ClientRound:
     """What a client sends back: its LoRA factors (encoded) and how it trained."""

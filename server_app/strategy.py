@@ -36,6 +36,7 @@ from fedpipe_core.aggregate import (
     ClientUpdate,
     aggregate_lowrank,
     concat_lowrank,
+    lowrank_norm,
     to_dense,
 )
 from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta
@@ -49,7 +50,7 @@ from fedpipe_core.search import (
     choose_precision,
     plan_client,
 )
-from fedpipe_core.task import Task
+from fedpipe_core.task import Task, weight_norms
 from server_app.records import from_record, to_record
 
 
@@ -252,6 +253,10 @@ class LoRAStrategy(Strategy):
                 self.on_failure(node_id)
                 stats.rejected += 1
                 continue
+            if node_id in updates:
+                log(WARNING, "round %d: second reply of node %d rejected: one update per node and round", server_round, node_id)
+                stats.rejected += 1
+                continue
             stats.bytes_up += size
             updates[node_id] = (update, metrics)
             self._refresh_profile(node_id, metrics)
@@ -307,7 +312,18 @@ class LoRAStrategy(Strategy):
         if assigned is None:
             raise UpdateError("reply from a node that was not sent a plan this round")
         record = content.array_records["arrays"]
-        return self.decode_update(from_record(record), assigned, num_examples), metrics, record.count_bytes()
+        update = self.decode_update(from_record(record), assigned, num_examples)
+        self._check_norms(update)
+        return update, metrics, record.count_bytes()
+
+    def _check_norms(self, update: ClientUpdate) -> None:
+        """Reject an update whose ΔW on a module exceeds ``max-update-ratio`` × that weight's norm."""
+        norms, ratio = weight_norms(self.task), self.task.config.max_update_ratio
+        sizes = {m: lowrank_norm(A, B, update.scaling[m]) for m, (A, B) in update.factors.items()}
+        sizes |= {m: float(d.norm()) for m, d in update.dense.items()}
+        for module, norm in sizes.items():
+            if norm > ratio * norms[module]:
+                raise UpdateError(f"module {module!r}: ‖ΔW‖ = {norm:.3g} exceeds {ratio:g} × ‖W‖ = {norms[module]:.3g}")
 
     def decode_update(self, arrays: dict[str, np.ndarray], assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """A node's adapter factors, checked against the modules and ranks it was assigned."""

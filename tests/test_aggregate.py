@@ -12,6 +12,7 @@ from fedpipe_core.aggregate import (
     concat_lowrank,
     fedavg_factors,
     is_cheaper_dense,
+    lowrank_norm,
     to_dense,
 )
 from fedpipe_core.codec import (
@@ -54,9 +55,10 @@ def test_mixed_ranks_and_missing_modules_match_hand_computation():
     assert lowrank["v"][0].shape == (3, 5)  # rank 2 + 1
 
 
-def test_client_delta_is_scaled_product():
+def test_client_delta_is_scaled_product_and_its_norm_needs_no_product():
     a, b = factors(3, 4, 5, 7)
     torch.testing.assert_close(client_delta(a, b, 0.5), 0.5 * b @ a)
+    assert lowrank_norm(a, b, -0.5) == pytest.approx(float(torch.linalg.matrix_norm(0.5 * b @ a)), rel=1e-6)
 
 
 def test_lora_fedavg_averages_factors_separately_and_refuses_mixed_ranks():

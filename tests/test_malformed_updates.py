@@ -1,0 +1,109 @@
+"""Malformed client updates are rejected one by one and leave the aggregate of the valid ones unchanged."""
+
+import numpy as np
+import torch
+from fakes import FakeGrid, client_factors, reply
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpipe_core.codec import encode_factors
+from server_app.strategy import FedPipeStrategy
+
+
+def _message(node_id, content):
+    return reply(node_id, {}, {}).__class__(
+        metadata=reply(node_id, {}, {}).metadata, has_error=lambda: False, error=None, content=content
+    )
+
+
+def malformed_cases(task, plan, good):
+    """(label, node id, reply) for every kind of bad update; node 3 was planned, node 9 was not."""
+    ok = {"train-loss": 2.0, "num-examples": 10, "state-version": 0}
+    modules = list(plan)
+    m0, m1 = modules[0], modules[1]
+    unplanned = next(m for m in task.targets if m not in plan)
+    out, inn = task.shapes[m0]
+    rank = plan[m0]
+
+    def arrays(**changes):
+        arr = encode_factors(good)
+        for key, value in changes.items():
+            if value is None:
+                arr.pop(key)
+            else:
+                arr[key] = value
+        return arr
+
+    A, B = f"{m0}::A", f"{m0}::B"
+    nan = encode_factors(good)[A].copy()
+    nan[0, 0] = np.nan
+    inf = encode_factors(good)[B].copy()
+    inf[-1, -1] = np.inf
+    cases = [
+        ("NaN in A", arrays(**{A: nan})),
+        ("Inf in B", arrays(**{B: inf})),
+        ("A with the wrong input width", arrays(**{A: np.zeros((rank, inn + 1), np.float32)})),
+        ("B with the wrong output height", arrays(**{B: np.zeros((out - 1, rank), np.float32)})),
+        ("A and B of different ranks", arrays(**{B: np.zeros((out, rank + 1), np.float32)})),
+        ("rank above the assigned one", encode_factors({**good, m0: client_factors(task, {m0: rank + 2}, 5)[m0]})),
+        ("unknown module", arrays(**{"model.layers.99.nope::A": np.zeros((2, 3), np.float32)})),
+        ("module not assigned", encode_factors({**good, unplanned: client_factors(task, {unplanned: 2}, 6)[unplanned]})),
+        ("integer dtype", arrays(**{A: encode_factors(good)[A].astype(np.int32)})),
+        ("3-D array", arrays(**{A: encode_factors(good)[A][None]})),
+        ("A without B", arrays(**{B: None})),
+        ("key without '::'", arrays(**{f"{m1}A": encode_factors(good)[f"{m1}::A"]})),
+        ("unknown part name", arrays(**{f"{m1}::C": encode_factors(good)[f"{m1}::A"]})),
+        ("absurd norm", encode_factors({m: (a * 1e3, b * 1e3) for m, (a, b) in good.items()})),
+        ("dense ΔW where factors are expected", {f"{m0}::dW": np.zeros((out, inn), np.float32)}),
+        ("no adapter at all", {}),
+    ]
+    replies = [(label, 3, reply(3, arr, ok)) for label, arr in cases]
+    metric_cases = [
+        ("missing num-examples", {"train-loss": 2.0, "state-version": 0}),
+        ("zero examples", {**ok, "num-examples": 0}),
+        ("negative examples", {**ok, "num-examples": -4}),
+        ("fractional examples", {**ok, "num-examples": 2.5}),
+        ("NaN train loss", {**ok, "train-loss": float("nan")}),
+        ("missing train loss", {"num-examples": 10, "state-version": 0}),
+        ("missing state-version", {"train-loss": 2.0, "num-examples": 10}),
+    ]
+    replies += [(label, 3, reply(3, encode_factors(good), metrics)) for label, metrics in metric_cases]
+    replies += [
+        ("missing metrics record", 3, _message(3, RecordDict({"arrays": ArrayRecord()}))),
+        ("missing arrays record", 3, _message(3, RecordDict({"metrics": MetricRecord(ok)}))),
+        ("node that was sent no plan", 9, reply(9, encode_factors(good), ok)),
+        ("error reply", 3, reply(3, {}, ok, error="killed")),
+    ]
+    return replies
+
+
+def test_at_least_twenty_malformed_updates_are_rejected_and_change_nothing(task):
+    grid = FakeGrid([1, 2, 3])
+
+    def fresh_round():
+        strategy = FedPipeStrategy(task)
+        list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+        return strategy
+
+    reference = fresh_round()
+    plans = reference.stats[1].ranks
+    good = {n: client_factors(task, plans[n], n) for n in (1, 2)}
+    ok = {"train-loss": 2.0, "num-examples": 10, "state-version": 0}
+    valid = [reply(n, encode_factors(good[n]), ok) for n in (1, 2)]
+    expected = reference.global_delta(reference.aggregate_train(1, valid)[0])
+
+    cases = malformed_cases(task, plans[3], client_factors(task, plans[3], 3))
+    assert len(cases) >= 20
+    for label, _, bad in cases:  # each case alone next to the valid updates
+        strategy = fresh_round()
+        arrays, metrics = strategy.aggregate_train(1, [valid[0], bad, valid[1]])
+        assert strategy.stats[1].rejected == 1, label
+        assert metrics["clients"] == 2, label
+        got = strategy.global_delta(arrays)
+        assert set(got) == set(expected), label
+        for module in expected:
+            torch.testing.assert_close(got[module], expected[module], rtol=0, atol=0, msg=label)
+    strategy = fresh_round()  # and all at once, plus a duplicate reply of a valid node
+    arrays, metrics = strategy.aggregate_train(1, [valid[0], *[bad for _, _, bad in cases], valid[1], valid[0]])
+    assert strategy.stats[1].rejected == len(cases) + 1 and metrics["clients"] == 2
+    for module in expected:
+        torch.testing.assert_close(strategy.global_delta(arrays)[module], expected[module], rtol=0, atol=0)
