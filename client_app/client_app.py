@@ -9,14 +9,17 @@ from flwr.clientapp import ClientApp
 
 from fedpipe_core.codec import decode_delta
 from fedpipe_core.config import RunConfig
+from fedpipe_core.data import Example
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.task import (
+    Task,
     client_examples,
     client_profile,
     load_task,
     node_state_dir,
     run_client_round,
     run_full_round,
+    site_examples,
     sync_node_state,
 )
 from server_app.records import from_record, to_record
@@ -26,9 +29,18 @@ app = ClientApp()
 
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
+    if "data-path" in node:  # a site with its own data file: one whole "partition"
+        return int(node.get("partition-id", 0)), 1
     if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("node config needs 'partition-id' and 'num-partitions'")
+        raise ValueError("node config needs 'data-path', or 'partition-id' and 'num-partitions'")
     return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def _examples(task: Task, context: Context) -> list[Example]:
+    """The node's own data file when its node config names one, else its partition of the run's data."""
+    if "data-path" in context.node_config:
+        return site_examples(task, str(context.node_config["data-path"]))
+    return client_examples(task, *_partition(context))
 
 
 def _profile(context: Context) -> ClientProfile:
@@ -49,8 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     """One local round; the server's config says which modules, which ranks and which ΔW to merge."""
     config = RunConfig.from_mapping(context.run_config)
     task = load_task(config)
-    partition_id, num_partitions = _partition(context)
-    examples = client_examples(task, partition_id, num_partitions)
+    partition_id, _ = _partition(context)
+    examples = _examples(task, context)
     instruction = msg.content["config"]
     ranks = {str(k): int(v) for k, v in json.loads(str(instruction["ranks"])).items()}
     unknown = sorted(set(ranks) - set(task.shapes))

@@ -51,18 +51,21 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def load_examples(task: str, data_path: str = "") -> list[Example]:
-    """Load every example of ``task`` from ``data_path`` (built-in sample when empty)."""
+def load_examples(task: str, data_path: str = "", where: str = "run config 'data-path'") -> list[Example]:
+    """Load every example of ``task`` from ``data_path`` (built-in sample when empty).
+
+    ``where`` names the setting the path came from in error messages.
+    """
     path = Path(data_path).expanduser() if data_path else BUILTIN_DATA[task]
     if not path.is_file():
-        raise ConfigError(f"run config 'data-path': {str(path)!r} does not exist or is not a file")
-    examples = _load_e2e(path) if task == "e2e" else _load_alpaca(path)
+        raise ConfigError(f"{where}: {str(path)!r} does not exist or is not a file")
+    examples = _load_e2e(path, where) if task == "e2e" else _load_alpaca(path, where)
     if not examples:
-        raise ConfigError(f"run config 'data-path': {str(path)!r} holds no usable {task} example")
+        raise ConfigError(f"{where}: {str(path)!r} holds no usable {task} example")
     return examples
 
 
-def _load_e2e(path: Path) -> list[Example]:
+def _load_e2e(path: Path, where: str) -> list[Example]:
     """E2E pairs from an ``mr,ref`` CSV (optionally gzipped) or a ``{mr, refs}`` JSONL."""
     try:
         if path.suffix == ".jsonl":
@@ -71,11 +74,11 @@ def _load_e2e(path: Path) -> list[Example]:
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
-        raise ConfigError(f"run config 'data-path': {str(path)!r} is not a readable E2E file ({exc})") from exc
+        raise ConfigError(f"{where}: {str(path)!r} is not a readable E2E file ({exc})") from exc
     missing = {"mr", "ref"} - set(frame.columns)
     if missing:
         raise ConfigError(
-            f"run config 'data-path': {str(path)!r} lacks column(s) {', '.join(sorted(missing))} "
+            f"{where}: {str(path)!r} lacks column(s) {', '.join(sorted(missing))} "
             "(E2E format is a CSV with columns mr,ref)"
         )
     frame = frame[(frame["mr"].str.strip() != "") & (frame["ref"].str.strip() != "")]
@@ -90,7 +93,7 @@ def _restaurant(mr: str) -> str:
     return match.group(1) if match else mr
 
 
-def _load_alpaca(path: Path) -> list[Example]:
+def _load_alpaca(path: Path, where: str) -> list[Example]:
     """Alpaca records from a seed-task JSONL (``instances``) or an ``alpaca_data.json`` list."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -99,13 +102,13 @@ def _load_alpaca(path: Path) -> list[Example]:
         else:
             rows = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"run config 'data-path': {str(path)!r} is not valid Alpaca JSON/JSONL ({exc})") from exc
+        raise ConfigError(f"{where}: {str(path)!r} is not valid Alpaca JSON/JSONL ({exc})") from exc
     if not isinstance(rows, list):
-        raise ConfigError(f"run config 'data-path': {str(path)!r} must hold a JSON list of records")
+        raise ConfigError(f"{where}: {str(path)!r} must hold a JSON list of records")
     examples: list[Example] = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "instruction" not in row:
-            raise ConfigError(f"run config 'data-path': record {i} of {str(path)!r} has no 'instruction'")
+            raise ConfigError(f"{where}: record {i} of {str(path)!r} has no 'instruction'")
         instances = row.get("instances", [row])
         task = str(row.get("id") or row.get("name") or row["instruction"])
         for inst in instances:

@@ -117,6 +117,15 @@ def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[
 
 
 @functools.lru_cache(maxsize=4)
+def site_examples(task: Task, data_path: str) -> list[Example]:
+    """Every example of a site's own data file (node config ``data-path``), all used for training.
+
+    The file never leaves the node; a missing or malformed one raises ConfigError naming it.
+    """
+    return load_examples(task.config.task, data_path, where="node config 'data-path'")
+
+
+@functools.lru_cache(maxsize=4)
 def weight_norms(task: Task) -> dict[str, float]:
     """‖W‖_F of every target weight of the base model (the scale an update is judged against)."""
     model = task.base_model()

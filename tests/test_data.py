@@ -114,3 +114,27 @@ def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fr
         load_examples(task_name, str(path))
     with pytest.raises(ConfigError, match="does not exist"):
         load_examples(task_name, str(tmp_path / "missing.csv"))
+
+
+def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
+    from types import SimpleNamespace
+
+    from client_app.client_app import _examples, _partition
+    from fedpipe_core.task import client_examples
+
+    own = tmp_path / "site.csv"
+    own.write_text('mr,ref\n"name[A], food[Thai]",A serves Thai food.\n"name[B], food[Thai]",B is Thai.\n"name[B], food[Thai]",Thai at B.\n')
+    site = SimpleNamespace(node_config={"data-path": str(own)})
+    examples = _examples(task, site)
+    assert [e.target.strip() for e in examples] == ["A serves Thai food.", "B is Thai.", "Thai at B."]
+    assert _partition(site) == (0, 1)
+    shared = SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 2})
+    assert _examples(task, shared) == client_examples(task, 1, 2)
+    with pytest.raises(ConfigError, match="node config 'data-path'.*does not exist"):
+        _examples(task, SimpleNamespace(node_config={"data-path": str(tmp_path / "missing.csv")}))
+    broken = tmp_path / "broken.csv"
+    broken.write_text("meaning,text\nx,y\n")
+    with pytest.raises(ConfigError, match="node config 'data-path'.*lacks column"):
+        _examples(task, SimpleNamespace(node_config={"data-path": str(broken)}))
+    with pytest.raises(ValueError, match="node config needs"):
+        _partition(SimpleNamespace(node_config={}))
