@@ -1,0 +1,76 @@
+"""Deployment mode on 127.0.0.1: SuperLink + SuperNodes with TLS and node authentication.
+
+Marked ``deployment`` (and run by default and in CI): every process is started by
+``scripts/local_deployment.py`` and stopped by PID with timeouts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.deployment
+
+_spec = importlib.util.spec_from_file_location("local_deployment", ROOT / "scripts" / "local_deployment.py")
+deploy = importlib.util.module_from_spec(_spec)
+sys.modules["local_deployment"] = deploy  # dataclasses look their module up there
+_spec.loader.exec_module(deploy)
+
+SMALL = "local-steps=2 batch-size=4 eval-examples=8 test-groups=2 max-new-tokens=8 eval-base-generation=false"
+
+
+def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
+    result = deploy.deploy_and_run(tmp_path, supernodes=3, rounds=2, tls=True, extra_config=SMALL, timeout_s=900)
+    assert result["returncode"] == 0 and result["run_dir"], result["log_tail"]
+    run = Path(result["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in rows[1:])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["total_bytes_up"] > 0
+    plans = [json.loads(line) for line in (run / "plans.jsonl").read_text().splitlines()]
+    assert {p["profile"]["source"] for p in plans} == {"declared"}  # each node's own --node-config profile
+    assert len({p["profile"]["flops"] for p in plans}) == 3
+    print(f"deployment wall time: {result['wall_s']:.1f} s")
+
+
+def _log_has(path: Path, needles: tuple[str, ...], timeout_s: float) -> str | None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for needle in needles:
+            if needle in text:
+                return needle
+        time.sleep(0.5)
+    return None
+
+
+def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
+    deployment = deploy.Deployment(tmp_path, tls=True)
+    try:
+        deployment.start_superlink()
+        key, _ = deploy.make_node_key(tmp_path / "keys", "stranger")  # never registered
+        deployment.start_supernode(0, "partition-id=0 num-partitions=1", key)
+        refused = _log_has(tmp_path / "superlink.log", ("activate-node HTTP/1.1\" 412", "No SuperNode found"), 60)
+        assert refused, (tmp_path / "superlink.log").read_text()[-2000:]
+        # a plaintext (insecure) SuperNode cannot talk to the TLS SuperLink
+        plain = deployment.start("supernode-plain", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{deployment.port}",
+                                                     "--port", str(deploy.free_port()), "--max-retries", "1", "--max-wait-time", "10"])
+        plain.wait(timeout=90)
+        assert plain.returncode != 0
+        assert "could not establish a connection to the SuperLink" in (tmp_path / "supernode-plain.log").read_text()
+        # and a plain HTTP request gets no HTTP answer from the HTTPS port
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/v1/fleet/get-run", data=b"{}", timeout=10)
+    finally:
+        deployment.stop()
+    assert all(proc.poll() is not None for _, proc in deployment.processes)
