@@ -55,8 +55,8 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_certificates(directory: Path, days: int = 30) -> dict[str, Path]:
-    """A CA and a server certificate for localhost / 127.0.0.1, signed by it (PEM files)."""
+def make_certificates(directory: Path, days: int = 30, hosts: list[str] | None = None) -> dict[str, Path]:
+    """A CA and a server certificate for localhost / 127.0.0.1 (and ``hosts``), signed by it (PEM files)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -68,7 +68,8 @@ def make_certificates(directory: Path, days: int = 30) -> dict[str, Path]:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP384R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    names = [x509.DNSName(h) for h in ["localhost", *(hosts or [])]]
+    san = x509.SubjectAlternativeName([*names, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     server = (
         x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())

