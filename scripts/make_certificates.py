@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from local_deployment import make_certificates, make_node_key  # noqa: E402
+from local_deployment import make_certificates, make_node_key
 
 
 def main() -> int:

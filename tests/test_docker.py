@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).parents[1]
@@ -28,12 +28,12 @@ def test_images_install_the_project_and_the_same_pins_as_ci():
     low, high = re.search(r">=([\d.]+),<([\d.]+)", flwr_spec).groups()
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
-        assert "COPY pyproject.toml" in text and re.search(r"pip install[^\n]* \.( |\\|$)", text, re.M), dockerfile.name
+        assert "COPY pyproject.toml" in text and re.search(r"pip install[^\n]* \.( |\\|$)", text, re.MULTILINE), dockerfile.name
         for package in ("fedpipe_core", "server_app", "client_app"):
             assert f"COPY {package} ./{package}" in text, (dockerfile.name, package)
         assert _pins(text) - {p for p in _pins(text) if p.startswith("flwr==")} == ci_pins, dockerfile.name
         version = re.search(r"ARG FLWR_VERSION=([\d.]+)", text).group(1)
-        as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+        as_tuple = lambda v: tuple(int(x) for x in v.split("."))
         assert as_tuple(low) <= as_tuple(version) < as_tuple(high), (dockerfile.name, version)
 
 
