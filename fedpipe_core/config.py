@@ -69,6 +69,7 @@ class RunConfig:
     weight_selection: str = "importance"
     base_precision: str = "auto"
     max_update_ratio: float = 1.0
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -10,10 +11,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.results import RunWriter
 from fedpipe_core.task import evaluate_validation, load_task, score_test
 from server_app.peers import STRATEGIES
+from server_app.records import from_record, to_record
 from server_app.strategy import LoRAStrategy
 
 app = ServerApp()
@@ -49,19 +52,28 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedPipe: run %s, strategy %s, model %s, task %s -> %s", context.run_id, config.strategy, config.model, config.task, writer.dir)
     started = time.time()
     totals = {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0}
+    initial = strategy.initial_arrays()
+    if config.resume_from:
+        try:
+            initial = _resume(strategy, Path(config.resume_from).expanduser(), writer, totals)
+        except ConfigError as exc:
+            log(ERROR, "FedPipe: %s", exc)
+            raise SystemExit(f"FedPipe: {exc}") from None
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        result = _evaluate_round(strategy, server_round, arrays, writer, totals, started)
+        server_round += strategy.round_offset
+        result = _evaluate_round(strategy, server_round, arrays, writer, totals, started, record=server_round > strategy.round_offset or strategy.round_offset == 0)
+        _checkpoint(strategy, server_round, arrays, writer, totals)
         return MetricRecord({"eval-loss": result["eval_loss"], "ppl": result["ppl"]})
 
     result = strategy.start(
         grid,
-        strategy.initial_arrays(),
-        num_rounds=config.num_server_rounds,
+        initial,
+        num_rounds=config.num_server_rounds - strategy.round_offset,
         timeout=config.round_timeout_s,
         evaluate_fn=evaluate_fn,
     )
-    final_delta = strategy.global_delta(result.arrays if len(result.arrays) else strategy.initial_arrays())
+    final_delta = strategy.global_delta(result.arrays if len(result.arrays) else initial)
     writer.save_delta(final_delta)
     log(INFO, "FedPipe: scoring the final model on the test split")
     summary: dict[str, object] = dict(score_test(task, final_delta))
@@ -81,10 +93,33 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedPipe: summary %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != "base"})
 
 
+def _resume(strategy: LoRAStrategy, previous: Path, writer: RunWriter, totals: dict[str, float]) -> ArrayRecord:
+    """Continue a stopped run from its last checkpoint: strategy state, totals and history."""
+    checkpoint = load_checkpoint(previous, strategy.task.config)
+    strategy.load_state_dict(checkpoint.state, checkpoint.tensors)
+    strategy.round_offset = checkpoint.round
+    totals.update(checkpoint.totals)
+    for name in ("metrics.jsonl", "plans.jsonl"):
+        if (previous / name).is_file():
+            rows = [json.loads(line) for line in (previous / name).read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["round"] <= checkpoint.round]
+            (writer.dir / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    log(INFO, "FedPipe: resuming %s after round %d", previous, checkpoint.round)
+    return to_record(checkpoint.arrays)
+
+
+def _checkpoint(strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, float]) -> None:
+    state, tensors = strategy.state_dict()
+    config = strategy.task.config.to_mapping()
+    save_checkpoint(writer.dir, Checkpoint(server_round, from_record(arrays), tensors, state, dict(totals), config))
+
+
 def _evaluate_round(
-    strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, int], started: float
+    strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, int], started: float,
+    record: bool = True,
 ) -> dict[str, float]:
-    """Evaluate base + global ΔW on the validation split, log one line, append to metrics.jsonl."""
+    """Evaluate base + global ΔW on the validation split, log one line, append to metrics.jsonl
+    (unless ``record`` is False: the resumed round a checkpoint already recorded)."""
     loss = evaluate_validation(strategy.task, strategy.global_delta(arrays))
     stats = strategy.stats.get(server_round)
     row = {
@@ -101,6 +136,8 @@ def _evaluate_round(
         "sim_time_s": totals["sim_time_s"] + (stats.sim_time_s if stats else 0.0),
         "wall_s": time.time() - started,
     }
+    if not record:
+        return row
     totals["bytes_up"] += row["bytes_up"]
     totals["bytes_down"] += row["bytes_down"]
     totals["sim_time_s"] = row["sim_time_s"]

@@ -39,7 +39,7 @@ from fedpipe_core.aggregate import (
     lowrank_norm,
     to_dense,
 )
-from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta
+from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta, encode_factors
 from fedpipe_core.cost import lora_params, peak_memory, step_flops
 from fedpipe_core.peers import capability_rank, deadline_steps
 from fedpipe_core.profile import ClientProfile
@@ -84,6 +84,7 @@ class LoRAStrategy(Strategy):
         self.profiles: dict[int, ClientProfile] = {}
         self.plan_log = plan_log
         self._current = ArrayRecord()  # the global state configure_train was last given
+        self.round_offset = 0  # rounds done before this process (a resumed run)
 
     # --- what subclasses define -------------------------------------------------------------
     @abstractmethod
@@ -143,6 +144,14 @@ class LoRAStrategy(Strategy):
         """Parameters a node trains under a plan with these ranks."""
         return lora_params(self.task.spec, ranks)
 
+    def state_dict(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """What a checkpoint keeps of the strategy: JSON-able state and named arrays."""
+        return {"profiles": {str(n): p.to_dict() for n, p in self.profiles.items()}}, {}
+
+    def load_state_dict(self, state: dict[str, object], tensors: dict[str, np.ndarray]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`."""
+        self.profiles = {int(n): ClientProfile(**p) for n, p in dict(state["profiles"]).items()}
+
     def discover(self, grid: Grid, node_ids: list[int]) -> None:
         """Ask nodes never profiled for their profile (a QUERY message); failures are logged."""
         unseen = [n for n in node_ids if n not in self.profiles]
@@ -164,6 +173,7 @@ class LoRAStrategy(Strategy):
 
     # --- Flower's Strategy interface --------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._current = arrays
         cfg = self.task.config
         available = len(list(grid.get_node_ids()))
@@ -237,6 +247,7 @@ class LoRAStrategy(Strategy):
                 handle.write(json.dumps(row) + "\n")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         updates: dict[int, tuple[ClientUpdate, MetricRecord]] = {}
         for reply in replies:
@@ -411,6 +422,21 @@ class FedPipeStrategy(LoRAStrategy):
 
     def on_failure(self, node_id: int) -> None:
         self.synced.pop(node_id, None)  # resend the whole ΔW history next time
+
+    def state_dict(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Profiles, importance and every round's ΔW increment (node sync is per run: not kept)."""
+        state, tensors = super().state_dict()
+        for rnd, increment in self.increments.items():
+            tensors |= {f"{rnd}/{key}": value for key, value in encode_factors(increment).items()}
+        return {**state, "importance": self.importance, "increment-rounds": sorted(self.increments)}, tensors
+
+    def load_state_dict(self, state: dict[str, object], tensors: dict[str, np.ndarray]) -> None:
+        super().load_state_dict(state, tensors)
+        self.importance = {str(m): float(v) for m, v in dict(state["importance"]).items()}
+        for rnd in state["increment-rounds"]:
+            prefix = f"{rnd}/"
+            own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            self.increments[int(rnd)] = decode_factors(own, self.task.shapes)
 
     def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         return decode_delta(from_record(arrays), self.task.shapes)

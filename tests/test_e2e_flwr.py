@@ -65,16 +65,21 @@ def flwr_run(env: dict[str, str], run_config: str, supernodes: int = 3, timeout:
     return done.stdout + done.stderr
 
 
-def test_federation_trains_and_writes_the_results_contract(flwr_env, tmp_path):
-    out_dir = tmp_path / "runs"
-    log = flwr_run(
-        flwr_env,
-        f'num-server-rounds=2 local-steps=3 batch-size=4 eval-examples=16 test-groups=3 max-new-tokens=24 '
-        f'max-train-examples=240 eval-base-generation=false output-dir="{out_dir}"',
-    )
-    runs = list(out_dir.iterdir()) if out_dir.exists() else []
+SMALL = "local-steps=3 batch-size=4 eval-examples=16 test-groups=3 max-new-tokens=24 max-train-examples=240 eval-base-generation=false"
+
+
+@pytest.fixture(scope="module")
+def two_rounds(flwr_env, tmp_path_factory):
+    """A real two-round federation of 3 simulated SuperNodes: (run directory, log)."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    log = flwr_run(flwr_env, f'num-server-rounds=2 {SMALL} output-dir="{out_dir}"')
+    runs = list(out_dir.iterdir())
     assert len(runs) == 1, log[-3000:]
-    run = runs[0]
+    return runs[0], log
+
+
+def test_federation_trains_and_writes_the_results_contract(two_rounds):
+    run, log = two_rounds
     for name in ("config.json", "metrics.jsonl", "summary.json", "delta.safetensors", "plans.jsonl"):
         assert (run / name).is_file(), (name, log[-3000:])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -93,6 +98,24 @@ def test_federation_trains_and_writes_the_results_contract(flwr_env, tmp_path):
         assert isinstance(summary[key], (int, float)), key
     assert 0 < summary["trainable_params"] <= 60 * 8 * (576 + 576)  # at most rank 8 on all 60 q/v projections
     assert json.loads((run / "config.json").read_text())["strategy"] == "fedpipe"
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 2
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(flwr_env, two_rounds, tmp_path):
+    first, _ = two_rounds
+    log = flwr_run(flwr_env, f'num-server-rounds=3 {SMALL} output-dir="{tmp_path}" resume-from="{first}"')
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and (runs[0] / "summary.json").is_file(), log[-3000:]
+    before = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in after] == [0, 1, 2, 3]
+    assert after[:3] == before  # the history is carried over, round 3 is new
+    assert after[3]["clients"] >= 1 and after[3]["sim_time_s"] > before[2]["sim_time_s"]
+    assert after[3]["bytes_down"] > 0  # the new nodes receive the ΔW of rounds 1-2
+    plans = [json.loads(line) for line in (runs[0] / "plans.jsonl").read_text().splitlines()]
+    assert sorted({p["round"] for p in plans}) == [1, 2, 3]
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["total_bytes_up"] > sum(r["bytes_up"] for r in before)
     assert "FedPipe round 2/2 | eval loss" in log
 
     csv = tmp_path / "mine.csv"
