@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,12 @@ from fedpipe_core.config import ConfigError
 from fedpipe_core.report import to_target, write_report
 
 ROOT = Path(__file__).parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_packaged_suites_are_valid_run_configs(tmp_path):
@@ -91,6 +98,7 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
 @pytest.mark.slow
 def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     cmd = ["fedpipe-bench", "--suite", "smoke", "--out", str(tmp_path / "bench"), "--app", str(ROOT)]
     try:

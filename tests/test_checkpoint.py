@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from fakes import FakeGrid, client_factors, reply
 from flwr.app import ConfigRecord
 
-from fakes import FakeGrid, client_factors, reply
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.codec import decode_delta, encode_factors
 from fedpipe_core.config import ConfigError

@@ -78,7 +78,7 @@ def two_rounds(flwr_env, tmp_path_factory):
     return runs[0], log
 
 
-def test_federation_trains_and_writes_the_results_contract(two_rounds):
+def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env, tmp_path):
     run, log = two_rounds
     for name in ("config.json", "metrics.jsonl", "summary.json", "delta.safetensors", "plans.jsonl"):
         assert (run / name).is_file(), (name, log[-3000:])
@@ -100,6 +100,18 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds):
     assert json.loads((run / "config.json").read_text())["strategy"] == "fedpipe"
     assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 2
 
+    assert "FedPipe round 2/2 | eval loss" in log
+
+    csv = tmp_path / "mine.csv"
+    csv.write_text('mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n')
+    done = subprocess.run(
+        ["fedpipe-eval", str(run), "--data", str(csv), "--limit", "1"],
+        env=flwr_env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(scores) >= {"bleu", "nist", "meteor", "rouge_l", "cider", "ppl"} and scores["scored_groups"] == 1
+
 
 def test_a_stopped_run_resumes_from_its_checkpoint(flwr_env, two_rounds, tmp_path):
     first, _ = two_rounds
@@ -116,17 +128,6 @@ def test_a_stopped_run_resumes_from_its_checkpoint(flwr_env, two_rounds, tmp_pat
     assert sorted({p["round"] for p in plans}) == [1, 2, 3]
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["total_bytes_up"] > sum(r["bytes_up"] for r in before)
-    assert "FedPipe round 2/2 | eval loss" in log
-
-    csv = tmp_path / "mine.csv"
-    csv.write_text('mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n')
-    done = subprocess.run(
-        ["fedpipe-eval", str(run), "--data", str(csv), "--limit", "1"],
-        env=flwr_env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    scores = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(scores) >= {"bleu", "nist", "meteor", "rouge_l", "cider", "ppl"} and scores["scored_groups"] == 1
 
 
 def test_invalid_run_config_stops_before_training(flwr_env, tmp_path):
