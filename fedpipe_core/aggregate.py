@@ -1,4 +1,4 @@
-"""Server-side aggregation of heterogeneous LoRA updates (FedPipe eqs 9-12) and LoRA-FedAvg.
+"""Server-side aggregation of heterogeneous LoRA updates (FedPipe eqs 9-12) and of the peers.
 
 FedPipe: each client k returns its factors (A_k, B_k) per adapted module, possibly with a rank
 of its own and over a subset of modules. The server forms ΔW_k = s_k · B_k · A_k (eq 9),
@@ -7,6 +7,10 @@ and sends ΔW back; clients merge it into their base and re-initialise A, B (eqs
 
 ΔW is kept *exactly* in factored form: Σ_k w_k s_k B_k A_k = [w_1 s_1 B_1 | ... ] · [A_1; ...],
 a product of rank Σ_k r_k, which is what travels when it is smaller than the dense matrix.
+
+Peers: LoRA-FedAvg, HetLoRA and LEGEND average A and B after zero-padding (:func:`aggregate_padded`
+with their weightings), FlexLoRA averages full products and redistributes them by truncated SVD
+(:func:`svd_truncate`), full fine-tuning averages dense weight changes (:func:`aggregate_dense`).
 """
 
 from __future__ import annotations

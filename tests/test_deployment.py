@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import ssl
 import sys
 import time
@@ -74,3 +76,26 @@ def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
     finally:
         deployment.stop()
     assert all(proc.poll() is not None for _, proc in deployment.processes)
+
+
+def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
+    deployment = deploy.Deployment(tmp_path, tls=False)
+    runs = tmp_path / "runs"
+    try:
+        deployment.start_superlink()
+        for index in range(3):
+            deployment.start_supernode(index, deploy.node_config(index, 3))
+        config = f'num-server-rounds=2 min-train-nodes=2 round-timeout-s=90 output-dir="{runs}" {SMALL}'
+        run = deployment.start("flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config])
+        victim = next(proc for name, proc in deployment.processes if name == "supernode-2")
+        assert _log_has(tmp_path / "supernode-2.log", ("Receiving: train message",), 600), "node 2 never got a train message"
+        os.killpg(victim.pid, signal.SIGKILL)  # mid-round: it received its train message and will never reply
+        run.wait(timeout=900)
+    finally:
+        deployment.stop()
+    summaries = list(runs.glob("*/summary.json"))
+    assert run.returncode == 0 and summaries, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    rows = [json.loads(line) for line in (summaries[0].parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["clients"] == 2 and all(r["clients"] >= 2 for r in rows[1:])
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
