@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -113,7 +114,7 @@ def main() -> None:
                   f"(cost / {cpu.flops / 1e9:.0f} GFLOPS matmul), ratio {predicted / cpu.flops / min(times):.2f}")
 
     # 5. simulated round time on the same profiles (synchronous: the slowest client)
-    fp = max(t for t in fedpipe_times if t == t)
+    fp = max(t for t in fedpipe_times if math.isfinite(t))
     fa = max(fedavg_times)
     console.print(f"5. simulated round time: fedpipe {fp:.4f} s, lora-fedavg {fa:.4f} s, lora-fedavg / fedpipe = {fa / fp:.2f}x")
 

@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         out = run_full_round(task, examples=examples, modules=list(ranks), base_delta=decode_delta(payload, task.shapes), seed=seed, **plan)
     elif mode == "factors":
         out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed,
-                               precision=str(instruction["precision"]), fixed_scaling=True, **plan)
+                               precision=str(instruction["precision"]), **plan)
     else:
         raise ValueError(f"unknown train mode {mode!r}")
     profile = _profile(context)

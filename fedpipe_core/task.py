@@ -158,11 +158,9 @@ def sync_node_state(task: Task, directory: Path, payload: Mapping[str, np.ndarra
     return state.delta
 
 
-def lora_alphas(config: RunConfig, ranks: dict[str, int], fixed_scaling: bool) -> dict[str, float]:
-    """Per-module alpha: the run config's (scaling alpha / r), or alpha · r / lora-rank so that every
-    rank gets the scaling alpha / lora-rank (strategies that average factors of different ranks)."""
-    if not fixed_scaling:
-        return {m: config.lora_alpha for m in ranks}
+def lora_alphas(config: RunConfig, ranks: dict[str, int]) -> dict[str, float]:
+    """Per-module alpha · r / lora-rank: every rank gets the same scaling alpha / lora-rank, so updates
+    of different ranks (and strategies) share one scale and a higher rank is not a smaller step."""
     return {m: config.lora_alpha * r / config.lora_rank for m, r in ranks.items()}
 
 
@@ -177,14 +175,13 @@ def run_client_round(
     batch_size: int | None = None,
     precision: str = "fp32",
     local_steps: int | None = None,
-    fixed_scaling: bool = False,
 ) -> ClientRound:
     """Merge ΔW into the base, hold it at ``precision``, attach adapters, train them, score them."""
     cfg = task.config
     model = task.base_model()
     merge_delta(model, base_delta)
     apply_precision(model, precision)
-    peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks, fixed_scaling), seed)
+    peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
     if initial_factors is not None:
         set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
     tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2)

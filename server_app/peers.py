@@ -1,6 +1,6 @@
 """The peer strategies FedPipe is benchmarked against, on the same :class:`LoRAStrategy` base.
 
-Factor strategies keep global LoRA factors (A, B) per module at a global rank, send each node
+Every strategy scales adapters by alpha / lora-rank whatever their rank. Factor strategies keep global LoRA factors (A, B) per module at a global rank, send each node
 its plan's modules truncated to its rank, and average A and B after zero-padding:
 
 - ``lora-fedavg``: one rank for all, FedAvg of A and B (McMahan et al. 2017 on LoRA).
@@ -86,7 +86,7 @@ class FactorStrategy(LoRAStrategy):
         return to_record(encode_factors({**previous, **averaged}))
 
     def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        scale = self.scaling(0)
+        scale = self.scaling()
         return {m: scale * to_dense(lowrank) for m, lowrank in decode_factors(from_record(arrays), self.task.shapes).items()}
 
 
@@ -181,7 +181,7 @@ class FlexLoRAStrategy(DenseStrategy):
         for module, rank in plan.ranks.items():
             if module in delta:
                 A, B = svd_truncate(delta[module], rank)
-                factors[module] = (A, B / self.scaling(rank))  # the node computes s · B · A
+                factors[module] = (A, B / self.scaling())  # the node computes s · B · A
         return encode_factors(factors), {}
 
     def next_delta(self, arrays: ArrayRecord, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

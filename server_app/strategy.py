@@ -39,7 +39,13 @@ from fedpipe_core.aggregate import (
     lowrank_norm,
     to_dense,
 )
-from fedpipe_core.codec import UpdateError, decode_delta, decode_factors, encode_delta, encode_factors
+from fedpipe_core.codec import (
+    UpdateError,
+    decode_delta,
+    decode_factors,
+    encode_delta,
+    encode_factors,
+)
 from fedpipe_core.cost import lora_params, peak_memory, step_flops
 from fedpipe_core.peers import capability_rank, deadline_steps
 from fedpipe_core.profile import ClientProfile
@@ -75,8 +81,6 @@ class LoRAStrategy(Strategy):
     name = "base"
     mode = "factors"
     """How a node trains: ``factors`` (start from the sent A, B), ``fedpipe`` (merge ΔW, fresh adapters), ``ft``."""
-    fixed_scaling = True
-    """Adapters scale by alpha / lora-rank whatever their rank (False: alpha / r)."""
 
     def __init__(self, task: Task, plan_log: Path | None = None) -> None:
         self.task = task
@@ -135,10 +139,9 @@ class LoRAStrategy(Strategy):
         uniform = step_flops(self.task.spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
         return cfg.local_steps * uniform / max(self.profiles[n].flops for n in node_ids)
 
-    def scaling(self, rank: int) -> float:
-        """The adapter scaling a node used for a module of this rank."""
-        cfg = self.task.config
-        return cfg.lora_alpha / (cfg.lora_rank if self.fixed_scaling else rank)
+    def scaling(self) -> float:
+        """The adapter scaling every node uses, whatever the rank: alpha / lora-rank (see task.lora_alphas)."""
+        return self.task.config.lora_alpha / self.task.config.lora_rank
 
     def trainable_params(self, ranks: dict[str, int]) -> int:
         """Parameters a node trains under a plan with these ranks."""
@@ -346,7 +349,7 @@ class LoRAStrategy(Strategy):
                 raise UpdateError(f"module {module!r} has rank {A.shape[0]}, assigned {assigned[module]}")
         if not factors:
             raise UpdateError("reply carries no adapter")
-        return ClientUpdate(factors, {m: self.scaling(A.shape[0]) for m, (A, _) in factors.items()}, num_examples)
+        return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
 
 
 class FedPipeStrategy(LoRAStrategy):
@@ -359,7 +362,6 @@ class FedPipeStrategy(LoRAStrategy):
 
     name = "fedpipe"
     mode = "fedpipe"
-    fixed_scaling = False
 
     def __init__(self, task: Task, plan_log: Path | None = None) -> None:
         super().__init__(task, plan_log)

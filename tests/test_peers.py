@@ -31,7 +31,7 @@ from fedpipe_core.peers import (
     legend_ranks,
     rising_ranks,
 )
-from fedpipe_core.task import run_full_round
+from fedpipe_core.task import lora_alphas, run_full_round
 from server_app.peers import (
     STRATEGIES,
     FlexLoRAStrategy,
@@ -100,6 +100,12 @@ def test_ft_averages_dense_updates_by_examples():
     out = aggregate_dense([ClientUpdate({}, {}, 30, dense={"w": d1}), ClientUpdate({}, {}, 10, dense={"w": d2, "u": d2})])
     torch.testing.assert_close(out["w"], torch.full((3, 2), 2.0))
     torch.testing.assert_close(out["u"], d2)
+
+
+def test_every_rank_gets_the_same_adapter_scaling(task):
+    alphas = lora_alphas(task.config, {"a": 2, "b": 8})
+    scale = task.config.lora_alpha / task.config.lora_rank
+    assert {m: a / r for (m, a), r in zip(alphas.items(), (2, 8))} == {"a": scale, "b": scale}
 
 
 def test_capability_rank_and_rising_ranks():
@@ -198,7 +204,7 @@ def test_flexlora_sends_each_node_the_truncated_global_delta(task):
     sent = decode_factors(from_record(messages[2].content["arrays"]), task.shapes)[module]
     assert sent[0].shape[0] == 2
     A, B = svd_truncate(delta[module], 2)
-    torch.testing.assert_close(strategy.scaling(2) * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(strategy.scaling() * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
 
 
 def test_ft_leaves_out_nodes_that_cannot_hold_it_and_rejects_factor_replies(task):

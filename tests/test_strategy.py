@@ -47,8 +47,8 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
     alpha = task.config.lora_alpha
     expected = aggregate_delta(
         [
-            ClientUpdate(good11, {m: alpha / a.shape[0] for m, (a, _) in good11.items()}, 30),
-            ClientUpdate(good22, {m: alpha / a.shape[0] for m, (a, _) in good22.items()}, 10),
+            ClientUpdate(good11, {m: alpha / task.config.lora_rank for m in good11}, 30),
+            ClientUpdate(good22, {m: alpha / task.config.lora_rank for m in good22}, 10),
         ]
     )
     got = strategy.global_delta(arrays)
@@ -87,4 +87,4 @@ def test_lora_fedavg_round_averages_factors(task):
     module = task.targets[0]
     got = strategy.global_delta(arrays)[module]
     a, b = expected[module]
-    torch.testing.assert_close(got, task.config.lora_alpha / a.shape[0] * to_dense((a, b)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, task.config.lora_alpha / task.config.lora_rank * to_dense((a, b)), rtol=1e-5, atol=1e-7)
