@@ -25,6 +25,7 @@ from fedpipe_core.config import RunConfig
 from fedpipe_core.cost import block_linears, step_flops
 from fedpipe_core.data import collate
 from fedpipe_core.lora import attach_lora
+from fedpipe_core.peers import deadline_steps
 from fedpipe_core.profile import measure
 from fedpipe_core.quantize import PRECISIONS, quantize
 from fedpipe_core.search import SearchSpace, batch_sizes, exact, greedy, plan_client
@@ -117,6 +118,12 @@ def main() -> None:
     fp = max(t for t in fedpipe_times if math.isfinite(t))
     fa = max(fedavg_times)
     console.print(f"5. simulated round time: fedpipe {fp:.4f} s, lora-fedavg {fa:.4f} s, lora-fedavg / fedpipe = {fa / fp:.2f}x")
+
+    # 6. a round deadline instead: lora-fedavg clients do only the steps that fit in fedpipe's round time
+    uniform = step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
+    steps = [deadline_steps(uniform / f, cfg.local_steps, fp) for f in flops]
+    console.print(f"6. round-deadline-s={fp:.4f} (fedpipe's round): lora-fedavg local steps per client {steps} of {cfg.local_steps} "
+                  f"({sum(steps)} of {cfg.local_steps * len(steps)} steps, {sum(s == 0 for s in steps)} clients left out)")
 
 
 if __name__ == "__main__":
