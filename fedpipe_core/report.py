@@ -70,14 +70,21 @@ def summarize(run: Path) -> dict[str, Any]:
 
 
 def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: float | None) -> dict[str, float | None]:
-    """Per setting: the fixed target, or the highest final eval loss among runs that improved."""
+    """Per setting: the fixed target, or the highest final eval loss among the competitive runs.
+
+    A run is competitive when it closed at least half of the best run's eval-loss reduction from
+    the base model; the target is then a loss every competitive run reached (a run that barely
+    trained would otherwise make the target trivial).
+    """
     out: dict[str, float | None] = {}
     for setting in sorted({s for _, s in results}):
         if fixed is not None:
             out[setting] = float(fixed)
             continue
-        finals = [r["final_eval_loss"] for (_, s), r in results.items()
-                  if s == setting and r["final_eval_loss"] is not None and r["final_eval_loss"] < r["base_eval_loss"] - 1e-6]
+        rows = [r for (_, s), r in results.items() if s == setting and r["final_eval_loss"] is not None]
+        gains = [r["base_eval_loss"] - r["final_eval_loss"] for r in rows]
+        best = max(gains, default=0.0)
+        finals = [r["final_eval_loss"] for r, gain in zip(rows, gains) if best > 0 and gain >= 0.5 * best]
         out[setting] = max(finals) if finals else None
     return out
 
