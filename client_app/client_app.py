@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import psutil
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -16,15 +18,17 @@ from fedpipe_core.task import (
     client_examples,
     client_profile,
     load_task,
+    node_base,
     node_state_dir,
     run_client_round,
     run_full_round,
+    save_importance,
     site_examples,
-    sync_node_state,
 )
 from server_app.records import from_record, to_record
 
 app = ClientApp()
+_process = {"started": psutil.Process().create_time(), "messages": 0}
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -51,6 +55,7 @@ def _profile(context: Context) -> ClientProfile:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's profile (declared, simulated or measured)."""
+    _process["messages"] += 1
     profile = _profile(context)
     record = ConfigRecord({"memory-bytes": profile.memory_bytes, "flops": profile.flops, "source": profile.source})
     return Message(RecordDict({"profile": record}), reply_to=msg)
@@ -58,7 +63,15 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round; the server's config says which modules, which ranks and which ΔW to merge."""
+    """One local round; the server's config says which modules, which ranks and which ΔW to merge.
+
+    Reports, besides the factors, how long the round's local training took (``train-s``), what it
+    cost before and after that in this handler (``setup-s``: task, node state, base, adapters) and,
+    for the first message of a process, how long the process took to get here (``startup-s``).
+    """
+    entered, entered_wall = time.perf_counter(), time.time()
+    startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
+    _process["messages"] += 1
     config = RunConfig.from_mapping(context.run_config)
     task = load_task(config)
     partition_id, _ = _partition(context)
@@ -74,16 +87,15 @@ def train(msg: Message, context: Context) -> Message:
     seed = config.seed * 1_000_003 + server_round * 1_009 + partition_id
     end = 0  # the last server round whose ΔW this node has merged (FedPipe only)
     mode = str(instruction["mode"])
-    if mode == "fedpipe":
-        start, end = int(instruction["state-from"]), int(instruction["state-to"])
-        delta = sync_node_state(task, node_state_dir(task, context.run_id, context.node_id), payload, start, end)
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta=delta, initial_factors=None, seed=seed,
-                               precision=str(instruction["precision"]), **plan)
+    if mode in ("fedpipe", "factors"):
+        start, end = (int(instruction["state-from"]), int(instruction["state-to"])) if mode == "fedpipe" else (0, 0)
+        directory = node_state_dir(task, context.run_id, context.node_id)
+        model, state = node_base(task, directory, payload if mode == "fedpipe" else {}, start, end, str(instruction["precision"]))
+        out = run_client_round(task, model=model, examples=examples, ranks=ranks, seed=seed, importance_history=state.importance,
+                               initial_factors=None if mode == "fedpipe" else payload, **plan)
+        save_importance(directory, state, out.importance_history)
     elif mode == "ft":
         out = run_full_round(task, examples=examples, modules=list(ranks), base_delta=decode_delta(payload, task.shapes), seed=seed, **plan)
-    elif mode == "factors":
-        out = run_client_round(task, examples=examples, ranks=ranks, base_delta={}, initial_factors=payload, seed=seed,
-                               precision=str(instruction["precision"]), **plan)
     else:
         raise ValueError(f"unknown train mode {mode!r}")
     profile = _profile(context)
@@ -95,6 +107,9 @@ def train(msg: Message, context: Context) -> Message:
             "state-version": end,
             "profile-memory-bytes": profile.memory_bytes,
             "profile-flops": profile.flops,
+            "train-s": out.train_s,
+            "setup-s": time.perf_counter() - entered - out.train_s,
+            "startup-s": startup,
             **{f"importance::{m}": v for m, v in out.importance.items()},
         }
     )

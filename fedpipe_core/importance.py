@@ -19,14 +19,21 @@ from fedpipe_core.lora import lora_layers
 class ImportanceTracker:
     """Accumulates eqs 4-6 after every backward pass; :meth:`scores` gives eq 3 per weight."""
 
-    def __init__(self, peft_model: PeftModel, beta1: float = 0.85, beta2: float = 0.85) -> None:
+    def __init__(self, peft_model: PeftModel, beta1: float = 0.85, beta2: float = 0.85,
+                 history: dict[str, tuple[float, float]] | None = None) -> None:
+        """``history``: (Ī, Ū) per weight from earlier rounds; the EMAs continue from there (else from 0)."""
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"importance betas must be in [0, 1), got {beta1}, {beta2}")
         self.layers = lora_layers(peft_model)
         self.beta1, self.beta2 = beta1, beta2
-        self.smoothed: dict[str, float] = {m: 0.0 for m in self.layers}
-        self.uncertainty: dict[str, float] = {m: 0.0 for m in self.layers}
+        past = history or {}
+        self.smoothed: dict[str, float] = {m: past.get(m, (0.0, 0.0))[0] for m in self.layers}
+        self.uncertainty: dict[str, float] = {m: past.get(m, (0.0, 0.0))[1] for m in self.layers}
         self.steps = 0
+
+    def history(self) -> dict[str, tuple[float, float]]:
+        """(Ī, Ū) per weight, to continue the EMAs next round."""
+        return {m: (self.smoothed[m], self.uncertainty[m]) for m in self.layers}
 
     def update(self) -> None:
         """Call after ``loss.backward()`` and before the optimizer step."""

@@ -5,7 +5,8 @@ of N(0, 1) (eq 8), normalised to [-1, 1], applied blockwise with absmax scaling 
 bitsandbytes' blockwise quantizer with that code. FP16 and FP32 keep the weights as they are
 (FP16 rounds them). LoRA adapters are never quantized.
 
-Merging ΔW into a quantized base dequantizes, adds and requantizes (eqs 11-12).
+Merging ΔW into a quantized base (eqs 11-12) is done by the node as Q(W0 + ΣΔW) on the weights
+a round's ΔW touches (``task.node_base``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ class QuantizedWeight:
             return bnbf.dequantize_blockwise(self.data, self.state).float().reshape(self.shape)
         return self.data.float()
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a stored weight is made of: its codes (or values) and, for NF4/NF8, the block scales."""
+        if self.precision in ("nf4", "nf8"):
+            return {"data": self.data, "absmax": self.state.absmax}
+        return {"data": self.data}
+
+    @classmethod
+    def from_tensors(cls, precision: str, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """The inverse of :meth:`tensors` (codes and scales read back from disk)."""
+        if precision == "nf4":
+            state = bnbf.QuantState(absmax=tensors["absmax"], shape=torch.Size(shape), code=bnbf.get_4bit_type("nf4", device=tensors["absmax"].device),
+                                    blocksize=BLOCKSIZE, quant_type="nf4", dtype=torch.float32)
+        elif precision == "nf8":
+            state = bnbf.QuantState(absmax=tensors["absmax"], code=normal_float_code(8), blocksize=BLOCKSIZE, dtype=torch.float32)
+        elif precision in PRECISIONS:
+            state = None
+        else:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        return cls(precision, tuple(shape), tensors["data"], state)
+
     def nbytes(self) -> int:
         """Bytes of the stored weight, scales included."""
         extra = 0
@@ -77,11 +98,6 @@ def quantize(weight: torch.Tensor, precision: str) -> QuantizedWeight:
         return QuantizedWeight("nf8", tuple(w.shape), data, state)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     return QuantizedWeight(precision, tuple(w.shape), w.to(dtype))
-
-
-def merge_quantized(weight: QuantizedWeight, delta: torch.Tensor) -> QuantizedWeight:
-    """W' = Q(deQ(W) + ΔW) (FedPipe eqs 11-12)."""
-    return quantize(weight.dequantize() + delta.to(weight.dequantize().device), weight.precision)
 
 
 def bytes_per_param(precision: str) -> float:

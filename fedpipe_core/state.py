@@ -1,8 +1,14 @@
-"""A node's local state between rounds, on its own disk: the ΔW merged so far and its version.
+"""A node's local state between rounds, on its own disk, keyed by run.
 
 Clients are re-created for every message (a new process per message in deployment), so what a
-node has merged must outlive the process. The server sends only the ΔW rounds a node has not
-merged yet; ``version`` is the last server round whose ΔW is included.
+node has merged must outlive the process:
+
+- ``delta``: the cumulative ΔW it has merged; ``version`` is the last server round included
+  (the server sends only the ΔW rounds a node has not merged yet);
+- ``base``: its frozen block weights W0 + ΔW held at ``precision`` (NF4/NF8 codes and block
+  scales, or FP16), so a round re-quantizes only the weights a new ΔW touched (eqs 11-12)
+  instead of the whole base; empty for an FP32 base, which is W0 + ``delta`` exactly;
+- ``importance``: the EMA sensitivity and uncertainty per weight (eqs 5-6), carried across rounds.
 """
 
 from __future__ import annotations
@@ -15,13 +21,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpipe_core.quantize import QuantizedWeight
+
+SEP = "::"
+
 
 @dataclass
 class NodeState:
-    """Cumulative ΔW per module, up to and including server round ``version``."""
+    """Cumulative ΔW per module, up to and including server round ``version``, and what derives from it."""
 
     version: int = 0
     delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    precision: str = "fp32"
+    base: dict[str, QuantizedWeight] = field(default_factory=dict)
+    importance: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(smoothed sensitivity, uncertainty) per weight."""
 
     def add(self, increment: dict[str, torch.Tensor], version: int) -> None:
         """Accumulate one increment and advance the version."""
@@ -37,20 +51,44 @@ def state_dir(cache_dir: Path, run_id: int, node_id: int) -> Path:
 
 def load_state(directory: Path) -> NodeState:
     """The saved state, or an empty one (version 0) if none was saved."""
-    meta = directory / "meta.json"
-    if not meta.is_file():
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
         return NodeState()
-    version = int(json.loads(meta.read_text())["version"])
+    meta = json.loads(meta_path.read_text())
     tensors = directory / "delta.safetensors"
-    return NodeState(version, load_file(tensors) if tensors.is_file() else {})
+    state = NodeState(int(meta["version"]), load_file(tensors) if tensors.is_file() else {})
+    state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
+    base_path = directory / "base.safetensors"
+    if meta.get("base") and base_path.is_file():
+        stored = load_file(base_path)
+        state.precision = str(meta["precision"])
+        for name, shape in meta["base"].items():
+            parts = {key.rpartition(SEP)[2]: value for key, value in stored.items() if key.rpartition(SEP)[0] == name}
+            state.base[name] = QuantizedWeight.from_tensors(state.precision, tuple(shape), parts)
+    return state
 
 
-def save_state(directory: Path, state: NodeState) -> None:
-    """Write atomically: tensors first, then the version that vouches for them."""
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool = True) -> None:
+    """Write atomically: tensors first, then the metadata that vouches for them.
+
+    ``delta=False`` / ``base=False`` keep that file as it is (it did not change).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "delta.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.delta.items()}, str(tmp))
-    os.replace(tmp, directory / "delta.safetensors")
-    tmp_meta = directory / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps({"version": state.version}))
-    os.replace(tmp_meta, directory / "meta.json")
+    if delta or not (directory / "delta.safetensors").is_file():
+        _replace(directory / "delta.safetensors", lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p)))
+    if base or not (directory / "base.safetensors").is_file():
+        flat = {f"{name}{SEP}{part}": t.contiguous() for name, q in state.base.items() for part, t in q.tensors().items()}
+        _replace(directory / "base.safetensors", lambda p: save_file(flat, str(p)))
+    meta = {
+        "version": state.version,
+        "precision": state.precision,
+        "base": {name: list(q.shape) for name, q in state.base.items()},
+        "importance": {m: list(v) for m, v in state.importance.items()},
+    }
+    _replace(directory / "meta.json", lambda p: p.write_text(json.dumps(meta)))

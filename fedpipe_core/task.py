@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,8 @@ from fedpipe_core.model import (
     resolve_checkpoint,
 )
 from fedpipe_core.profile import ClientProfile, declared, measure, simulated
-from fedpipe_core.quantize import quantize
-from fedpipe_core.state import load_state, save_state, state_dir
+from fedpipe_core.quantize import QuantizedWeight, quantize
+from fedpipe_core.state import NodeState, load_state, save_state, state_dir
 from fedpipe_core.train import TrainResult, train_local
 
 
@@ -140,22 +141,61 @@ class ClientRound:
     result: TrainResult
     num_examples: int
     importance: dict[str, float]
+    importance_history: dict[str, tuple[float, float]] = field(default_factory=dict)
+    train_s: float = 0.0
+    """Seconds of local training (the optimizer steps), to set the round's overhead against."""
 
 
 class StateMismatch(RuntimeError):
     """The server sent ΔW rounds that do not continue this node's saved state."""
 
 
-def sync_node_state(task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, torch.Tensor]:
-    """Merge the server's ΔW rounds ``start+1..end`` into the node's saved state; return the total."""
+def node_base(task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int,
+              precision: str) -> tuple[PreTrainedModel, NodeState]:
+    """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
+
+    Merges the server's ΔW rounds ``start+1..end`` into the state saved on the node's disk. The
+    quantized block weights are saved too, so at an unchanged precision only the weights this
+    round's ΔW touches are re-quantized; at a new precision the whole base is. A weight is held as
+    Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW smaller than a
+    quantization step, so a node's base would stop following the global model.
+    """
     state = load_state(directory)
-    if start == 0:
-        state.delta, state.version = {}, 0
+    if start == 0 and (state.version or state.delta):
+        state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
     if state.version != start:
         raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
-    state.add(decode_delta(payload, task.shapes), end)
-    save_state(directory, state)
-    return state.delta
+    increment = decode_delta(payload, task.shapes)
+    state.add(increment, end)
+    model = task.base_model()
+    merge_delta(model, state.delta)  # W0 + ΣΔW in FP32
+    if precision == "fp32":
+        requantized, state.base = bool(state.base), {}
+    else:
+        if state.precision == precision and state.base:
+            names = [m for m in increment if m in state.base]
+        else:
+            names, state.base = [name for name, _ in block_linears(model)], {}
+        state.base |= {name: quantize(model.get_submodule(name).weight, precision) for name in names}
+        _hold(model, state.base)
+        requantized = bool(names)
+    state.precision = precision
+    save_state(directory, state, delta=bool(increment) or start == 0, base=requantized)
+    return model, state
+
+
+def _hold(model: PreTrainedModel, base: dict[str, QuantizedWeight]) -> None:
+    """Set each block weight to deQ(Q(W)): what a quantized base computes in its matmuls (eq 8); adapters stay FP32."""
+    with torch.no_grad():
+        for name, weight in base.items():
+            target = model.get_submodule(name).weight
+            target.copy_(weight.dequantize().to(target.dtype))
+
+
+def save_importance(directory: Path, state: NodeState, history: dict[str, tuple[float, float]]) -> None:
+    """Keep this round's (Ī, Ū) per weight on the node for the next round's EMAs."""
+    state.importance |= history
+    save_state(directory, state, delta=False, base=False)
 
 
 def lora_alphas(config: RunConfig, ranks: dict[str, int]) -> dict[str, float]:
@@ -167,30 +207,30 @@ def lora_alphas(config: RunConfig, ranks: dict[str, int]) -> dict[str, float]:
 def run_client_round(
     task: Task,
     *,
+    model: PreTrainedModel,
     examples: list[Example],
     ranks: dict[str, int],
-    base_delta: dict[str, torch.Tensor],
     initial_factors: Mapping[str, np.ndarray] | None,
     seed: int,
     batch_size: int | None = None,
-    precision: str = "fp32",
     local_steps: int | None = None,
+    importance_history: dict[str, tuple[float, float]] | None = None,
 ) -> ClientRound:
-    """Merge ΔW into the base, hold it at ``precision``, attach adapters, train them, score them."""
+    """Attach adapters to the prepared base (see :func:`node_base`), train them, score them (eqs 3-7)."""
     cfg = task.config
-    model = task.base_model()
-    merge_delta(model, base_delta)
-    apply_precision(model, precision)
     peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
     if initial_factors is not None:
         set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
-    tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2)
+    tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
+    started = time.perf_counter()
     result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
         num_examples=len(examples),
         importance=tracker.scores(),
+        importance_history=tracker.history(),
+        train_s=time.perf_counter() - started,
     )
 
 
@@ -213,12 +253,14 @@ def run_full_round(
     before = {m: w.detach().clone() for m, w in weights.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
+    started = time.perf_counter()
     result = _train(task, model, examples, seed, batch_size, local_steps, None)
+    train_s = time.perf_counter() - started
     deltas = {}
     for module, weight in weights.items():
         change = weight.detach() - before[module]
         deltas[module] = change.T if isinstance(model.get_submodule(module), Conv1D) else change
-    return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={})
+    return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={}, train_s=train_s)
 
 
 def _train(task: Task, model: torch.nn.Module, examples: list[Example], seed: int, batch_size: int | None,
@@ -229,19 +271,6 @@ def _train(task: Task, model: torch.nn.Module, examples: list[Example], seed: in
         steps=local_steps or cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
         weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=after_backward,
     )
-
-
-def apply_precision(model: PreTrainedModel, precision: str) -> None:
-    """Hold every linear weight of the transformer blocks at ``precision`` (W ← deQ(Q(W)), eq 8).
-
-    The frozen base then computes exactly what a quantized base computes after dequantizing
-    for the matmul; adapters stay FP32.
-    """
-    if precision == "fp32":
-        return
-    with torch.no_grad():
-        for _, module in block_linears(model):
-            module.weight.copy_(quantize(module.weight, precision).dequantize().to(module.weight.dtype))
 
 
 def client_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:

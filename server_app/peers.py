@@ -46,7 +46,7 @@ from fedpipe_core.codec import (
     encode_dense,
     encode_factors,
 )
-from fedpipe_core.lora import attach_lora, lora_factors
+from fedpipe_core.lora import Factors, attach_lora, lora_factors
 from fedpipe_core.peers import (
     fedadapter_config,
     full_params,
@@ -58,6 +58,11 @@ from fedpipe_core.peers import (
 from fedpipe_core.search import Plan
 from server_app.records import from_record, to_record
 from server_app.strategy import FedPipeStrategy, LoRAStrategy
+
+
+def truncated_payload(factors: Factors, plan: Plan) -> dict[str, np.ndarray]:
+    """The plan's modules that have global factors, cut to the node's rank: A[:r], B[:, :r]."""
+    return encode_factors({m: truncate_factors(factors[m], r) for m, r in plan.ranks.items() if m in factors})
 
 
 class FactorStrategy(LoRAStrategy):
@@ -75,9 +80,11 @@ class FactorStrategy(LoRAStrategy):
         ranks = {m: self.global_rank() for m in self.task.targets}
         return to_record(encode_factors(lora_factors(attach_lora(self.task.base_model(), ranks, cfg.lora_alpha, cfg.seed))))
 
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
-        factors = decode_factors(from_record(arrays), self.task.shapes)
-        return encode_factors({m: truncate_factors(factors[m], r) for m, r in plan.ranks.items() if m in factors}), {}
+    def dispatch_state(self, arrays: ArrayRecord) -> Factors:
+        return decode_factors(from_record(arrays), self.task.shapes)
+
+    def node_payload(self, node_id: int, server_round: int, state: Factors, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+        return truncated_payload(state, plan), {}
 
     def combine(self, server_round: int, arrays: ArrayRecord, updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> ArrayRecord:
         previous = decode_factors(from_record(arrays), self.task.shapes)
@@ -106,7 +113,7 @@ class HetLoRAStrategy(FactorStrategy):
     weighting = staticmethod(norm_weights)
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        return self.capability_plans(node_ids) if node_ids else {}
+        return self.capability_plans(node_ids)
 
 
 class LegendStrategy(FactorStrategy):
@@ -120,8 +127,6 @@ class LegendStrategy(FactorStrategy):
     name = "legend"
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        if not node_ids:
-            return {}
         cfg = self.task.config
         round_time = self.round_time_s(node_ids)
         plans = {}
@@ -173,16 +178,19 @@ class FlexLoRAStrategy(DenseStrategy):
     name = "flexlora"
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        return self.capability_plans(node_ids) if node_ids else {}
+        return self.capability_plans(node_ids)
 
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
-        delta = self.global_delta(arrays)
+    def dispatch_state(self, arrays: ArrayRecord) -> Factors:
+        """One SVD per module per round at the largest rank; its first r components are the best rank-r factors."""
+        top = max(self.task.config.rank_candidates())
         factors = {}
-        for module, rank in plan.ranks.items():
-            if module in delta:
-                A, B = svd_truncate(delta[module], rank)
-                factors[module] = (A, B / self.scaling())  # the node computes s · B · A
-        return encode_factors(factors), {}
+        for module, delta in self.global_delta(arrays).items():
+            A, B = svd_truncate(delta, top)
+            factors[module] = (A, B / self.scaling())  # the node computes s · B · A
+        return factors
+
+    def node_payload(self, node_id: int, server_round: int, state: Factors, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+        return truncated_payload(state, plan), {}
 
     def next_delta(self, arrays: ArrayRecord, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         return aggregate_delta(updates)
@@ -210,8 +218,11 @@ class FullFTStrategy(DenseStrategy):
                 plans[node] = Plan(cfg.batch_size, "fp32", dict(full), math.inf, step_flops=flops, memory_bytes=memory)
         return plans
 
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
-        return from_record(arrays), {}  # the whole fine-tuned state, as FedAvg sends the model
+    def dispatch_state(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        return from_record(arrays)
+
+    def node_payload(self, node_id: int, server_round: int, state: dict[str, np.ndarray], plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+        return state, {}  # the whole fine-tuned state, as FedAvg sends the model
 
     def next_delta(self, arrays: ArrayRecord, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         previous = self.global_delta(arrays)

@@ -52,17 +52,19 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedPipe: run %s, strategy %s, model %s, task %s -> %s", context.run_id, config.strategy, config.model, config.task, writer.dir)
     started = time.time()
     totals = {"bytes_up": 0, "bytes_down": 0, "sim_time_s": 0.0}
-    initial = strategy.initial_arrays()
+    initial, resumed = strategy.initial_arrays(), None
     if config.resume_from:
         try:
-            initial = _resume(strategy, Path(config.resume_from).expanduser(), writer, totals)
+            initial, resumed = _resume(strategy, Path(config.resume_from).expanduser(), writer, totals)
         except ConfigError as exc:
             log(ERROR, "FedPipe: %s", exc)
             raise SystemExit(f"FedPipe: {exc}") from None
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round == 0 and resumed is not None:  # the checkpoint's round: evaluated and recorded already
+            return MetricRecord({"eval-loss": resumed["eval_loss"], "ppl": resumed["ppl"]})
         server_round += strategy.round_offset
-        result = _evaluate_round(strategy, server_round, arrays, writer, totals, started, record=server_round > strategy.round_offset or strategy.round_offset == 0)
+        result = _evaluate_round(strategy, server_round, arrays, writer, totals, started)
         _checkpoint(strategy, server_round, arrays, writer, totals)
         return MetricRecord({"eval-loss": result["eval_loss"], "ppl": result["ppl"]})
 
@@ -93,19 +95,26 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedPipe: summary %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != "base"})
 
 
-def _resume(strategy: LoRAStrategy, previous: Path, writer: RunWriter, totals: dict[str, float]) -> ArrayRecord:
-    """Continue a stopped run from its last checkpoint: strategy state, totals and history."""
+def _resume(strategy: LoRAStrategy, previous: Path, writer: RunWriter, totals: dict[str, float]) -> tuple[ArrayRecord, dict | None]:
+    """Continue a stopped run from its last checkpoint: strategy state, totals and history.
+
+    Returns the global arrays and the metrics row of the checkpoint's round (None if the
+    previous run's metrics.jsonl lacks it; that round is then evaluated again).
+    """
     checkpoint = load_checkpoint(previous, strategy.task.config)
     strategy.load_state_dict(checkpoint.state, checkpoint.tensors)
     strategy.round_offset = checkpoint.round
     totals.update(checkpoint.totals)
+    last = None
     for name in ("metrics.jsonl", "plans.jsonl"):
         if (previous / name).is_file():
             rows = [json.loads(line) for line in (previous / name).read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r["round"] <= checkpoint.round]
             (writer.dir / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if name == "metrics.jsonl":
+                last = next((r for r in kept if r["round"] == checkpoint.round), None)
     log(INFO, "FedPipe: resuming %s after round %d", previous, checkpoint.round)
-    return to_record(checkpoint.arrays)
+    return to_record(checkpoint.arrays), last
 
 
 def _checkpoint(strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, float]) -> None:
@@ -115,11 +124,9 @@ def _checkpoint(strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, 
 
 
 def _evaluate_round(
-    strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, int], started: float,
-    record: bool = True,
+    strategy: LoRAStrategy, server_round: int, arrays: ArrayRecord, writer: RunWriter, totals: dict[str, int], started: float
 ) -> dict[str, float]:
-    """Evaluate base + global ΔW on the validation split, log one line, append to metrics.jsonl
-    (unless ``record`` is False: the resumed round a checkpoint already recorded)."""
+    """Evaluate base + global ΔW on the validation split, log one line, append to metrics.jsonl."""
     loss = evaluate_validation(strategy.task, strategy.global_delta(arrays))
     stats = strategy.stats.get(server_round)
     row = {
@@ -135,9 +142,8 @@ def _evaluate_round(
         "round_sim_s": stats.sim_time_s if stats else 0.0,
         "sim_time_s": totals["sim_time_s"] + (stats.sim_time_s if stats else 0.0),
         "wall_s": time.time() - started,
+        **(stats.node_overhead() if stats else {}),
     }
-    if not record:
-        return row
     totals["bytes_up"] += row["bytes_up"]
     totals["bytes_down"] += row["bytes_down"]
     totals["sim_time_s"] = row["sim_time_s"]

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,17 @@ class RoundStats:
     num_examples: int = 0
     sim_time_s: float = 0.0
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
+    timing: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per node: seconds of local training and of the node's own overhead around it (setup, process start)."""
+
+    def node_overhead(self) -> dict[str, float]:
+        """Mean seconds per node of training, setup and process start, and the largest (setup + start) / train."""
+        if not self.timing:
+            return {}
+        keys = ("train-s", "setup-s", "startup-s")
+        out = {f"client_{k.replace('-', '_')}": sum(t[k] for t in self.timing.values()) / len(self.timing) for k in keys}
+        out["client_overhead_ratio"] = max((t["setup-s"] + t["startup-s"]) / t["train-s"] for t in self.timing.values())
+        return out
 
 
 class LoRAStrategy(Strategy):
@@ -95,9 +107,13 @@ class LoRAStrategy(Strategy):
     def initial_arrays(self) -> ArrayRecord:
         """The global state before round 1."""
 
+    def dispatch_state(self, arrays: ArrayRecord) -> Any:
+        """What :meth:`node_payload` reads, derived from the global arrays once per round (not per node)."""
+        return arrays
+
     @abstractmethod
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
-        """Arrays and extra config for one node's train message."""
+    def node_payload(self, node_id: int, server_round: int, state: Any, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+        """Arrays and extra config for one node's train message (``state`` from :meth:`dispatch_state`)."""
 
     @abstractmethod
     def combine(self, server_round: int, arrays: ArrayRecord, updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> ArrayRecord:
@@ -108,7 +124,7 @@ class LoRAStrategy(Strategy):
         """The global ΔW per module that ``arrays`` stands for."""
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        """Each node's configuration this round; by default the run config's, the same for all."""
+        """Each (profiled, at least one) node's configuration this round; by default the run config's, the same for all."""
         ranks = self.task.uniform_ranks()
         return {node: self.fit_plan(node, ranks, self.task.config.batch_size) for node in node_ids}
 
@@ -184,10 +200,12 @@ class LoRAStrategy(Strategy):
         node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
         self.discover(grid, sorted(node_ids))
         stats = self.stats.setdefault(server_round, RoundStats())
-        plans = self.make_plans(server_round, sorted(n for n in node_ids if n in self.profiles))
+        profiled = sorted(n for n in node_ids if n in self.profiles)
+        plans = self.make_plans(server_round, profiled) if profiled else {}
         for node_id, plan in plans.items():
             self._apply_deadline(node_id, plan)
         self._log_plans(server_round, plans)
+        state = self.dispatch_state(arrays) if any(p.feasible for p in plans.values()) else None
         messages = []
         for node_id, plan in sorted(plans.items()):
             if not plan.feasible:
@@ -196,7 +214,7 @@ class LoRAStrategy(Strategy):
                 continue
             stats.ranks[node_id] = plan.ranks
             stats.sim_time_s = max(stats.sim_time_s, plan.local_steps * plan.step_flops / self.profiles[node_id].flops)
-            payload, extra = self.node_payload(node_id, server_round, arrays, plan)
+            payload, extra = self.node_payload(node_id, server_round, state, plan)
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             node_config = ConfigRecord(
@@ -273,6 +291,9 @@ class LoRAStrategy(Strategy):
                 continue
             stats.bytes_up += size
             updates[node_id] = (update, metrics)
+            timing = {k: float(metrics[k]) for k in ("train-s", "setup-s", "startup-s") if k in metrics}
+            if len(timing) == 3 and timing["train-s"] > 0 and all(math.isfinite(v) and v >= 0 for v in timing.values()):
+                stats.timing[node_id] = timing
             self._refresh_profile(node_id, metrics)
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
@@ -386,8 +407,6 @@ class FedPipeStrategy(LoRAStrategy):
         The round's time budget is what the fastest node needs for the run config's uniform
         adapters at the largest batch size; every node gets FLOPS_k × that time.
         """
-        if not node_ids:
-            return {}
         cfg, spec = self.task.config, self.task.spec
         batches = batch_sizes([self.profiles[n].flops for n in node_ids], cfg.batch_min, cfg.batch_size)
         round_time = self.round_time_s(node_ids)
@@ -401,7 +420,7 @@ class FedPipeStrategy(LoRAStrategy):
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord()
 
-    def node_payload(self, node_id: int, server_round: int, arrays: ArrayRecord, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
+    def node_payload(self, node_id: int, server_round: int, state: Any, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, int | str]]:
         start = self.synced.get(node_id, 0)
         pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for rnd in range(start + 1, server_round):

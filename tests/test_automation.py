@@ -12,8 +12,8 @@ from fedpipe_core.lora import attach_lora, resolve_target_modules
 from fedpipe_core.profile import ClientProfile, declared, measure, simulated
 from fedpipe_core.quantize import (
     PRECISIONS,
+    QuantizedWeight,
     bytes_per_param,
-    merge_quantized,
     normal_float_code,
     quantize,
 )
@@ -35,19 +35,18 @@ def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():
     assert torch.all(nf8[1:] > nf8[:-1])
 
 
-def test_quantization_error_falls_with_bits_and_merge_requantizes():
+def test_quantization_error_falls_with_bits_and_stored_weights_read_back_exactly():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(256, 192, generator=g) * 0.05
     errors = {p: (quantize(w, p).dequantize() - w).abs().mean().item() for p in PRECISIONS}
     assert errors["fp32"] == 0 < errors["fp16"] < errors["nf8"] < errors["nf4"] < 0.01
     sizes = {p: quantize(w, p).nbytes() for p in PRECISIONS}
     assert sizes == {p: pytest.approx(w.numel() * bytes_per_param(p)) for p in PRECISIONS}
-    delta = torch.randn(256, 192, generator=g) * 0.01
-    for p in ("nf8", "nf4"):
-        merged = merge_quantized(quantize(w, p), delta)
-        assert merged.precision == p
-        target = quantize(w, p).dequantize() + delta
-        assert (merged.dequantize() - target).abs().mean() <= errors[p] * 1.5
+    for p in PRECISIONS:
+        stored = quantize(w, p)
+        parts = {k: v.clone() for k, v in stored.tensors().items()}
+        assert set(parts) == ({"data", "absmax"} if p.startswith("nf") else {"data"})
+        assert torch.equal(QuantizedWeight.from_tensors(p, stored.shape, parts).dequantize(), stored.dequantize())
     with pytest.raises(ValueError, match="unknown precision"):
         quantize(w, "int3")
 

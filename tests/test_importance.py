@@ -42,3 +42,18 @@ def test_training_produces_positive_scores_for_every_adapted_weight(task):
     assert tracker.steps == 3 and set(scores) == set(ranks) and all(v > 0 for v in scores.values())
     with pytest.raises(ValueError, match="betas"):
         ImportanceTracker(peft_model, beta1=1.0)
+
+
+def test_history_continues_the_emas(task):
+    module = task.targets[-1]
+    peft_model = attach_lora(task.base_model(), {module: 2}, 8.0, 0)
+    tracker = ImportanceTracker(peft_model, beta1=0.5, beta2=0.5, history={module: (0.4, 0.1)})
+    layer = tracker.layers[module]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        B.fill_(0.1)
+    A.grad, B.grad = torch.full_like(A, 0.2), torch.full_like(B, -0.3)
+    sens = float(((A * A.grad).abs().sum() + (B * B.grad).abs().sum()) / (A.numel() + B.numel()))
+    tracker.update()
+    ema = 0.5 * 0.4 + 0.5 * sens
+    assert tracker.history()[module] == pytest.approx((ema, 0.5 * 0.1 + 0.5 * abs(sens - ema)))

@@ -8,10 +8,12 @@ import torch
 from fedpipe_core.aggregate import to_dense
 from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
+from fedpipe_core.cost import block_linears
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import load_model, resolve_checkpoint
+from fedpipe_core.quantize import quantize
 from fedpipe_core.state import load_state
-from fedpipe_core.task import StateMismatch, sync_node_state
+from fedpipe_core.task import StateMismatch, node_base, save_importance
 
 
 def test_builtin_model_loads_offline_from_the_safetensors_cache(task, monkeypatch):
@@ -38,22 +40,69 @@ def test_local_checkpoint_directories_and_errors(tmp_path):
         resolve_checkpoint(str(tmp_path))
 
 
+def _weight(model, name):
+    return model.get_submodule(name).weight.detach().clone()
+
+
 def test_node_state_accumulates_rounds_and_detects_gaps(task, tmp_path):
     name = task.targets[0]
     out, fan_in = task.shapes[name]
     g = torch.Generator().manual_seed(0)
     inc1 = (torch.randn(2, fan_in, generator=g), torch.randn(out, 2, generator=g))
     inc2 = (torch.randn(3, fan_in, generator=g), torch.randn(out, 3, generator=g))
-    total = sync_node_state(task, tmp_path, encode_delta({name: inc1}), 0, 1)
-    torch.testing.assert_close(total[name], to_dense(inc1))
-    total = sync_node_state(task, tmp_path, encode_delta({name: inc2}), 1, 2)
-    torch.testing.assert_close(total[name], to_dense(inc1) + to_dense(inc2))
-    assert load_state(tmp_path).version == 2
+    w0 = _weight(task.base_model(), name)
+    model, state = node_base(task, tmp_path, encode_delta({name: inc1}), 0, 1, "fp32")
+    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc1))
+    model, state = node_base(task, tmp_path, encode_delta({name: inc2}), 1, 2, "fp32")
+    torch.testing.assert_close(state.delta[name], to_dense(inc1) + to_dense(inc2))
+    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc1) + to_dense(inc2))
+    assert load_state(tmp_path).version == 2 and not load_state(tmp_path).base
     with pytest.raises(StateMismatch, match="at round 2, the server sent ΔW from round 1"):
-        sync_node_state(task, tmp_path, encode_delta({name: inc2}), 1, 2)
+        node_base(task, tmp_path, encode_delta({name: inc2}), 1, 2, "fp32")
     # from 0 the server resends everything: the node resets rather than double-counting
-    total = sync_node_state(task, tmp_path, encode_delta({name: inc1}), 0, 1)
-    torch.testing.assert_close(total[name], to_dense(inc1))
+    model, state = node_base(task, tmp_path, encode_delta({name: inc1}), 0, 1, "fp32")
+    torch.testing.assert_close(state.delta[name], to_dense(inc1))
+
+
+def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches(task, tmp_path):
+    name, other = task.targets[0], task.targets[1]
+    out, fan_in = task.shapes[name]
+    g = torch.Generator().manual_seed(1)
+    inc = (0.2 * torch.randn(2, fan_in, generator=g), 0.2 * torch.randn(out, 2, generator=g))
+    w0 = _weight(task.base_model(), name)
+    model, state = node_base(task, tmp_path, {}, 0, 0, "nf4")
+    assert state.precision == "nf4" and len(state.base) == len(block_linears(model))
+    q0 = quantize(w0, "nf4").dequantize()
+    torch.testing.assert_close(_weight(model, name), q0)
+    stored_before = {m: q.data.clone() for m, q in load_state(tmp_path).base.items()}
+
+    model, state = node_base(task, tmp_path, encode_delta({name: inc}), 0, 1, "nf4")
+    saved = load_state(tmp_path)
+    assert saved.version == 1 and saved.precision == "nf4"
+    # eqs 11-12: the touched weight is Q(W0 + ΣΔW), every other stored code is unchanged
+    expected = quantize(w0 + to_dense(inc), "nf4").dequantize()
+    torch.testing.assert_close(_weight(model, name), expected)
+    torch.testing.assert_close(saved.base[name].dequantize(), expected)
+    assert not torch.equal(saved.base[name].data, stored_before[name])
+    assert all(torch.equal(saved.base[m].data, stored_before[m]) for m in saved.base if m != name)
+    torch.testing.assert_close(_weight(model, other), load_state(tmp_path).base[other].dequantize())
+
+    # a new precision rebuilds the whole base from W0 + ΣΔW
+    model, state = node_base(task, tmp_path, {}, 1, 1, "nf8")
+    torch.testing.assert_close(_weight(model, name), quantize(w0 + to_dense(inc), "nf8").dequantize())
+    assert load_state(tmp_path).precision == "nf8"
+    # back to FP32: exact W0 + ΣΔW, no stored base
+    model, state = node_base(task, tmp_path, {}, 1, 1, "fp32")
+    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc))
+    assert not load_state(tmp_path).base
+
+
+def test_importance_history_survives_between_messages(task, tmp_path):
+    _, state = node_base(task, tmp_path, {}, 0, 0, "fp32")
+    save_importance(tmp_path, state, {task.targets[0]: (0.5, 0.25)})
+    assert load_state(tmp_path).importance == {task.targets[0]: (0.5, 0.25)}
+    _, state = node_base(task, tmp_path, {}, 0, 0, "fp16")
+    assert state.importance == {task.targets[0]: (0.5, 0.25)}
 
 
 def test_e2e_scores_reward_matching_hypotheses():
