@@ -6,7 +6,9 @@ averages ΔW over the clients that trained the module, weighted by their example
 and sends ΔW back; clients merge it into their base and re-initialise A, B (eqs 11-12).
 
 ΔW is kept *exactly* in factored form: Σ_k w_k s_k B_k A_k = [w_1 s_1 B_1 | ... ] · [A_1; ...],
-a product of rank Σ_k r_k, which is what travels when it is smaller than the dense matrix.
+a product of rank Σ_k r_k. Dispatched as such (``dispatch = exact``) the nodes' download grows
+with the number of clients; ``dispatch = svd`` sends its best rank-r factors instead and carries
+what was cut into the next round (:func:`truncate_with_feedback`).
 
 Peers: LoRA-FedAvg, HetLoRA and LEGEND average A and B after zero-padding (:func:`aggregate_padded`
 with their weightings), FlexLoRA averages full products and redistributes them by truncated SVD
@@ -165,3 +167,45 @@ def aggregate_dense(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         total = sum(u.num_examples for u in trained)
         out[module] = sum((u.num_examples / total) * u.dense[module].double() for u in trained).float()
     return out
+
+
+def lowrank_svd(lowrank: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B · A = U diag(S) Vᵀ from the factors alone, in FP64: two thin QRs and the SVD of a small core.
+
+    B = Q_B R_B, Aᵀ = Q_A R_A, R_B R_Aᵀ = U' S V'ᵀ, so U = Q_B U', V = Q_A V'. The cost grows with
+    the rank of the factors, not with the weight's size (a dense SVD of every weight is not needed).
+    """
+    A, B = lowrank
+    q_b, r_b = torch.linalg.qr(B.double())
+    q_a, r_a = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ U, S, q_a @ Vh.T
+
+
+def truncate_with_feedback(
+    increment: dict[str, LowRank], residual: dict[str, LowRank], rank: int
+) -> tuple[dict[str, LowRank], dict[str, LowRank]]:
+    """The round's averaged ΔW cut to ``rank`` for dispatch, what was cut carried to the next round.
+
+    Per module, M = ΔW_round + E_prev; the nodes are sent the best rank-``rank`` factors of M
+    (Eckart-Young) and E = M - B·A is kept (error feedback), so Σ sent + E = Σ ΔW_round: what the
+    clients learned is delayed, never dropped (singular values below 1e-7 of the largest, beneath
+    FP32 resolution, excepted). A module whose M already has rank ≤ ``rank`` is sent exactly.
+    Both are kept factored: E has rank at most min(out, in).
+    """
+    sent: dict[str, LowRank] = {}
+    kept: dict[str, LowRank] = {}
+    for module in sorted(set(increment) | set(residual)):
+        if module not in residual and increment[module][0].shape[0] <= rank:
+            sent[module] = increment[module]
+            continue
+        parts = [p for p in (increment.get(module), residual.get(module)) if p is not None]
+        U, S, V = lowrank_svd(concat_lowrank(parts))
+        significant = int((S > 1e-7 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+        cut = min(rank, significant)
+        if cut == 0:
+            continue  # M = 0: nothing to send, nothing to keep
+        sent[module] = (V[:, :cut].T.float().contiguous(), (U[:, :cut] * S[:cut]).float())
+        if significant > cut:
+            kept[module] = (V[:, cut:significant].T.float().contiguous(), (U[:, cut:significant] * S[cut:significant]).float())
+    return sent, kept

@@ -21,6 +21,7 @@ PROFILES = ("simulated", "measure")
 HETEROGENEITY = ("hetero", "ideal")
 WEIGHT_SELECTIONS = ("importance", "random")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "nf8", "nf4")
+DISPATCHES = ("svd", "exact")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,7 @@ class RunConfig:
     weight_selection: str = "importance"
     base_precision: str = "auto"
     max_update_ratio: float = 1.0
+    dispatch: str = "svd"
     resume_from: str = ""
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class RunConfig:
         _check_choice("heterogeneity", self.heterogeneity, HETEROGENEITY)
         _check_choice("weight-selection", self.weight_selection, WEIGHT_SELECTIONS)
         _check_choice("base-precision", self.base_precision, BASE_PRECISIONS)
+        _check_choice("dispatch", self.dispatch, DISPATCHES)
         _check_min("adapter-upgrade-every", self.adapter_upgrade_every, 1)
         if self.round_deadline_s < 0:
             raise ConfigError(f"run config 'round-deadline-s': must be >= 0 (0: no deadline), got {self.round_deadline_s!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,15 @@ class NodeState:
 def state_dir(cache_dir: Path, run_id: int, node_id: int) -> Path:
     """Where node ``node_id`` keeps its state for run ``run_id``."""
     return cache_dir / "node-state" / str(run_id) / str(node_id)
+
+
+def remove_run_states(cache_dir: Path, run_id: int) -> Path | None:
+    """Delete every node's state of a finished run under ``cache_dir``; the directory removed, if any."""
+    directory = cache_dir / "node-state" / str(run_id)
+    if not directory.is_dir():
+        return None
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory
 
 
 def load_state(directory: Path) -> NodeState:

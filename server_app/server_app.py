@@ -13,7 +13,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.model import default_cache_dir
 from fedpipe_core.results import RunWriter
+from fedpipe_core.state import remove_run_states
 from fedpipe_core.task import evaluate_validation, load_task, score_test
 from server_app.peers import STRATEGIES
 from server_app.records import from_record, to_record
@@ -77,6 +79,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     final_delta = strategy.global_delta(result.arrays if len(result.arrays) else initial)
     writer.save_delta(final_delta)
+    removed = remove_run_states(default_cache_dir(config.cache_dir), context.run_id)
+    if removed:
+        log(INFO, "FedPipe: removed the node state of this run on this machine (%s)", removed)
     log(INFO, "FedPipe: scoring the final model on the test split")
     summary: dict[str, object] = dict(score_test(task, final_delta))
     if config.eval_base_generation:

@@ -39,6 +39,7 @@ from fedpipe_core.aggregate import (
     concat_lowrank,
     lowrank_norm,
     to_dense,
+    truncate_with_feedback,
 )
 from fedpipe_core.codec import (
     UpdateError,
@@ -376,9 +377,11 @@ class LoRAStrategy(Strategy):
 class FedPipeStrategy(LoRAStrategy):
     """FedPipe aggregation (eqs 9-12): heterogeneous ranks and module subsets, ΔW averaged.
 
-    The global state is the cumulative ΔW. Each node is sent, exactly and in factored form
+    The global state is the cumulative ΔW the nodes merge. Each node is sent, in factored form
     when smaller, the ΔW rounds it has not merged yet; it merges them into its base and trains
-    fresh adapters (B = 0), so the ranks it is given may change from round to round.
+    fresh adapters (B = 0), so the ranks it is given may change from round to round. With
+    ``dispatch = svd`` a round's ΔW is cut to the largest candidate rank and the remainder
+    carried into the next round (error feedback); with ``exact`` it travels whole (rank Σ r_k).
     """
 
     name = "fedpipe"
@@ -389,6 +392,7 @@ class FedPipeStrategy(LoRAStrategy):
         self.increments: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.synced: dict[int, int] = {}
         self.importance: dict[str, float] = {}
+        self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # what dispatch = svd has cut and not yet sent
 
     def current_importance(self, server_round: int = 0) -> dict[str, float]:
         """Latest score per weight; never-trained weights get the highest known score (explore them).
@@ -431,6 +435,8 @@ class FedPipeStrategy(LoRAStrategy):
 
     def combine(self, server_round: int, arrays: ArrayRecord, updates: dict[int, tuple[ClientUpdate, MetricRecord]]) -> ArrayRecord:
         increment = aggregate_lowrank([u for u, _ in updates.values()])
+        if self.task.config.dispatch == "svd":
+            increment, self.residual = truncate_with_feedback(increment, self.residual, max(self.task.config.rank_candidates()))
         self.increments[server_round] = increment
         total = self.global_delta(arrays)
         for module, lowrank in increment.items():
@@ -445,10 +451,11 @@ class FedPipeStrategy(LoRAStrategy):
         self.synced.pop(node_id, None)  # resend the whole ΔW history next time
 
     def state_dict(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-        """Profiles, importance and every round's ΔW increment (node sync is per run: not kept)."""
+        """Profiles, importance, every round's ΔW increment and the dispatch residual (node sync is per run: not kept)."""
         state, tensors = super().state_dict()
         for rnd, increment in self.increments.items():
             tensors |= {f"{rnd}/{key}": value for key, value in encode_factors(increment).items()}
+        tensors |= {f"residual/{key}": value for key, value in encode_factors(self.residual).items()}
         return {**state, "importance": self.importance, "increment-rounds": sorted(self.increments)}, tensors
 
     def load_state_dict(self, state: dict[str, object], tensors: dict[str, np.ndarray]) -> None:
@@ -458,6 +465,8 @@ class FedPipeStrategy(LoRAStrategy):
             prefix = f"{rnd}/"
             own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             self.increments[int(rnd)] = decode_factors(own, self.task.shapes)
+        residual = {k.removeprefix("residual/"): v for k, v in tensors.items() if k.startswith("residual/")}
+        self.residual = decode_factors(residual, self.task.shapes)
 
     def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         return decode_delta(from_record(arrays), self.task.shapes)

@@ -13,7 +13,9 @@ from fedpipe_core.aggregate import (
     fedavg_factors,
     is_cheaper_dense,
     lowrank_norm,
+    lowrank_svd,
     to_dense,
+    truncate_with_feedback,
 )
 from fedpipe_core.codec import (
     UpdateError,
@@ -107,3 +109,37 @@ def test_malformed_factors_are_rejected_with_a_reason(mutate, fragment):
     mutate(payload)
     with pytest.raises(UpdateError, match=fragment):
         decode_factors(payload, SHAPES)
+
+
+def test_lowrank_svd_matches_the_dense_decomposition():
+    g = torch.Generator().manual_seed(4)
+    A, B = torch.randn(6, 40, generator=g), torch.randn(30, 6, generator=g)
+    U, S, V = lowrank_svd((A, B))
+    dense = to_dense((A, B)).double()
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:6], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close((U * S) @ V.T, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(U.T @ U, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_truncate_with_feedback_delays_and_never_drops_what_clients_learned():
+    g = torch.Generator().manual_seed(3)
+    rounds = [{"m": (torch.randn(12, 40, generator=g), torch.randn(30, 12, generator=g)),
+               "small": (torch.randn(2, 10, generator=g), torch.randn(5, 2, generator=g))} for _ in range(3)]
+    residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sent_total = torch.zeros(30, 40, dtype=torch.float64)
+    for increment in rounds:
+        before = to_dense(residual["m"]) if "m" in residual else torch.zeros(30, 40)
+        sent, residual = truncate_with_feedback(increment, residual, 4)
+        assert sent["m"][0].shape == (4, 40) and sent["m"][1].shape == (30, 4)
+        assert sent["small"] is increment["small"] and "small" not in residual  # rank 2 <= 4: sent exactly
+        target = (before + to_dense(increment["m"])).double()
+        tail = torch.linalg.svdvals(target)[4:]
+        assert float(to_dense(residual["m"]).norm()) == pytest.approx(float(tail.norm()), rel=1e-4)  # Eckart-Young
+        assert residual["m"][0].shape[0] <= 30  # factored, at most min(out, in)
+        sent_total += to_dense(sent["m"]).double()
+    exact = sum(to_dense(r["m"]).double() for r in rounds)
+    torch.testing.assert_close(sent_total + to_dense(residual["m"]).double(), exact, rtol=1e-4, atol=1e-4)
+    flushed, residual = truncate_with_feedback({}, residual, 4)  # nobody trained "m": its remainder still goes out
+    assert set(flushed) == {"m"} and flushed["m"][0].shape[0] == 4
+    zero = {"z": (torch.zeros(9, 40), torch.zeros(30, 9))}
+    assert truncate_with_feedback(zero, {}, 4) == ({}, {})  # nothing to send, nothing to keep

@@ -7,6 +7,7 @@ import torch
 from fakes import FakeGrid, client_factors, reply
 from flwr.app import ConfigRecord
 
+from fedpipe_core.aggregate import to_dense
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.codec import decode_delta, encode_factors
 from fedpipe_core.config import ConfigError
@@ -39,6 +40,9 @@ def test_a_resumed_strategy_sends_what_the_uninterrupted_one_sends(task, tmp_pat
     resumed.load_state_dict(checkpoint.state, checkpoint.tensors)
     resumed.round_offset = checkpoint.round
     assert resumed.importance == original.importance and resumed.profiles == original.profiles
+    assert original.residual and set(resumed.residual) == set(original.residual)  # what dispatch = svd has not sent yet
+    for module, rest in original.residual.items():
+        torch.testing.assert_close(to_dense(resumed.residual[module]), to_dense(rest))
     assert checkpoint.totals == {"bytes_up": 5.0}
 
     expected = {m.metadata.dst_node_id: m for m in original.configure_train(2, arrays, ConfigRecord(), grid)}

@@ -1,6 +1,6 @@
 """Deployment mode on 127.0.0.1: SuperLink + SuperNodes with TLS and node authentication.
 
-Marked ``deployment`` (and run by default and in CI): every process is started by
+Marked ``deployment`` (run by ``pytest -m 'slow or deployment'`` and in CI): every process is started by
 ``scripts/local_deployment.py`` and stopped by PID with timeouts.
 """
 
@@ -42,7 +42,11 @@ def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
     plans = [json.loads(line) for line in (run / "plans.jsonl").read_text().splitlines()]
     assert {p["profile"]["source"] for p in plans} == {"declared"}  # each node's own --node-config profile
     assert len({p["profile"]["flops"] for p in plans}) == 3
-    print(f"deployment wall time: {result['wall_s']:.1f} s")
+    for row in rows[1:]:  # a fresh ClientApp process per message: it reports its start-up and its state restore
+        assert row["client_startup_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
+    print(f"deployment wall time: {result['wall_s']:.1f} s; per round and node: "
+          + "; ".join(f"train {r['client_train_s']:.2f} s, setup {r['client_setup_s']:.2f} s, process start {r['client_startup_s']:.2f} s"
+                      for r in rows[1:]))
 
 
 def _log_has(path: Path, needles: tuple[str, ...], timeout_s: float) -> str | None:

@@ -61,7 +61,7 @@ def flwr_run(env: dict[str, str], run_config: str, supernodes: int = 3, timeout:
         "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1",
         "--run-config", run_config,
     ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return done.stdout + done.stderr
 
 
@@ -97,7 +97,14 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     for key in ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl", "trainable_params", "total_bytes", "wall_s"):
         assert isinstance(summary[key], (int, float)), key
     assert 0 < summary["trainable_params"] <= 60 * 8 * (576 + 576)  # at most rank 8 on all 60 q/v projections
-    assert json.loads((run / "config.json").read_text())["strategy"] == "fedpipe"
+    config = json.loads((run / "config.json").read_text())
+    assert config["strategy"] == "fedpipe"
+    for row in rows[1:]:  # each node's own timing: its training, and the state restore around it
+        assert row["client_train_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
+        assert 0 < row["client_overhead_ratio"] < 10
+    from fedpipe_core.model import default_cache_dir
+
+    assert not (default_cache_dir() / "node-state" / str(config["run-id"])).exists()  # removed when the run ended
     assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 2
 
     assert "FedPipe round 2/2 | eval loss" in log
@@ -106,7 +113,7 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     csv.write_text('mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n')
     done = subprocess.run(
         ["fedpipe-eval", str(run), "--data", str(csv), "--limit", "1"],
-        env=flwr_env, capture_output=True, text=True, timeout=300,
+        check=False, env=flwr_env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,7 +1,9 @@
 """Strategies end to end inside the server: per-node messages, validation, ΔW state, bytes."""
 
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from fakes import FakeGrid, client_factors, reply
 from flwr.app import ConfigRecord
@@ -19,7 +21,7 @@ from server_app.strategy import FedPipeStrategy
 
 
 def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
-    strategy = FedPipeStrategy(task)
+    strategy = FedPipeStrategy(replace(task, config=replace(task.config, dispatch="exact")))
     grid = FakeGrid([11, 22, 33])
     messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 22, 33]
@@ -66,6 +68,36 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
             torch.testing.assert_close(sent[m], expected[m], rtol=1e-5, atol=1e-6)
     assert strategy.stats[2].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages.values())
     assert strategy.stats[1].bytes_up == sum(to_record(encode_factors(f)).count_bytes() for f in (good11, good22))
+
+
+def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_rest(task):
+    strategy = FedPipeStrategy(task)  # dispatch = svd by default
+    grid = FakeGrid([1, 2, 3])
+    list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    top = max(task.config.rank_candidates())
+    factors = {n: client_factors(task, {m: top for m in task.targets[:4]}, n) for n in (1, 2, 3)}
+    for n in factors:
+        strategy.stats[1].ranks[n] = {m: top for m in task.targets[:4]}
+    replies = [reply(n, encode_factors(f), {"train-loss": 2.0, "state-version": 0, "num-examples": 10}) for n, f in factors.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    scale = task.config.lora_alpha / task.config.lora_rank
+    exact = aggregate_delta([ClientUpdate(f, {m: scale for m in f}, 10) for f in factors.values()])
+    held = strategy.global_delta(arrays)
+    for m in exact:  # the global state + what was cut = the exact average; the cut is the SVD tail
+        torch.testing.assert_close(held[m] + to_dense(strategy.residual[m]), exact[m], rtol=1e-4, atol=1e-6)
+        tail = torch.linalg.svdvals(exact[m].double())[top:]
+        assert float(to_dense(strategy.residual[m]).norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
+        sv = torch.linalg.svdvals(held[m].double())
+        assert sv[top] < 1e-5 * sv[0] < sv[top - 1]  # the nodes merge a rank-8 ΔW
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
+    for message in messages:
+        payload = from_record(message.content["arrays"])
+        assert all(v.shape[0] == top for k, v in payload.items() if k.endswith("::A"))
+        sent = decode_delta(payload, task.shapes)
+        for m in exact:
+            torch.testing.assert_close(sent[m], held[m], rtol=1e-4, atol=1e-6)
+    rank_top_bytes = sum(top * sum(task.shapes[m]) * 4 for m in exact)  # FP32 factors of rank 8, not 24
+    assert strategy.stats[2].bytes_down == pytest.approx(3 * rank_top_bytes, rel=0.02)  # array names add a little
 
 
 def test_lora_fedavg_round_averages_factors(task):
