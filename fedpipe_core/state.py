@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpipe_core.codec import SEP
 from fedpipe_core.quantize import QuantizedWeight
-
-SEP = "::"
 
 
 @dataclass
@@ -45,14 +44,19 @@ class NodeState:
         self.version = version
 
 
+def run_states_dir(cache_dir: Path, run_id: int) -> Path:
+    """Where the nodes on this machine keep their state for run ``run_id``."""
+    return cache_dir / "node-state" / str(run_id)
+
+
 def state_dir(cache_dir: Path, run_id: int, node_id: int) -> Path:
     """Where node ``node_id`` keeps its state for run ``run_id``."""
-    return cache_dir / "node-state" / str(run_id) / str(node_id)
+    return run_states_dir(cache_dir, run_id) / str(node_id)
 
 
 def remove_run_states(cache_dir: Path, run_id: int) -> Path | None:
     """Delete every node's state of a finished run under ``cache_dir``; the directory removed, if any."""
-    directory = cache_dir / "node-state" / str(run_id)
+    directory = run_states_dir(cache_dir, run_id)
     if not directory.is_dir():
         return None
     shutil.rmtree(directory, ignore_errors=True)
@@ -70,11 +74,13 @@ def load_state(directory: Path) -> NodeState:
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     base_path = directory / "base.safetensors"
     if meta.get("base") and base_path.is_file():
-        stored = load_file(base_path)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(base_path).items():
+            name, _, part = key.rpartition(SEP)
+            parts.setdefault(name, {})[part] = value
         state.precision = str(meta["precision"])
         for name, shape in meta["base"].items():
-            parts = {key.rpartition(SEP)[2]: value for key, value in stored.items() if key.rpartition(SEP)[0] == name}
-            state.base[name] = QuantizedWeight.from_tensors(state.precision, tuple(shape), parts)
+            state.base[name] = QuantizedWeight.from_tensors(state.precision, tuple(shape), parts[name])
     return state
 
 

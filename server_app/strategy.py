@@ -461,12 +461,12 @@ class FedPipeStrategy(LoRAStrategy):
     def load_state_dict(self, state: dict[str, object], tensors: dict[str, np.ndarray]) -> None:
         super().load_state_dict(state, tensors)
         self.importance = {str(m): float(v) for m, v in dict(state["importance"]).items()}
+        def under(prefix: str) -> dict[str, np.ndarray]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
         for rnd in state["increment-rounds"]:
-            prefix = f"{rnd}/"
-            own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-            self.increments[int(rnd)] = decode_factors(own, self.task.shapes)
-        residual = {k.removeprefix("residual/"): v for k, v in tensors.items() if k.startswith("residual/")}
-        self.residual = decode_factors(residual, self.task.shapes)
+            self.increments[int(rnd)] = decode_factors(under(f"{rnd}/"), self.task.shapes)
+        self.residual = decode_factors(under("residual/"), self.task.shapes)
 
     def global_delta(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         return decode_delta(from_record(arrays), self.task.shapes)
