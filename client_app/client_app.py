@@ -1,34 +1,28 @@
-"""FedPipe ClientApp: sync ΔW into the local base, train the assigned adapters, return A and B."""
+"""FedPipe ClientApp: protocol in, the mode's local routine, protocol out."""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 
 import psutil
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpipe_core.codec import decode_delta
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
-from fedpipe_core.profile import ClientProfile
-from fedpipe_core.task import (
-    Task,
-    client_examples,
-    client_profile,
-    load_task,
-    node_base,
-    node_state_dir,
-    run_client_round,
-    run_full_round,
-    save_importance,
-    site_examples,
-)
-from server_app.records import from_record, to_record
+from fedpipe_core.local import ClientRound, run_client_round, run_full_round
+from fedpipe_core.profile import ClientProfile, node_profile
+from fedpipe_core.protocol import TrainInstruction, TrainReply
+from fedpipe_core.state import node_base, node_state_dir, save_importance
+from fedpipe_core.task import Task, client_examples, load_task, site_examples
+from fedpipe_flower.messages import Arrays, profile_reply, read_instruction, train_reply
 
 app = ClientApp()
 _process = {"started": psutil.Process().create_time(), "messages": 0}
+
+
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -49,21 +43,44 @@ def _examples(task: Task, context: Context) -> list[Example]:
 
 def _profile(context: Context) -> ClientProfile:
     task = load_task(RunConfig.from_mapping(context.run_config))
-    return client_profile(task, context.node_config, _partition(context)[0])
+    return node_profile(task, context.node_config, _partition(context)[0])
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's profile (declared, simulated or measured)."""
     _process["messages"] += 1
-    profile = _profile(context)
-    record = ConfigRecord({"memory-bytes": profile.memory_bytes, "flops": profile.flops, "source": profile.source})
-    return Message(RecordDict({"profile": record}), reply_to=msg)
+    return profile_reply(msg, _profile(context))
+
+
+def _adapters_round(task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example],
+                    seed: int) -> tuple[ClientRound, int]:
+    """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
+    fedpipe = order.mode == "fedpipe"
+    start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
+    directory = node_state_dir(task, context.run_id, context.node_id)
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
+    out = run_client_round(task, model=model, examples=examples, ranks=order.ranks, seed=seed, importance_history=state.importance,
+                           initial_factors=None if fedpipe else payload, batch_size=order.batch_size, local_steps=order.local_steps)
+    save_importance(directory, state, out.importance_history)
+    return out, end
+
+
+def _full_round(task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example],
+                seed: int) -> tuple[ClientRound, int]:
+    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
+    out = run_full_round(task, examples=examples, modules=list(order.ranks), base_delta=decode_delta(payload, task.shapes),
+                         seed=seed, batch_size=order.batch_size, local_steps=order.local_steps)
+    return out, 0
+
+
+ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {"fedpipe": _adapters_round, "factors": _adapters_round, "ft": _full_round}
+"""The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round; the server's config says which modules, which ranks and which ΔW to merge.
+    """One local round; the instruction says which modules, which ranks and which ΔW to merge.
 
     Reports, besides the factors, how long the round's local training took (``train-s``), what it
     cost before and after that in this handler (``setup-s``: task, node state, base, adapters) and,
@@ -72,45 +89,24 @@ def train(msg: Message, context: Context) -> Message:
     entered, entered_wall = time.perf_counter(), time.time()
     startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
-    config = RunConfig.from_mapping(context.run_config)
-    task = load_task(config)
+    task = load_task(RunConfig.from_mapping(context.run_config))
     partition_id, _ = _partition(context)
     examples = _examples(task, context)
-    instruction = msg.content["config"]
-    ranks = {str(k): int(v) for k, v in json.loads(str(instruction["ranks"])).items()}
-    unknown = sorted(set(ranks) - set(task.shapes))
+    order, payload = read_instruction(msg)
+    unknown = sorted(set(order.ranks) - set(task.shapes))
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
-    payload = from_record(msg.content["arrays"])
-    server_round = int(instruction["server-round"])
-    plan = {"batch_size": int(instruction["batch-size"]), "local_steps": int(instruction["local-steps"])}
-    seed = config.seed * 1_000_003 + server_round * 1_009 + partition_id
-    end = 0  # the last server round whose ΔW this node has merged (FedPipe only)
-    mode = str(instruction["mode"])
-    if mode in ("fedpipe", "factors"):
-        start, end = (int(instruction["state-from"]), int(instruction["state-to"])) if mode == "fedpipe" else (0, 0)
-        directory = node_state_dir(task, context.run_id, context.node_id)
-        model, state = node_base(task, directory, payload if mode == "fedpipe" else {}, start, end, str(instruction["precision"]))
-        out = run_client_round(task, model=model, examples=examples, ranks=ranks, seed=seed, importance_history=state.importance,
-                               initial_factors=None if mode == "fedpipe" else payload, **plan)
-        save_importance(directory, state, out.importance_history)
-    elif mode == "ft":
-        out = run_full_round(task, examples=examples, modules=list(ranks), base_delta=decode_delta(payload, task.shapes), seed=seed, **plan)
-    else:
-        raise ValueError(f"unknown train mode {mode!r}")
-    profile = _profile(context)
-    metrics = MetricRecord(
-        {
-            "num-examples": out.num_examples,
-            "train-loss": out.result.mean_loss,
-            "steps": out.result.steps,
-            "state-version": end,
-            "profile-memory-bytes": profile.memory_bytes,
-            "profile-flops": profile.flops,
-            "train-s": out.train_s,
-            "setup-s": time.perf_counter() - entered - out.train_s,
-            "startup-s": startup,
-            **{f"importance::{m}": v for m, v in out.importance.items()},
-        }
+    seed = task.config.seed * 1_000_003 + order.server_round * 1_009 + partition_id
+    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seed)
+    report = TrainReply(
+        num_examples=out.num_examples,
+        train_loss=out.result.mean_loss,
+        steps=out.result.steps,
+        state_version=version,
+        profile=_profile(context),
+        train_s=out.train_s,
+        setup_s=time.perf_counter() - entered - out.train_s,
+        startup_s=startup,
+        importance=out.importance,
     )
-    return Message(RecordDict({"arrays": to_record(out.arrays), "metrics": metrics}), reply_to=msg)
+    return train_reply(msg, out.arrays, report)

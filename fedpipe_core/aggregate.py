@@ -39,11 +39,6 @@ class ClientUpdate:
     """Full-weight updates W_after - W_before (full fine-tuning), by module."""
 
 
-def client_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW_k = s_k · B_k · A_k (FedPipe eq 9)."""
-    return scale * (B.double() @ A.double()).float()
-
-
 def lowrank_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
     """‖s · B · A‖_F without forming the product: ‖BA‖_F² = Σ (BᵀB) ⊙ (AAᵀ) (r × r matrices)."""
     gram = (B.double().T @ B.double()) * (A.double() @ A.double().T)
@@ -136,17 +131,6 @@ def aggregate_padded(updates: list[ClientUpdate], ranks: dict[str, int], weighti
         padded = [(pad_factors(u.factors[module], ranks[module]), w) for u, w in pairs]
         out[module] = (sum(w * A.float() for (A, _), w in padded), sum(w * B.float() for (_, B), w in padded))
     return out
-
-
-def fedavg_factors(updates: list[ClientUpdate]) -> Factors:
-    """LoRA-FedAvg: average A and B *separately*, weighted by examples (fixed rank per module)."""
-    ranks: dict[str, int] = {}
-    for module in sorted({m for u in updates for m in u.factors}):
-        found = {u.factors[module][0].shape[0] for u in updates if module in u.factors}
-        if len(found) != 1:
-            raise ValueError(f"lora-fedavg needs one rank per module; {module} has ranks {sorted(found)}")
-        ranks[module] = found.pop()
-    return aggregate_padded(updates, ranks)
 
 
 def svd_truncate(delta: torch.Tensor, rank: int) -> LowRank:

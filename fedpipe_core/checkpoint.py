@@ -1,7 +1,7 @@
-"""Server checkpoints: after every round, the global state, the round and the strategy's state.
+"""Server checkpoints: after every round, the round and the strategy's whole state (its global state included).
 
-``<run dir>/checkpoint/`` holds ``arrays.safetensors`` (the global arrays), ``tensors.safetensors``
-(strategy tensors, e.g. FedPipe's per-round ΔW increments) and ``state.json`` (round, run-config
+``<run dir>/checkpoint/`` holds ``tensors.safetensors`` (the strategy's arrays: its global factors
+or ΔW, FedPipe's per-round ΔW increments and dispatch residual) and ``state.json`` (round, run-config
 fields a resume must match, running totals, strategy state such as profiles and importance). It
 is replaced atomically (written beside, then renamed), so a run stopped at any moment leaves the
 last complete round behind.
@@ -31,7 +31,6 @@ class Checkpoint:
     """What a run needs to continue after ``round``."""
 
     round: int
-    arrays: dict[str, np.ndarray]
     tensors: dict[str, np.ndarray]
     state: dict[str, Any]
     totals: dict[str, float]
@@ -43,7 +42,6 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     final, staging = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.arrays.items()}, str(staging / "arrays.safetensors"))
     save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.tensors.items()}, str(staging / "tensors.safetensors"))
     meta = {"round": checkpoint.round, "state": checkpoint.state, "totals": checkpoint.totals, "config": checkpoint.config}
     (staging / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -63,7 +61,6 @@ def load_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint:
         raise ConfigError(f"run config 'resume-from': {str(run_dir)!r} has no checkpoint (no finished round)")
     try:
         meta = json.loads((directory / "state.json").read_text())
-        arrays = load_file(str(directory / "arrays.safetensors"))
         tensors = load_file(str(directory / "tensors.safetensors"))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"run config 'resume-from': the checkpoint in {str(run_dir)!r} is unreadable ({exc})") from exc
@@ -75,4 +72,4 @@ def load_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint:
     if meta["round"] >= config.num_server_rounds:
         raise ConfigError(f"run config 'resume-from': the checkpoint is at round {meta['round']}; "
                           f"'num-server-rounds' ({config.num_server_rounds}) leaves nothing to run")
-    return Checkpoint(meta["round"], arrays, tensors, meta["state"], meta["totals"], meta["config"])
+    return Checkpoint(meta["round"], tensors, meta["state"], meta["totals"], meta["config"])

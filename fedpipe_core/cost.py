@@ -18,17 +18,13 @@ al.), and the logits with their gradient.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from fedpipe_core.quantize import bytes_per_param
-
-LAYER_PATTERN = re.compile(r"\.(\d+)\.")
-
+from fedpipe_core.structure import block_linears, layer_of
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -47,19 +43,6 @@ class ModelSpec:
     @property
     def linear_params(self) -> int:
         return self.num_layers * self.layer_linear_params
-
-
-def layer_of(name: str) -> int:
-    """Transformer block index in a module name (``model.layers.7.self_attn.q_proj`` -> 7)."""
-    match = LAYER_PATTERN.search(name)
-    if match is None:
-        raise ValueError(f"{name!r} is not inside a numbered transformer block")
-    return int(match.group(1))
-
-
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The linear layers (Linear, GPT-2's Conv1D) inside numbered transformer blocks."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and LAYER_PATTERN.search(n)]
 
 
 def model_spec(model: PreTrainedModel, candidates: list[str]) -> ModelSpec:
@@ -143,3 +126,23 @@ def step_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int) -> 
 def peak_memory(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int, precision: str, compute_bytes: int = 4) -> float:
     """Peak bytes of training this configuration (see module docstring)."""
     return memory_terms(spec, batch, seq, precision, compute_bytes).of(spec, ranks)
+
+
+def full_params(spec: ModelSpec, modules: list[str]) -> int:
+    """Parameters of the target weights that full fine-tuning trains: Σ out · in."""
+    return sum(spec.modules[m][1] * spec.modules[m][2] for m in modules)
+
+
+def full_step_flops(spec: ModelSpec, modules: list[str], batch: int, seq: int) -> float:
+    """FLOPs of one FT step: forward, activation gradients down to the lowest trained block,
+    and the weight gradients (2 · out · in per token) of every trained weight."""
+    terms = flops_terms(spec, batch, seq)
+    blocks = backward_blocks(spec, {m: 1 for m in modules})
+    return float(terms.fixed + terms.per_block * blocks + 2 * batch * seq * full_params(spec, modules))
+
+
+def full_peak_memory(spec: ModelSpec, modules: list[str], batch: int, seq: int) -> float:
+    """Peak bytes of FT: an FP32 base, gradient and two AdamW moments of the trained weights, activations."""
+    terms = memory_terms(spec, batch, seq, "fp32")
+    blocks = backward_blocks(spec, {m: 1 for m in modules})
+    return float(terms.fixed + terms.per_block * blocks + 3 * 4 * full_params(spec, modules))

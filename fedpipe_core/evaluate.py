@@ -1,4 +1,4 @@
-"""Evaluation of a model: token-level loss / perplexity on targets, and greedy generation."""
+"""Evaluation: token-level loss / perplexity on targets, greedy generation, and a run's validation and test scores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedpipe_core.data import IGNORE_INDEX, Example, collate
+from fedpipe_core.data import IGNORE_INDEX, Example, collate, references_by_group
+from fedpipe_core.lora import merge_delta
+from fedpipe_core.metrics import e2e_scores
+from fedpipe_core.task import Task
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,37 @@ def generate(
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def global_model(task: Task, delta: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Base + global ΔW."""
+    model = task.base_model()
+    merge_delta(model, delta)
+    return model
+
+
+def evaluate_validation(task: Task, delta: dict[str, torch.Tensor]) -> LossResult:
+    """Eval loss / PPL of base + ΔW on (the first ``eval-examples`` of) the validation split."""
+    examples = task.splits["validation"][: task.config.eval_examples]
+    return evaluate_loss(global_model(task, delta), task.tokenizer, examples, task.config.max_seq_len)
+
+
+def score_test(task: Task, delta: dict[str, torch.Tensor], examples: list[Example] | None = None, limit: int | None = None) -> dict[str, float]:
+    """Final scores on the test split: PPL always; for E2E also the five generation metrics.
+
+    Without ``limit`` the run-config caps apply (``eval-examples`` for PPL, ``test-groups`` MRs for
+    generation); with it, PPL uses every example and generation the first ``limit`` MRs.
+    """
+    examples = task.splits["test"] if examples is None else examples
+    model = global_model(task, delta)
+    scored = examples[: task.config.eval_examples if limit is None else len(examples)]
+    scores: dict[str, float] = {"ppl": evaluate_loss(model, task.tokenizer, scored, task.config.max_seq_len).ppl}
+    if task.config.task == "e2e":
+        refs = references_by_group(examples)
+        groups = sorted(refs)[: task.config.test_groups if limit is None else limit]
+        if groups:
+            prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
+            hyps = generate(model, task.tokenizer, prompts, task.config.max_new_tokens)
+            scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
+            scores["scored_groups"] = float(len(groups))
+    return scores

@@ -29,7 +29,6 @@ class ImportanceTracker:
         past = history or {}
         self.smoothed: dict[str, float] = {m: past.get(m, (0.0, 0.0))[0] for m in self.layers}
         self.uncertainty: dict[str, float] = {m: past.get(m, (0.0, 0.0))[1] for m in self.layers}
-        self.steps = 0
 
     def history(self) -> dict[str, tuple[float, float]]:
         """(Ī, Ū) per weight, to continue the EMAs next round."""
@@ -45,7 +44,6 @@ class ImportanceTracker:
             self.uncertainty[module] = self.beta2 * self.uncertainty[module] + (1 - self.beta2) * abs(
                 sensitivity - self.smoothed[module]
             )  # eq 6
-        self.steps += 1
 
     def sensitivity_scores(self) -> dict[str, float]:
         """Eq 7: Ī · Ū per weight."""

@@ -124,11 +124,6 @@ def lora_factors(peft_model: PeftModel) -> Factors:
     }
 
 
-def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
-    """alpha / r of every adapted module."""
-    return {name: float(layer.scaling["default"]) for name, layer in lora_layers(peft_model).items()}
-
-
 def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
     """Load given (A, B) into the adapters (used by strategies that keep global factors).
 

@@ -13,10 +13,15 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
+
+from fedpipe_core.cost import peak_memory
+
+if TYPE_CHECKING:
+    from fedpipe_core.task import Task
 
 RTX3090_TFLOPS = 35.6
 """FP16/FP32 non-tensor-core peak of an RTX 3090, the paper's reference card."""
@@ -88,3 +93,16 @@ def simulated(partition_id: int, seed: int, weight_bytes: float, training_bytes:
     memory = draw(*memory_range) * weight_bytes + training_bytes
     flops = draw(*compute_range) * RTX3090_TFLOPS * 1e12
     return ClientProfile(memory, flops, "simulated")
+
+
+def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
+    """Declared in node config, else simulated (run config ``sim.profile``), else measured here."""
+    profile = declared(node_config)
+    if profile is not None:
+        return profile
+    cfg = task.config
+    if cfg.profile == "simulated":
+        weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
+        training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
+        return simulated(partition_id, cfg.seed, weights, training, ideal=cfg.heterogeneity == "ideal")
+    return measure()

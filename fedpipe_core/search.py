@@ -25,6 +25,7 @@ from fedpipe_core.cost import (
     peak_memory,
     step_flops,
 )
+from fedpipe_core.plan import Plan, choose_precision
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.quantize import PRECISIONS
 
@@ -38,38 +39,10 @@ class SearchSpace:
     local_steps: int
 
 
-@dataclass
-class Plan:
-    """One client's configuration for a round (empty ``ranks`` with a ``reason``: left out)."""
-
-    batch_size: int
-    precision: str
-    ranks: dict[str, int]
-    flops_budget: float
-    step_flops: float = 0.0
-    memory_bytes: float = 0.0
-    reason: str = ""
-    search_s: float = 0.0
-    local_steps: int = 0
-    """Local steps this round (set by the strategy; fewer than the run config's under a deadline)."""
-
-    @property
-    def feasible(self) -> bool:
-        return bool(self.ranks)
-
-
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
     """Stage 1: b_k = b_max · F_k / max_j F_j, rounded and clipped to [b_min, b_max]."""
     top = max(flops)
     return [min(b_max, max(b_min, round(b_max * f / top))) for f in flops]
-
-
-def choose_precision(spec: ModelSpec, profile: ClientProfile, ranks: dict[str, int], batch: int, seq: int) -> str | None:
-    """The highest precision whose peak memory for this configuration fits, or None."""
-    for precision in PRECISIONS:
-        if peak_memory(spec, ranks, batch, seq, precision) <= profile.memory_bytes:
-            return precision
-    return None
 
 
 def _round_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, space: SearchSpace) -> float:

@@ -22,8 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpipe_core.codec import SEP
-from fedpipe_core.quantize import QuantizedWeight
+from collections.abc import Mapping
+
+import numpy as np
+from transformers import PreTrainedModel
+
+from fedpipe_core.codec import SEP, decode_delta
+from fedpipe_core.lora import merge_delta
+from fedpipe_core.model import default_cache_dir
+from fedpipe_core.quantize import QuantizedWeight, quantize
+from fedpipe_core.structure import block_linears
+from fedpipe_core.task import Task
 
 
 @dataclass
@@ -108,3 +117,60 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
         "importance": {m: list(v) for m, v in state.importance.items()},
     }
     _replace(directory / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+
+
+def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:
+    """This node's state directory for the run."""
+    return state_dir(default_cache_dir(task.config.cache_dir), run_id, node_id)
+
+
+class StateMismatch(RuntimeError):
+    """The server sent ΔW rounds that do not continue this node's saved state."""
+
+
+def node_base(task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int,
+              precision: str) -> tuple[PreTrainedModel, NodeState]:
+    """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
+
+    Merges the server's ΔW rounds ``start+1..end`` into the state saved on the node's disk. The
+    quantized block weights are saved too, so at an unchanged precision only the weights this
+    round's ΔW touches are re-quantized; at a new precision the whole base is. A weight is held as
+    Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW smaller than a
+    quantization step, so a node's base would stop following the global model.
+    """
+    state = load_state(directory)
+    if start == 0 and (state.version or state.delta):
+        state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
+    if state.version != start:
+        raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
+    increment = decode_delta(payload, task.shapes)
+    state.add(increment, end)
+    model = task.base_model()
+    merge_delta(model, state.delta)  # W0 + ΣΔW in FP32
+    if precision == "fp32":
+        requantized, state.base = bool(state.base), {}
+    else:
+        if state.precision == precision and state.base:
+            names = [m for m in increment if m in state.base]
+        else:
+            names, state.base = [name for name, _ in block_linears(model)], {}
+        state.base |= {name: quantize(model.get_submodule(name).weight, precision) for name in names}
+        _hold(model, state.base)
+        requantized = bool(names)
+    state.precision = precision
+    save_state(directory, state, delta=bool(increment) or start == 0, base=requantized)
+    return model, state
+
+
+def _hold(model: PreTrainedModel, base: dict[str, QuantizedWeight]) -> None:
+    """Set each block weight to deQ(Q(W)): what a quantized base computes in its matmuls (eq 8); adapters stay FP32."""
+    with torch.no_grad():
+        for name, weight in base.items():
+            target = model.get_submodule(name).weight
+            target.copy_(weight.dequantize().to(target.dtype))
+
+
+def save_importance(directory: Path, state: NodeState, history: dict[str, tuple[float, float]]) -> None:
+    """Keep this round's (Ī, Ū) per weight on the node for the next round's EMAs."""
+    state.importance |= history
+    save_state(directory, state, delta=False, base=False)

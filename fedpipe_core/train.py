@@ -18,7 +18,6 @@ class TrainResult:
 
     mean_loss: float
     steps: int
-    examples_seen: int
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
@@ -63,7 +62,6 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     losses: list[float] = []
-    seen = 0
     for batch in batches(examples, batch_size, steps, seed):
         inputs = collate(tokenizer, batch, max_len)
         loss = model(**inputs).loss
@@ -75,6 +73,5 @@ def train_local(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        seen += len(batch)
     model.eval()
-    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses), examples_seen=seen)
+    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses))

@@ -3,9 +3,12 @@
 from types import SimpleNamespace
 
 import torch
+from peft import PeftModel
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from server_app.records import to_record
+from fedpipe_core.aggregate import ClientUpdate, aggregate_padded
+from fedpipe_core.lora import Factors, lora_layers
+from fedpipe_flower.messages import to_record
 
 
 class FakeGrid:
@@ -56,3 +59,22 @@ def client_factors(task, ranks, seed):
     return out
 
 
+def client_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW_k = s_k · B_k · A_k (FedPipe eq 9), the reference the aggregation is checked against."""
+    return scale * (B.double() @ A.double()).float()
+
+
+def fedavg_factors(updates: list[ClientUpdate]) -> Factors:
+    """LoRA-FedAvg: average A and B *separately*, weighted by examples (fixed rank per module)."""
+    ranks: dict[str, int] = {}
+    for module in sorted({m for u in updates for m in u.factors}):
+        found = {u.factors[module][0].shape[0] for u in updates if module in u.factors}
+        if len(found) != 1:
+            raise ValueError(f"lora-fedavg needs one rank per module; {module} has ranks {sorted(found)}")
+        ranks[module] = found.pop()
+    return aggregate_padded(updates, ranks)
+
+
+def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
+    """alpha / r of every adapted module."""
+    return {name: float(layer.scaling["default"]) for name, layer in lora_layers(peft_model).items()}

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from fakes import client_delta, fedavg_factors
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
     aggregate_delta,
     aggregate_lowrank,
-    client_delta,
     concat_lowrank,
-    fedavg_factors,
     is_cheaper_dense,
     lowrank_norm,
     lowrank_svd,

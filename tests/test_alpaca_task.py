@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 
-from fedpipe_core.task import client_examples, load_task, run_client_round, score_test
+from fedpipe_core.evaluate import score_test
+from fedpipe_core.local import run_client_round
+from fedpipe_core.task import client_examples, load_task
 
 
 def test_alpaca_round_and_perplexity(task):

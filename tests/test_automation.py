@@ -17,14 +17,8 @@ from fedpipe_core.quantize import (
     normal_float_code,
     quantize,
 )
-from fedpipe_core.search import (
-    SearchSpace,
-    batch_sizes,
-    choose_precision,
-    exact,
-    greedy,
-    plan_client,
-)
+from fedpipe_core.plan import choose_precision
+from fedpipe_core.search import SearchSpace, batch_sizes, exact, greedy, plan_client
 
 
 def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpipe_core.bench import load_suites
+from fedpipe_tools.bench import load_suites
 from fedpipe_core.config import ConfigError
-from fedpipe_core.report import to_target, write_report
+from fedpipe_tools.report import to_target, write_report
 
 ROOT = Path(__file__).parents[1]
 

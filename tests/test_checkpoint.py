@@ -5,48 +5,51 @@ from dataclasses import replace
 import pytest
 import torch
 from fakes import FakeGrid, client_factors, reply
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedpipe_core.aggregate import to_dense
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.codec import decode_delta, encode_factors
 from fedpipe_core.config import ConfigError
-from server_app.records import from_record, to_record
-from server_app.strategy import FedPipeStrategy
+from fedpipe_core.strategies import FedPipe
+from fedpipe_flower.messages import from_record
+from server_app.strategy import FlowerAdapter
 
 
 def _round_one(task, grid):
-    strategy = FedPipeStrategy(task)
-    list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    strategy = FlowerAdapter(FedPipe(task))
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     replies = [
         reply(n, encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)),
               {"train-loss": 2.0, "num-examples": 10 * n, "state-version": 0, f"importance::{task.targets[0]}": 0.5 * n})
         for n in (1, 2)
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    return strategy, arrays
+    strategy.aggregate_train(1, replies)
+    return strategy
 
 
 def test_a_resumed_strategy_sends_what_the_uninterrupted_one_sends(task, tmp_path):
     grid = FakeGrid([1, 2], profiles={1: (64 * 2**30, 35e12), 2: (64 * 2**30, 12e12)})
-    original, arrays = _round_one(task, grid)
-    state, tensors = original.state_dict()
-    save_checkpoint(tmp_path, Checkpoint(1, from_record(arrays), tensors, state, {"bytes_up": 5.0}, task.config.to_mapping()))
-    save_checkpoint(tmp_path, Checkpoint(1, from_record(arrays), tensors, state, {"bytes_up": 5.0}, task.config.to_mapping()))
+    original = _round_one(task, grid)
+    state, tensors = original.strategy.state_dict()
+    save_checkpoint(tmp_path, Checkpoint(1, tensors, state, {"bytes_up": 5.0}, task.config.to_mapping()))
+    save_checkpoint(tmp_path, Checkpoint(1, tensors, state, {"bytes_up": 5.0}, task.config.to_mapping()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # replaced in place, nothing left beside it
 
-    resumed = FedPipeStrategy(task)
     checkpoint = load_checkpoint(tmp_path, replace(task.config, num_server_rounds=3))
-    resumed.load_state_dict(checkpoint.state, checkpoint.tensors)
-    resumed.round_offset = checkpoint.round
-    assert resumed.importance == original.importance and resumed.profiles == original.profiles
-    assert original.residual and set(resumed.residual) == set(original.residual)  # what dispatch = svd has not sent yet
-    for module, rest in original.residual.items():
-        torch.testing.assert_close(to_dense(resumed.residual[module]), to_dense(rest))
+    core = FedPipe(task)
+    core.load_state_dict(checkpoint.state, checkpoint.tensors)
+    resumed = FlowerAdapter(core, round_offset=checkpoint.round)
+    assert core.importance == original.strategy.importance and core.profiles == original.strategy.profiles
+    assert original.strategy.residual and set(core.residual) == set(original.strategy.residual)  # what dispatch = svd has not sent yet
+    for module, rest in original.strategy.residual.items():
+        torch.testing.assert_close(to_dense(core.residual[module]), to_dense(rest))
+    for module, delta in original.strategy.global_delta().items():
+        torch.testing.assert_close(core.global_delta()[module], delta, rtol=0, atol=0)
     assert checkpoint.totals == {"bytes_up": 5.0}
 
-    expected = {m.metadata.dst_node_id: m for m in original.configure_train(2, arrays, ConfigRecord(), grid)}
-    got = {m.metadata.dst_node_id: m for m in resumed.configure_train(1, to_record(checkpoint.arrays), ConfigRecord(), grid)}
+    expected = {m.metadata.dst_node_id: m for m in original.configure_train(2, ArrayRecord(), ConfigRecord(), grid)}
+    got = {m.metadata.dst_node_id: m for m in resumed.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
     assert sorted(got) == sorted(expected)
     for node, message in got.items():
         want = expected[node]
@@ -63,11 +66,11 @@ def test_a_resumed_strategy_sends_what_the_uninterrupted_one_sends(task, tmp_pat
 def test_resume_refuses_a_mismatched_or_finished_checkpoint(task, tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         load_checkpoint(tmp_path, task.config)
-    save_checkpoint(tmp_path, Checkpoint(2, {}, {}, {"profiles": {}}, {}, task.config.to_mapping()))
+    save_checkpoint(tmp_path, Checkpoint(2, {}, {"profiles": {}}, {}, task.config.to_mapping()))
     with pytest.raises(ConfigError, match="strategy='fedpipe'"):
         load_checkpoint(tmp_path, replace(task.config, strategy="hetlora", num_server_rounds=4))
     with pytest.raises(ConfigError, match="leaves nothing to run"):
         load_checkpoint(tmp_path, replace(task.config, num_server_rounds=2))
-    (tmp_path / "checkpoint" / "arrays.safetensors").write_bytes(b"garbage")
+    (tmp_path / "checkpoint" / "tensors.safetensors").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="unreadable"):
         load_checkpoint(tmp_path, replace(task.config, num_server_rounds=4))

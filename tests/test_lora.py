@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fakes import lora_scaling
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_delta
@@ -9,7 +10,6 @@ from fedpipe_core.config import ConfigError
 from fedpipe_core.lora import (
     attach_lora,
     lora_factors,
-    lora_scaling,
     merge_delta,
     module_shape,
     resolve_target_modules,

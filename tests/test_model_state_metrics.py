@@ -8,12 +8,11 @@ import torch
 from fedpipe_core.aggregate import to_dense
 from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
-from fedpipe_core.cost import block_linears
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import load_model, resolve_checkpoint
 from fedpipe_core.quantize import quantize
-from fedpipe_core.state import load_state
-from fedpipe_core.task import StateMismatch, node_base, save_importance
+from fedpipe_core.state import StateMismatch, load_state, node_base, save_importance
+from fedpipe_core.structure import block_linears
 
 
 def test_builtin_model_loads_offline_from_the_safetensors_cache(task, monkeypatch):

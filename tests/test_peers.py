@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import FakeGrid, client_factors, reply
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
@@ -24,22 +24,14 @@ from fedpipe_core.codec import (
     encode_factors,
 )
 from fedpipe_core.cost import step_flops
-from fedpipe_core.peers import (
-    capability_rank,
-    deadline_steps,
-    fedadapter_config,
-    legend_ranks,
-    rising_ranks,
-)
-from fedpipe_core.task import lora_alphas, run_full_round
-from server_app.peers import (
-    STRATEGIES,
-    FlexLoRAStrategy,
-    FullFTStrategy,
-    HetLoRAStrategy,
-    LegendStrategy,
-)
-from server_app.records import from_record
+from fedpipe_core.local import lora_alphas, run_full_round
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.protocol import TrainReply
+from fedpipe_core.strategies import STRATEGIES, FlexLoRA, FullFT, HetLoRA, Legend
+from fedpipe_core.strategies.base import deadline_steps
+from fedpipe_core.strategies.peer_rules import capability_rank, fedadapter_config, legend_ranks, rising_ranks
+from fedpipe_flower.messages import from_record
+from server_app.strategy import FlowerAdapter
 
 
 def factors(rank, out, fan_in, seed):
@@ -73,7 +65,7 @@ def test_legend_per_layer_weights_by_hand():
         ClientUpdate({"l1": l1_2}, {"l1": 1.0}, 30),
         ClientUpdate({"l2": l2_3}, {"l2": 1.0}, 20),
     ]
-    out = aggregate_padded(updates, {"l0": 4, "l1": 4, "l2": 4}, LegendStrategy.weighting)
+    out = aggregate_padded(updates, {"l0": 4, "l1": 4, "l2": 4}, Legend.weighting)
     torch.testing.assert_close(out["l0"][0][:2], l0_1[0])  # the only device on layer 0 gets weight 1
     torch.testing.assert_close(out["l0"][0][2:], torch.zeros(2, 3))
     torch.testing.assert_close(out["l1"][0][:2], 0.25 * l1_1[0][:2] + 0.75 * l1_2[0])
@@ -147,8 +139,8 @@ def test_deadline_cuts_local_steps_and_leaves_out_a_node_that_cannot_finish_one(
     deadline = 1.0
     # node 1 does one step in 0.1 s, node 2 in 0.4 s, node 3 in 2 s
     profiles = {1: (64 * 2**30, step / 0.1), 2: (64 * 2**30, step / 0.4), 3: (64 * 2**30, step / 2.0)}
-    strategy = STRATEGIES["lora-fedavg"](replace(task, config=replace(cfg, round_deadline_s=deadline, local_steps=6)))
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid([1, 2, 3], profiles=profiles))}
+    strategy = FlowerAdapter(STRATEGIES["lora-fedavg"](replace(task, config=replace(cfg, round_deadline_s=deadline, local_steps=6))))
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2, 3], profiles=profiles))}
     assert sorted(messages) == [1, 2]
     assert messages[1].content["config"]["local-steps"] == 6 and messages[2].content["config"]["local-steps"] == 2
     assert strategy.stats[1].left_out == 1
@@ -156,65 +148,88 @@ def test_deadline_cuts_local_steps_and_leaves_out_a_node_that_cannot_finish_one(
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_runs_a_round_and_moves_the_global_delta(task, name):
+def test_every_strategy_runs_a_round_on_plain_arrays_and_moves_the_global_delta(task, name):
+    """The strategy alone, no Flower: plan -> payloads -> read -> combine -> global ΔW."""
     strategy = STRATEGIES[name](task)
+    strategy.profiles = {n: ClientProfile(64 * 2**30, f, "declared") for n, f in ((1, 35e12), (2, 20e12), (3, 9e12))}
+    assert all(float(d.abs().sum()) == 0 for d in strategy.global_delta().values())
+    plans = strategy.plan_round(1, [1, 2, 3, 4])  # node 4 has no profile: not planned
+    sent = strategy.payloads(1, plans)
+    assert sorted(plans) == sorted(sent) == [1, 2, 3]
+    assert all(order.server_round == 1 and order.mode == strategy.mode and order.ranks == plans[n].ranks for n, (_, order) in sent.items())
+    updates = {}
+    for node in (1, 2, 3):
+        ranks = plans[node].ranks
+        if name == "ft":
+            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks})
+        else:
+            arrays = encode_factors(client_factors(task, ranks, node))
+        report = TrainReply(num_examples=10 * node, train_loss=2.0, state_version=0)
+        updates[node] = (strategy.read_update(arrays, report, ranks), report)
+    strategy.combine(1, updates)
+    delta = strategy.global_delta()
+    trained = set().union(*(plans[n].ranks for n in (1, 2, 3)))
+    assert {m for m, d in delta.items() if float(d.abs().sum()) > 0} == trained
+    assert set(strategy.payloads(2, strategy.plan_round(2, [1, 2, 3]))) == {1, 2, 3}  # round 2 dispatches from the new state
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_runs_a_round_over_flower_messages_and_counts_bytes(task, name):
+    strategy = FlowerAdapter(STRATEGIES[name](task))
     grid = FakeGrid([1, 2, 3], profiles={1: (64 * 2**30, 35e12), 2: (64 * 2**30, 20e12), 3: (64 * 2**30, 9e12)})
-    initial = strategy.initial_arrays()
-    assert all(float(d.abs().sum()) == 0 for d in strategy.global_delta(initial).values())
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
     replies = []
-    for node, seed in ((1, 1), (2, 2), (3, 3)):
+    for node in (1, 2, 3):
         ranks = strategy.stats[1].ranks[node]
         if name == "ft":
-            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(seed)) for m in ranks})
+            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks})
         else:
-            arrays = encode_factors(client_factors(task, ranks, seed))
-        replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * seed, "state-version": 0}))
+            arrays = encode_factors(client_factors(task, ranks, node))
+        replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * node, "state-version": 0}))
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 3 and strategy.stats[1].rejected == 0
-    delta = strategy.global_delta(arrays)
-    trained = set().union(*(strategy.stats[1].ranks[n] for n in (1, 2, 3)))
-    assert {m for m, d in delta.items() if float(d.abs().sum()) > 0} == trained
+    assert strategy.stats[1].train_loss == 2.0 and strategy.stats[1].num_examples == 60
     assert strategy.stats[1].bytes_up == sum(r.content.array_records["arrays"].count_bytes() for r in replies)
     assert strategy.stats[1].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages)
-    list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # round 2 dispatches from the new state
+    mirrored = from_record(arrays)  # what Flower holds is the strategy's own global state
+    assert set(mirrored) == set(strategy.strategy.global_arrays())
 
 
 def test_heterogeneous_rank_strategies_give_slow_nodes_lower_ranks(task):
     profiles = {1: (64 * 2**30, 35e12), 2: (64 * 2**30, 9e12)}
-    for cls in (HetLoRAStrategy, FlexLoRAStrategy):
-        strategy = cls(task)
-        list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid([1, 2], profiles=profiles)))
+    for cls in (HetLoRA, FlexLoRA):
+        strategy = FlowerAdapter(cls(task))
+        list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2], profiles=profiles)))
         assert set(strategy.stats[1].ranks[1].values()) == {8} and set(strategy.stats[1].ranks[2].values()) == {2}
 
 
 def test_flexlora_sends_each_node_the_truncated_global_delta(task):
-    strategy = FlexLoRAStrategy(task)
+    strategy = FlowerAdapter(FlexLoRA(task))
     grid = FakeGrid([1, 2], profiles={1: (64 * 2**30, 35e12), 2: (64 * 2**30, 9e12)})
-    list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     replies = [
         reply(n, encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)), {"train-loss": 1.0, "num-examples": 5})
         for n in (1, 2)
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    delta = strategy.global_delta(arrays)
+    delta = strategy.strategy.global_delta()
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
     module = task.targets[0]
     sent = decode_factors(from_record(messages[2].content["arrays"]), task.shapes)[module]
     assert sent[0].shape[0] == 2
     A, B = svd_truncate(delta[module], 2)
-    torch.testing.assert_close(strategy.scaling() * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(strategy.strategy.scaling() * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
 
 
 def test_ft_leaves_out_nodes_that_cannot_hold_it_and_rejects_factor_replies(task):
-    strategy = FullFTStrategy(task)
+    strategy = FlowerAdapter(FullFT(task))
     grid = FakeGrid([1, 2], profiles={1: (64 * 2**30, 35e12), 2: (0.5 * 2**30, 35e12)})
-    messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     assert [m.metadata.dst_node_id for m in messages] == [1] and strategy.stats[1].left_out == 1
     bad = reply(1, encode_factors(client_factors(task, {task.targets[0]: 2}, 0)), {"train-loss": 1.0, "num-examples": 5})
     assert strategy.aggregate_train(1, [bad]) == (None, None) and strategy.stats[1].rejected == 1
-    assert strategy.trainable_params(strategy.stats[1].ranks[1]) == sum(o * i for o, i in task.shapes.values())
+    assert strategy.strategy.trainable_params(strategy.stats[1].ranks[1]) == sum(o * i for o, i in task.shapes.values())
 
 
 def test_full_round_trains_whole_target_weights_only(task):

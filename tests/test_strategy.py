@@ -5,25 +5,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fakes import FakeGrid, client_factors, reply
-from flwr.app import ConfigRecord
+from fakes import FakeGrid, client_factors, fedavg_factors, reply
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
     aggregate_delta,
-    fedavg_factors,
     to_dense,
 )
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
-from server_app.peers import LoRAFedAvgStrategy
-from server_app.records import from_record, to_record
-from server_app.strategy import FedPipeStrategy
+from fedpipe_core.strategies import FedPipe, LoRAFedAvg
+from fedpipe_flower.messages import from_record, to_record
+from server_app.strategy import FlowerAdapter
 
 
 def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
-    strategy = FedPipeStrategy(replace(task, config=replace(task.config, dispatch="exact")))
+    strategy = FlowerAdapter(FedPipe(replace(task, config=replace(task.config, dispatch="exact"))))
     grid = FakeGrid([11, 22, 33])
-    messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 22, 33]
     assert all(m.content["config"]["state-from"] == 0 and m.content["config"]["state-to"] == 0 for m in messages)
     modules = list(task.targets)
@@ -53,11 +52,11 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
             ClientUpdate(good22, {m: alpha / task.config.lora_rank for m in good22}, 10),
         ]
     )
-    got = strategy.global_delta(arrays)
+    got = strategy.strategy.global_delta()
     assert set(got) == set(expected)
     for m in expected:
         torch.testing.assert_close(got[m], expected[m], rtol=1e-5, atol=1e-6)
-    assert strategy.synced == {11: 0, 22: 0}
+    assert strategy.strategy.synced == {11: 0, 22: 0}
     # round 2: nodes 11/22 get round 1's ΔW exactly; node 33 (failed) also gets it from 0
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
     for node in (11, 22, 33):
@@ -71,9 +70,9 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
 
 
 def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_rest(task):
-    strategy = FedPipeStrategy(task)  # dispatch = svd by default
+    strategy = FlowerAdapter(FedPipe(task))  # dispatch = svd by default
     grid = FakeGrid([1, 2, 3])
-    list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     top = max(task.config.rank_candidates())
     factors = {n: client_factors(task, {m: top for m in task.targets[:4]}, n) for n in (1, 2, 3)}
     for n in factors:
@@ -82,11 +81,11 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
     arrays, _ = strategy.aggregate_train(1, replies)
     scale = task.config.lora_alpha / task.config.lora_rank
     exact = aggregate_delta([ClientUpdate(f, {m: scale for m in f}, 10) for f in factors.values()])
-    held = strategy.global_delta(arrays)
+    held = strategy.strategy.global_delta()
     for m in exact:  # the global state + what was cut = the exact average; the cut is the SVD tail
-        torch.testing.assert_close(held[m] + to_dense(strategy.residual[m]), exact[m], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(held[m] + to_dense(strategy.strategy.residual[m]), exact[m], rtol=1e-4, atol=1e-6)
         tail = torch.linalg.svdvals(exact[m].double())[top:]
-        assert float(to_dense(strategy.residual[m]).norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
+        assert float(to_dense(strategy.strategy.residual[m]).norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
         sv = torch.linalg.svdvals(held[m].double())
         assert sv[top] < 1e-5 * sv[0] < sv[top - 1]  # the nodes merge a rank-8 ΔW
     messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
@@ -101,11 +100,11 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
 
 
 def test_lora_fedavg_round_averages_factors(task):
-    strategy = LoRAFedAvgStrategy(task)
-    initial = strategy.initial_arrays()
+    strategy = FlowerAdapter(LoRAFedAvg(task))
+    initial = to_record(strategy.strategy.global_arrays())
     start = decode_factors(from_record(initial), task.shapes)
     assert all(torch.count_nonzero(b) == 0 for _, b in start.values())
-    assert all(t.abs().sum() == 0 for t in strategy.global_delta(initial).values())
+    assert all(t.abs().sum() == 0 for t in strategy.strategy.global_delta().values())
     grid = FakeGrid([1, 2])
     list(strategy.configure_train(1, initial, ConfigRecord(), grid))
     f1 = client_factors(task, strategy.stats[1].ranks[1], 5)
@@ -117,6 +116,6 @@ def test_lora_fedavg_round_averages_factors(task):
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = fedavg_factors([ClientUpdate(f1, {}, 1), ClientUpdate(f2, {}, 3)])
     module = task.targets[0]
-    got = strategy.global_delta(arrays)[module]
+    got = strategy.strategy.global_delta()[module]
     a, b = expected[module]
     torch.testing.assert_close(got, task.config.lora_alpha / task.config.lora_rank * to_dense((a, b)), rtol=1e-5, atol=1e-7)

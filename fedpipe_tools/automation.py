@@ -1,6 +1,6 @@
 """Benchmark of FedPipe's automation on the embedded model; prints tables and ratios.
 
-    python benchmarks/automation.py [--clients 8] [--instances 10]
+    fedpipe-automation [--clients 8] [--instances 10]
 
 1. the plan of each simulated client (profile -> precision, batch size, ranks) in round 1;
 2. greedy vs exact MILP objective and search time on random importance instances;
@@ -22,14 +22,15 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedpipe_core.config import RunConfig
-from fedpipe_core.cost import block_linears, step_flops
+from fedpipe_core.cost import step_flops
 from fedpipe_core.data import collate
 from fedpipe_core.lora import attach_lora
-from fedpipe_core.peers import deadline_steps
-from fedpipe_core.profile import measure
+from fedpipe_core.profile import measure, node_profile
 from fedpipe_core.quantize import PRECISIONS, quantize
 from fedpipe_core.search import SearchSpace, batch_sizes, exact, greedy, plan_client
-from fedpipe_core.task import client_profile, load_task
+from fedpipe_core.strategies.base import deadline_steps
+from fedpipe_core.structure import block_linears
+from fedpipe_core.task import load_task
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
 
     # 1. plans for simulated heterogeneous clients (round 1: no importance yet)
-    profiles = [client_profile(task, {}, k) for k in range(args.clients)]
+    profiles = [node_profile(task, {}, k) for k in range(args.clients)]
     flops = [p.flops for p in profiles]
     batches = batch_sizes(flops, cfg.batch_min, cfg.batch_size)
     round_time = cfg.local_steps * step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / max(flops)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.report import write_report
+from fedpipe_tools.report import write_report
 
 console = Console()
 
@@ -52,7 +52,7 @@ class Suite:
 
 def load_suites(path: Path | None = None) -> dict[str, Suite]:
     """Suites from a YAML file (the packaged suites.yaml by default)."""
-    text = path.read_text() if path else resources.files("fedpipe_core").joinpath("suites.yaml").read_text()
+    text = path.read_text() if path else resources.files("fedpipe_tools").joinpath("suites.yaml").read_text()
     raw = yaml.safe_load(text) or {}
     suites = {}
     for name, spec in raw.items():

@@ -1,4 +1,4 @@
-"""Per-device configurations of the peer systems FedPipe is compared with, and a round deadline.
+"""Per-device configurations of the peer systems FedPipe is compared with.
 
 - HetLoRA (Cho et al., 2024) and FlexLoRA (Bai et al., 2024) give each device one LoRA rank by its
   capability: here the largest candidate rank r <= r_max · F_k / F_max.
@@ -7,20 +7,11 @@
   configuration the device's capacity for the round affords.
 - FedAdapter (Cai et al., 2022): one adapter configuration for every device, depth (top layers)
   and width (here the LoRA rank), upgraded progressively as training goes on.
-- FT: full fine-tuning of the target weights, whose cost follows from the same cost model.
 """
 
 from __future__ import annotations
 
-import math
-
-from fedpipe_core.cost import (
-    ModelSpec,
-    backward_blocks,
-    flops_terms,
-    memory_terms,
-    step_flops,
-)
+from fedpipe_core.cost import ModelSpec, step_flops
 
 
 def capability_rank(flops: float, max_flops: float, candidates: tuple[int, ...]) -> int:
@@ -81,30 +72,3 @@ def fedadapter_config(server_round: int, num_layers: int, candidates: tuple[int,
         else:
             width = min(len(widths) - 1, width + 1)
     return depth, widths[width]
-
-
-def full_params(spec: ModelSpec, modules: list[str]) -> int:
-    """Parameters of the target weights that full fine-tuning trains: Σ out · in."""
-    return sum(spec.modules[m][1] * spec.modules[m][2] for m in modules)
-
-
-def full_step_flops(spec: ModelSpec, modules: list[str], batch: int, seq: int) -> float:
-    """FLOPs of one FT step: forward, activation gradients down to the lowest trained block,
-    and the weight gradients (2 · out · in per token) of every trained weight."""
-    terms = flops_terms(spec, batch, seq)
-    blocks = backward_blocks(spec, {m: 1 for m in modules})
-    return float(terms.fixed + terms.per_block * blocks + 2 * batch * seq * full_params(spec, modules))
-
-
-def full_peak_memory(spec: ModelSpec, modules: list[str], batch: int, seq: int) -> float:
-    """Peak bytes of FT: an FP32 base, gradient and two AdamW moments of the trained weights, activations."""
-    terms = memory_terms(spec, batch, seq, "fp32")
-    blocks = backward_blocks(spec, {m: 1 for m in modules})
-    return float(terms.fixed + terms.per_block * blocks + 3 * 4 * full_params(spec, modules))
-
-
-def deadline_steps(step_s: float, local_steps: int, deadline_s: float) -> int:
-    """Local steps a node finishes before the round deadline (all of them when there is none)."""
-    if deadline_s <= 0:
-        return local_steps
-    return min(local_steps, math.floor(deadline_s / step_s + 1e-9))

@@ -1,0 +1,116 @@
+"""A node's local round: attach the planned adapters (or free whole weights), train, report.
+
+Holds the one adapter-scaling rule every strategy shares (:func:`lora_alphas`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from fedpipe_core.codec import decode_factors, encode_dense, encode_factors
+from fedpipe_core.config import RunConfig
+from fedpipe_core.data import Example
+from fedpipe_core.importance import ImportanceTracker
+from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
+from fedpipe_core.task import Task
+from fedpipe_core.train import TrainResult, train_local
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client sends back: its LoRA factors (encoded) and how it trained."""
+
+    arrays: dict[str, np.ndarray]
+    result: TrainResult
+    num_examples: int
+    importance: dict[str, float]
+    importance_history: dict[str, tuple[float, float]] = field(default_factory=dict)
+    train_s: float = 0.0
+    """Seconds of local training (the optimizer steps), to set the round's overhead against."""
+
+
+def adapter_scaling(config: RunConfig) -> float:
+    """The scaling s = alpha / lora-rank of every adapter, whatever its rank (see :func:`lora_alphas`)."""
+    return config.lora_alpha / config.lora_rank
+
+
+def lora_alphas(config: RunConfig, ranks: dict[str, int]) -> dict[str, float]:
+    """Per-module alpha · r / lora-rank: every rank gets the same scaling alpha / lora-rank, so updates
+    of different ranks (and strategies) share one scale and a higher rank is not a smaller step."""
+    return {m: config.lora_alpha * r / config.lora_rank for m, r in ranks.items()}
+
+
+def run_client_round(
+    task: Task,
+    *,
+    model: PreTrainedModel,
+    examples: list[Example],
+    ranks: dict[str, int],
+    initial_factors: Mapping[str, np.ndarray] | None,
+    seed: int,
+    batch_size: int | None = None,
+    local_steps: int | None = None,
+    importance_history: dict[str, tuple[float, float]] | None = None,
+) -> ClientRound:
+    """Attach adapters to the prepared base (see :func:`node_base`), train them, score them (eqs 3-7)."""
+    cfg = task.config
+    peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
+    if initial_factors is not None:
+        set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+    tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
+    started = time.perf_counter()
+    result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
+    return ClientRound(
+        arrays=encode_factors(lora_factors(peft_model)),
+        result=result,
+        num_examples=len(examples),
+        importance=tracker.scores(),
+        importance_history=tracker.history(),
+        train_s=time.perf_counter() - started,
+    )
+
+
+def run_full_round(
+    task: Task,
+    *,
+    examples: list[Example],
+    modules: list[str],
+    base_delta: dict[str, torch.Tensor],
+    seed: int,
+    batch_size: int | None = None,
+    local_steps: int | None = None,
+) -> ClientRound:
+    """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before."""
+    model = task.base_model()
+    merge_delta(model, base_delta)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    weights = {m: model.get_submodule(m).weight for m in modules}
+    before = {m: w.detach().clone() for m, w in weights.items()}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    started = time.perf_counter()
+    result = _train(task, model, examples, seed, batch_size, local_steps, None)
+    train_s = time.perf_counter() - started
+    deltas = {}
+    for module, weight in weights.items():
+        change = weight.detach() - before[module]
+        deltas[module] = change.T if isinstance(model.get_submodule(module), Conv1D) else change
+    return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={}, train_s=train_s)
+
+
+def _train(task: Task, model: torch.nn.Module, examples: list[Example], seed: int, batch_size: int | None,
+           local_steps: int | None, after_backward: Callable[[], None] | None) -> TrainResult:
+    cfg = task.config
+    return train_local(
+        model, task.tokenizer, examples,
+        steps=local_steps or cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=after_backward,
+    )

@@ -1,0 +1,148 @@
+"""FedPipe (arXiv 2404.06448): per-node search of weights and ranks, ΔW aggregation (eqs 9-12)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from fedpipe_core.aggregate import (
+    LowRank,
+    aggregate_lowrank,
+    concat_lowrank,
+    to_dense,
+    truncate_with_feedback,
+)
+from fedpipe_core.codec import UpdateError, decode_factors, encode_delta, encode_factors
+from fedpipe_core.plan import Plan
+from fedpipe_core.protocol import TrainReply
+from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
+from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
+
+
+class FedPipe(Strategy):
+    """FedPipe aggregation (eqs 9-12): heterogeneous ranks and module subsets, ΔW averaged.
+
+    The global state is the list of per-round ΔW increments, kept factored; the global ΔW is
+    their sum. Each node is sent, in factored form when smaller, the rounds it has not merged
+    yet; it merges them into its base and trains fresh adapters (B = 0), so the ranks it is
+    given may change from round to round. With ``dispatch = svd`` a round's ΔW is cut to the
+    largest candidate rank and the remainder carried into the next round (error feedback); with
+    ``exact`` it travels whole (rank Σ r_k).
+    """
+
+    name = "fedpipe"
+    mode = "fedpipe"
+
+    def __init__(self, task) -> None:
+        super().__init__(task)
+        self.increments: dict[int, dict[str, LowRank]] = {}
+        self.synced: dict[int, int] = {}
+        self.importance: dict[str, float] = {}
+        self.residual: dict[str, LowRank] = {}  # what dispatch = svd has cut and not yet sent
+
+    # --- plan -----------------------------------------------------------------------------------
+    def current_importance(self, server_round: int = 0) -> dict[str, float]:
+        """Latest score per weight; never-trained weights get the highest known score (explore them).
+
+        With ``weight-selection = random`` (the ablation) scores are drawn afresh each round.
+        """
+        if self.task.config.weight_selection == "random":
+            rng = random.Random(f"{self.task.config.seed}:{server_round}")
+            return {m: rng.random() for m in self.task.targets}
+        prior = max(self.importance.values(), default=1.0)
+        return {m: self.importance.get(m, prior) for m in self.task.targets}
+
+    def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
+        """Stage 1 batch sizes by FLOPS share, stage 2 weights/ranks under each FLOPS budget.
+
+        The round's time budget is what the fastest node needs for the run config's uniform
+        adapters at the largest batch size; every node gets FLOPS_k × that time.
+        """
+        cfg, spec = self.task.config, self.task.spec
+        batches = batch_sizes([self.profiles[n].flops for n in node_ids], cfg.batch_min, cfg.batch_size)
+        round_time = self.round_time_s(node_ids)
+        space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
+        importance = self.current_importance(server_round)
+        return {
+            node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search,
+                              precision=cfg.base_precision)
+            for node, batch in zip(node_ids, batches)
+        }
+
+    # --- payload --------------------------------------------------------------------------------
+    def sync_window(self, node_id: int, server_round: int) -> tuple[int, int]:
+        return self.synced.get(node_id, 0), server_round - 1
+
+    def node_payload(self, node_id: int, server_round: int, state: None, plan: Plan) -> Arrays:
+        """The ΔW rounds this node has not merged yet, one factor pair per module (or dense when smaller)."""
+        start, end = self.sync_window(node_id, server_round)
+        pending: dict[str, list[LowRank]] = {}
+        for rnd in range(start + 1, end + 1):
+            for module, lowrank in self.increments.get(rnd, {}).items():
+                pending.setdefault(module, []).append(lowrank)
+        return encode_delta({m: concat_lowrank(parts) for m, parts in pending.items()})
+
+    # --- read and combine -----------------------------------------------------------------------
+    def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None):
+        update = super().read_update(arrays, reply, assigned)
+        if reply.state_version is None:
+            raise UpdateError("reply metrics lack 'state-version'")
+        return update
+
+    def combine(self, server_round: int, updates: Updates) -> None:
+        """Eq 10's average of ΔW_k = s_k B_k A_k (eq 9), cut for dispatch under ``svd``; importance averaged."""
+        increment = aggregate_lowrank([u for u, _ in updates.values()])
+        if self.task.config.dispatch == "svd":
+            increment, self.residual = truncate_with_feedback(increment, self.residual, max(self.task.config.rank_candidates()))
+        self.increments[server_round] = increment
+        for node_id, (_, reply) in updates.items():
+            self.synced[node_id] = int(reply.state_version)
+        self.importance.update(importance_of(updates))
+
+    def on_failure(self, node_id: int) -> None:
+        self.synced.pop(node_id, None)  # resend the whole ΔW history next time
+
+    # --- global ΔW ------------------------------------------------------------------------------
+    def global_delta(self) -> dict[str, torch.Tensor]:
+        """Σ over rounds of each round's ΔW (what every node has merged once it is in sync)."""
+        total: dict[str, torch.Tensor] = {}
+        for rnd in sorted(self.increments):
+            for module, lowrank in self.increments[rnd].items():
+                dense = to_dense(lowrank)
+                total[module] = total[module] + dense if module in total else dense
+        return total
+
+    def global_arrays(self) -> Arrays:
+        parts: dict[str, list[LowRank]] = {}
+        for rnd in sorted(self.increments):
+            for module, lowrank in self.increments[rnd].items():
+                parts.setdefault(module, []).append(lowrank)
+        return encode_factors({m: concat_lowrank(p) for m, p in parts.items()})
+
+    def state_dict(self) -> tuple[dict[str, object], Arrays]:
+        """Profiles, importance, every round's ΔW increment and the dispatch residual (node sync is per run: not kept)."""
+        state, tensors = super().state_dict()
+        for rnd, increment in self.increments.items():
+            tensors |= {f"{rnd}/{key}": value for key, value in encode_factors(increment).items()}
+        tensors |= {f"residual/{key}": value for key, value in encode_factors(self.residual).items()}
+        return {**state, "importance": self.importance, "increment-rounds": sorted(self.increments)}, tensors
+
+    def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
+        super().load_state_dict(state, tensors)
+        self.importance = {str(m): float(v) for m, v in dict(state["importance"]).items()}
+        for rnd in state["increment-rounds"]:
+            self.increments[int(rnd)] = decode_factors(under(tensors, f"{rnd}/"), self.task.shapes)
+        self.residual = decode_factors(under(tensors, "residual/"), self.task.shapes)
+
+
+def importance_of(updates: Updates) -> dict[str, float]:
+    """Example-weighted mean of the importance each client reported for the weights it trained."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for update, reply in updates.values():
+        for module in update.factors:
+            if module in reply.importance:
+                sums[module] = sums.get(module, 0.0) + update.num_examples * reply.importance[module]
+                weights[module] = weights.get(module, 0.0) + update.num_examples
+    return {m: sums[m] / weights[m] for m in sums}

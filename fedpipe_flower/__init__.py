@@ -1,0 +1,1 @@
+"""What both Flower apps share: the protocol of :mod:`fedpipe_core.protocol` as Flower messages."""

@@ -1,0 +1,74 @@
+"""The protocol of :mod:`fedpipe_core.protocol` as Flower messages, and ArrayRecord ↔ ndarray dicts.
+
+Neither app owns this module: the ServerApp builds instructions and reads replies with it, the
+ClientApp reads instructions and builds replies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedpipe_core.codec import UpdateError
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    PROFILE,
+    PROFILE_QUERY,
+    TrainInstruction,
+    TrainReply,
+    profile_from_config,
+    profile_to_config,
+)
+
+Arrays = dict[str, np.ndarray]
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    """A flat ndarray dict as an ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    """An ArrayRecord as a flat ndarray dict."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def profile_query(node_id: int) -> Message:
+    """The QUERY that asks a node for its profile."""
+    return Message(RecordDict({CONFIG: ConfigRecord(PROFILE_QUERY)}), dst_node_id=node_id, message_type=MessageType.QUERY)
+
+
+def profile_reply(msg: Message, profile: ClientProfile) -> Message:
+    return Message(RecordDict({PROFILE: ConfigRecord(profile_to_config(profile))}), reply_to=msg)
+
+
+def read_profile(reply: Message) -> ClientProfile:
+    """The profile in a QUERY reply (KeyError, TypeError or ValueError when unusable)."""
+    return profile_from_config(reply.content.config_records[PROFILE])
+
+
+def train_message(node_id: int, arrays: ArrayRecord, instruction: TrainInstruction, config: ConfigRecord) -> Message:
+    """A node's TRAIN message: its arrays and its instruction (on top of the strategy's train config)."""
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**dict(config), **instruction.to_config()})})
+    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(instruction.server_round))
+
+
+def read_instruction(msg: Message) -> tuple[TrainInstruction, Arrays]:
+    """A TRAIN message's instruction and arrays."""
+    return TrainInstruction.from_config(msg.content[CONFIG]), from_record(msg.content[ARRAYS])
+
+
+def train_reply(msg: Message, arrays: Arrays, reply: TrainReply) -> Message:
+    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(reply.to_metrics())}), reply_to=msg)
+
+
+def read_train_reply(reply: Message) -> tuple[Arrays, TrainReply, int]:
+    """A TRAIN reply's arrays, report and array bytes; UpdateError when it cannot be used."""
+    content = reply.content
+    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+        raise UpdateError(f"reply lacks its {ARRAYS!r} or {METRICS!r} record")
+    record = content.array_records[ARRAYS]
+    return from_record(record), TrainReply.from_metrics(content.metric_records[METRICS]), record.count_bytes()

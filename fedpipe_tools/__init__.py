@@ -1,0 +1,1 @@
+"""Command-line tools around the apps: fedpipe-bench (suites and reports), fedpipe-eval, fedpipe-automation."""
