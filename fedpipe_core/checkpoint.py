@@ -20,9 +20,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.config import ConfigError, RunConfig, key_of
 
-MATCHING = ("model", "task", "data-path", "strategy", "lora-target-modules", "lora-rank", "lora-alpha", "seed")
+MATCHING = tuple(key_of(name) for name in ("model", "task", "data_path", "strategy", "lora_target_modules", "lora_rank",
+                                           "lora_alpha", "seed"))
 """Run-config keys a resumed run must share with the checkpoint."""
 
 

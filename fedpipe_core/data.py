@@ -51,7 +51,7 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def load_examples(task: str, data_path: str = "", where: str = "run config 'data-path'") -> list[Example]:
+def load_examples(task: str, data_path: str = "", where: str = "run config 'data.path'") -> list[Example]:
     """Load every example of ``task`` from ``data_path`` (built-in sample when empty).
 
     ``where`` names the setting the path came from in error messages.

@@ -44,7 +44,7 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
         suffixes = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
         if not suffixes:
             raise ConfigError(
-                f"run config 'lora-target-modules': no default for model type {model.config.model_type!r}; "
+                f"run config 'lora.target-modules': no default for model type {model.config.model_type!r}; "
                 "name the modules (e.g. 'q_proj,v_proj')"
             )
     else:
@@ -55,7 +55,7 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
         if not matches:
             known = sorted({name.rsplit(".", 1)[-1] for name in candidates})
             raise ConfigError(
-                f"run config 'lora-target-modules': {suffix!r} matches no linear module of "
+                f"run config 'lora.target-modules': {suffix!r} matches no linear module of "
                 f"{type(model).__name__} (it has: {', '.join(known)})"
             )
         chosen.extend(matches)

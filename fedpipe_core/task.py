@@ -69,7 +69,7 @@ def load_task(config: RunConfig) -> Task:
         splits["train"] = splits["train"][: config.max_train_examples]
     for name in ("train", "validation"):
         if not splits[name]:
-            raise ConfigError(f"run config 'data-path': the {config.task} data has no {name} example after splitting by group")
+            raise ConfigError(f"run config 'data.path': the {config.task} data has no {name} example after splitting by group")
     return Task(config, checkpoint, tokenizer, splits, targets, shapes, spec)
 
 

@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.config import ConfigError, RunConfig, key_of
 from fedpipe_tools.report import write_report
 
 console = Console()
@@ -45,7 +45,7 @@ class Suite:
 
     def config_of(self, strategy: str, setting: str, output_dir: Path) -> dict[str, Any]:
         """The run config of one run, validated."""
-        values = {**self.run_config, **self.settings[setting], "strategy": strategy, "output-dir": str(output_dir)}
+        values = {**self.run_config, **self.settings[setting], key_of("strategy"): strategy, key_of("output_dir"): str(output_dir)}
         RunConfig.from_mapping(values)  # a typo in a suite fails here, before any run starts
         return values
 

@@ -198,7 +198,7 @@ def deploy_and_run(workdir: Path, supernodes: int = 3, rounds: int = 2, tls: boo
                 deployment.register(public, f"node-{index}")
             deployment.start_supernode(index, node_config(index, supernodes), key)
         runs = workdir / "runs"
-        config = f'num-server-rounds={rounds} output-dir="{runs}" min-train-nodes={supernodes} {extra_config}'.strip()
+        config = f'num-server-rounds={rounds} output-dir="{runs}" strategy.min-train-nodes={supernodes} {extra_config}'.strip()
         done = run_app(deployment, config, timeout_s)
     finally:
         deployment.stop()
@@ -217,7 +217,7 @@ def main() -> int:
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--insecure", action="store_true", help="plain HTTP and no node authentication (testing only)")
-    parser.add_argument("--run-config", default="", help="extra run-config keys, e.g. 'local-steps=2'")
+    parser.add_argument("--run-config", default="", help="extra run-config keys, e.g. 'train.local-steps=2'")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args()
     result = deploy_and_run(args.workdir, args.supernodes, args.rounds, not args.insecure, args.run_config, args.timeout_s)

@@ -33,7 +33,7 @@ def test_packaged_suites_are_valid_run_configs(tmp_path):
     for suite in suites.values():
         for strategy, setting in suite.runs:
             values = suite.config_of(strategy, setting, tmp_path)
-            assert values["strategy"] == strategy and values["output-dir"] == str(tmp_path)
+            assert values["strategy.name"] == strategy and values["output-dir"] == str(tmp_path)
 
 
 def test_malformed_suites_are_refused(tmp_path):
@@ -45,7 +45,7 @@ def test_malformed_suites_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown settings"):
         load_suites(bad)
     bad.write_text("x:\n  strategies: [nope]\n  settings: {a: {}}\n")
-    with pytest.raises(ConfigError, match="'strategy'"):
+    with pytest.raises(ConfigError, match="'strategy.name'"):
         load_suites(bad)["x"].config_of("nope", "a", tmp_path)
 
 

@@ -67,7 +67,7 @@ def test_resume_refuses_a_mismatched_or_finished_checkpoint(task, tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         load_checkpoint(tmp_path, task.config)
     save_checkpoint(tmp_path, Checkpoint(2, {}, {"profiles": {}}, {}, task.config.to_mapping()))
-    with pytest.raises(ConfigError, match="strategy='fedpipe'"):
+    with pytest.raises(ConfigError, match="strategy.name='fedpipe'"):
         load_checkpoint(tmp_path, replace(task.config, strategy="hetlora", num_server_rounds=4))
     with pytest.raises(ConfigError, match="leaves nothing to run"):
         load_checkpoint(tmp_path, replace(task.config, num_server_rounds=2))

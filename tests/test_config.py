@@ -1,33 +1,44 @@
+import re
 from pathlib import Path
 
 import pytest
 import tomllib
+from flwr.common.config import flatten_dict
 
-from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.config import ConfigError, RunConfig, markdown_table
 
-PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+ROOT = Path(__file__).parents[1]
 
 
 def test_pyproject_run_config_matches_the_typed_config():
-    run_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    run_config = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     parsed = RunConfig.from_mapping(run_config)
     assert set(run_config) == set(RunConfig().to_mapping())
     assert parsed == RunConfig()
+    assert all(key == "num-server-rounds" or "." in key or key in ("seed", "output-dir", "resume-from") for key in run_config)
+
+
+def test_readme_table_is_the_one_generated_from_the_fields():
+    readme = (ROOT / "README.md").read_text()
+    table = markdown_table()
+    assert table in readme, "README's run-config table differs from `python -m fedpipe_core.config`"
+    documented = re.findall(r"^\| `([^`]+)` \|", readme.split("## Run config", 1)[1].split("\n## ", 1)[0], flags=re.M)
+    assert documented == list(RunConfig().to_mapping())
 
 
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
-        ("lr", -1.0, "'lr': must be > 0"),
-        ("lr", "fast", "'lr': expected a number"),
-        ("strategy", "fedsgd", "'strategy': 'fedsgd' is not one of"),
-        ("task", "squad", "'task': 'squad'"),
-        ("lora-rank", 0, "'lora-rank': must be >= 1"),
+        ("train.lr", -1.0, "'train.lr': must be > 0"),
+        ("train.lr", "fast", "'train.lr': expected a number"),
+        ("strategy.name", "fedsgd", "'strategy.name': 'fedsgd' is not one of fedpipe, lora-fedavg"),
+        ("data.task", "squad", "'data.task': 'squad'"),
+        ("lora.rank", 0, "'lora.rank': must be >= 1"),
         ("num-server-rounds", 2.5, "'num-server-rounds': expected an integer"),
-        ("fraction-train", 1.5, "'fraction-train': must be in (0, 1]"),
-        ("eval-base-generation", "maybe", "'eval-base-generation': expected true/false"),
-        ("no-such-key", 1, "'no-such-key': unknown key"),
-        ("partitioner", "zipf", "'partitioner'"),
+        ("strategy.fraction-train", 1.5, "'strategy.fraction-train': must be in (0, 1]"),
+        ("eval.base-generation", "maybe", "'eval.base-generation': expected true/false"),
+        ("data.partitioner", "zipf", "'data.partitioner'"),
+        ("lora.candidate-ranks", "2,x", "'lora.candidate-ranks': expected positive integers"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, fragment):
@@ -37,7 +48,23 @@ def test_invalid_values_name_the_key(key, value, fragment):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("lr", "train.lr"),  # an ungrouped key from before the groups
+        ("lora-rank", "lora.rank"),
+        ("local-steps", "train.local-steps"),
+        ("strategy", "strategy.name"),
+        ("train.batchsize", "train.batch-size"),  # a typo
+        ("fedpipe.candidate-ranks", "lora.candidate-ranks"),  # the right name in another group
+    ],
+)
+def test_an_unknown_key_names_the_closest_valid_one(key, suggestion):
+    with pytest.raises(ConfigError, match=re.escape(f"run config '{key}': unknown key; did you mean '{suggestion}'?")):
+        RunConfig.from_mapping({key: 1})
+
+
 def test_round_trip_and_coercion():
-    cfg = RunConfig.from_mapping({"lr": 1, "eval-base-generation": "false", "local-steps": 3.0})
+    cfg = RunConfig.from_mapping({"train.lr": 1, "eval.base-generation": "false", "train.local-steps": 3.0})
     assert cfg.lr == 1.0 and cfg.eval_base_generation is False and cfg.local_steps == 3
     assert RunConfig.from_mapping(cfg.to_mapping()) == cfg

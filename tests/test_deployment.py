@@ -27,7 +27,7 @@ deploy = importlib.util.module_from_spec(_spec)
 sys.modules["local_deployment"] = deploy  # dataclasses look their module up there
 _spec.loader.exec_module(deploy)
 
-SMALL = "local-steps=2 batch-size=4 eval-examples=8 test-groups=2 max-new-tokens=8 eval-base-generation=false"
+SMALL = "train.local-steps=2 train.batch-size=4 eval.examples=8 eval.test-groups=2 eval.max-new-tokens=8 eval.base-generation=false"
 
 
 def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
@@ -89,7 +89,7 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
         deployment.start_superlink()
         for index in range(3):
             deployment.start_supernode(index, deploy.node_config(index, 3))
-        config = f'num-server-rounds=2 min-train-nodes=2 round-timeout-s=300 output-dir="{runs}" {SMALL}'
+        config = f'num-server-rounds=2 strategy.min-train-nodes=2 strategy.round-timeout-s=300 output-dir="{runs}" {SMALL}'
         run = deployment.start("flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config])
         victim = next(proc for name, proc in deployment.processes if name == "supernode-2")
         assert _log_has(tmp_path / "supernode-2.log", ("Receiving: train message",), 600), "node 2 never got a train message"

@@ -65,7 +65,7 @@ def flwr_run(env: dict[str, str], run_config: str, supernodes: int = 3, timeout:
     return done.stdout + done.stderr
 
 
-SMALL = "local-steps=3 batch-size=4 eval-examples=16 test-groups=3 max-new-tokens=24 max-train-examples=240 eval-base-generation=false"
+SMALL = "train.local-steps=3 train.batch-size=4 eval.examples=16 eval.test-groups=3 eval.max-new-tokens=24 data.max-train-examples=240 eval.base-generation=false"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
         assert isinstance(summary[key], (int, float)), key
     assert 0 < summary["trainable_params"] <= 60 * 8 * (576 + 576)  # at most rank 8 on all 60 q/v projections
     config = json.loads((run / "config.json").read_text())
-    assert config["strategy"] == "fedpipe"
+    assert config["strategy.name"] == "fedpipe"
     for row in rows[1:]:  # each node's own timing: its training, and the state restore around it
         assert row["client_train_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
         assert 0 < row["client_overhead_ratio"] < 10
@@ -138,6 +138,6 @@ def test_a_stopped_run_resumes_from_its_checkpoint(flwr_env, two_rounds, tmp_pat
 
 
 def test_invalid_run_config_stops_before_training(flwr_env, tmp_path):
-    log = flwr_run(flwr_env, f'lora-target-modules="q_proj,c_fc" output-dir="{tmp_path}"', supernodes=2, timeout=300)
-    assert "run config 'lora-target-modules': 'c_fc' matches no linear module" in log
+    log = flwr_run(flwr_env, f'lora.target-modules="q_proj,c_fc" output-dir="{tmp_path}"', supernodes=2, timeout=300)
+    assert "run config 'lora.target-modules': 'c_fc' matches no linear module" in log
     assert not list(tmp_path.iterdir())
