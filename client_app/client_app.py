@@ -23,8 +23,6 @@ app = ClientApp()
 _process = {"started": psutil.Process().create_time(), "messages": 0}
 
 
-
-
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
     if "data-path" in node:  # a site with its own data file: one whole "partition"
@@ -53,28 +51,50 @@ def query(msg: Message, context: Context) -> Message:
     return profile_reply(msg, _profile(context))
 
 
-def _adapters_round(task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example],
-                    seed: int) -> tuple[ClientRound, int]:
+def _adapters_round(
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seed: int
+) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
     fedpipe = order.mode == "fedpipe"
     start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
     directory = node_state_dir(task, context.run_id, context.node_id)
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
-    out = run_client_round(task, model=model, examples=examples, ranks=order.ranks, seed=seed, importance_history=state.importance,
-                           initial_factors=None if fedpipe else payload, batch_size=order.batch_size, local_steps=order.local_steps)
+    out = run_client_round(
+        task,
+        model=model,
+        examples=examples,
+        ranks=order.ranks,
+        seed=seed,
+        importance_history=state.importance,
+        initial_factors=None if fedpipe else payload,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+    )
     save_importance(directory, state, out.importance_history)
     return out, end
 
 
-def _full_round(task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example],
-                seed: int) -> tuple[ClientRound, int]:
+def _full_round(
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seed: int
+) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
-    out = run_full_round(task, examples=examples, modules=list(order.ranks), base_delta=decode_delta(payload, task.shapes),
-                         seed=seed, batch_size=order.batch_size, local_steps=order.local_steps)
+    out = run_full_round(
+        task,
+        examples=examples,
+        modules=list(order.ranks),
+        base_delta=decode_delta(payload, task.shapes),
+        seed=seed,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+    )
     return out, 0
 
 
-ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {"fedpipe": _adapters_round, "factors": _adapters_round, "ft": _full_round}
+ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
+    "fedpipe": _adapters_round,
+    "factors": _adapters_round,
+    "ft": _full_round,
+}
 """The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
 
 

@@ -10,6 +10,8 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY fedpipe_core ./fedpipe_core
+COPY fedpipe_flower ./fedpipe_flower
+COPY fedpipe_tools ./fedpipe_tools
 COPY server_app ./server_app
 COPY client_app ./client_app
 # the CUDA torch build, then the app (flwr pinned to the SuperLink's version)

@@ -6,6 +6,8 @@ FROM flwr/superexec:${FLWR_VERSION}
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY fedpipe_core ./fedpipe_core
+COPY fedpipe_flower ./fedpipe_flower
+COPY fedpipe_tools ./fedpipe_tools
 COPY server_app ./server_app
 COPY client_app ./client_app
 # flwr is already in the base image; the CPU torch wheel keeps the image small

@@ -22,8 +22,9 @@ from safetensors.numpy import load_file, save_file
 
 from fedpipe_core.config import ConfigError, RunConfig, key_of
 
-MATCHING = tuple(key_of(name) for name in ("model", "task", "data_path", "strategy", "lora_target_modules", "lora_rank",
-                                           "lora_alpha", "seed"))
+MATCHING = tuple(
+    key_of(name) for name in ("model", "task", "data_path", "strategy", "lora_target_modules", "lora_rank", "lora_alpha", "seed")
+)
 """Run-config keys a resumed run must share with the checkpoint."""
 
 
@@ -68,9 +69,12 @@ def load_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint:
     mine = config.to_mapping()
     for key in MATCHING:
         if meta["config"].get(key) != mine[key]:
-            raise ConfigError(f"run config 'resume-from': the checkpoint has {key}={meta['config'].get(key)!r}, "
-                              f"this run {key}={mine[key]!r}")
+            raise ConfigError(
+                f"run config 'resume-from': the checkpoint has {key}={meta['config'].get(key)!r}, this run {key}={mine[key]!r}"
+            )
     if meta["round"] >= config.num_server_rounds:
-        raise ConfigError(f"run config 'resume-from': the checkpoint is at round {meta['round']}; "
-                          f"'num-server-rounds' ({config.num_server_rounds}) leaves nothing to run")
+        raise ConfigError(
+            f"run config 'resume-from': the checkpoint is at round {meta['round']}; "
+            f"'num-server-rounds' ({config.num_server_rounds}) leaves nothing to run"
+        )
     return Checkpoint(meta["round"], tensors, meta["state"], meta["totals"], meta["config"])

@@ -72,9 +72,7 @@ def _check_pair(module: str, parts: dict[str, np.ndarray], shape: tuple[int, int
     A, B = parts["A"], parts["B"]
     out_dim, in_dim = shape
     if A.shape[1] != in_dim or B.shape[0] != out_dim or A.shape[0] != B.shape[1] or A.shape[0] < 1:
-        raise UpdateError(
-            f"module {module!r}: A {A.shape} and B {B.shape} do not factor a ({out_dim}, {in_dim}) weight"
-        )
+        raise UpdateError(f"module {module!r}: A {A.shape} and B {B.shape} do not factor a ({out_dim}, {in_dim}) weight")
     return A, B
 
 

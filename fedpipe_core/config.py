@@ -4,18 +4,21 @@ Flower hands the app a flat ``{key: value}`` mapping (``[tool.flwr.app.config]``
 pyproject.toml, overridden by ``flwr run --run-config``). Keys are grouped with dots, as in
 Flower's LLM examples: ``model.*``, ``data.*``, ``lora.*``, ``train.*``, ``strategy.*``,
 ``eval.*``, ``fedpipe.*`` (FedPipe only), ``fedadapter.*``, ``sim.*`` (simulated profiles).
-Every key is declared once below, beside its typed field, with its meaning; the README's table
+Every key is declared once below, in the docstring of its typed field with its meaning; the README's table
 is generated from these declarations (``python -m fedpipe_core.config``). Invalid values and
-unknown keys stop the run before any training with one line naming the key.
+unknown keys stop the run before any training with one line naming the key (``strategy.name`` is
+checked against the strategy registry, :func:`fedpipe_core.strategies.strategy_class`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import ast
 import difflib
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 TASKS = ("e2e", "alpaca")
@@ -32,94 +35,137 @@ class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names key and value."""
 
 
-def option(default: Any, key: str, meaning: str) -> Any:
-    """A run-config field: its default, its dotted key and what it means (one line for the README)."""
-    return dataclasses.field(default=default, metadata={"key": key, "meaning": meaning})
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Every knob of a run. Defaults are the embedded CPU default."""
 
-    num_server_rounds: int = option(4, "num-server-rounds", "federated rounds")
-    seed: int = option(42, "seed", "partitions, adapter initialisation, batch order, simulated profiles")
-    output_dir: str = option("runs", "output-dir", "results root: `<output-dir>/<run-id>/` (see [Results contract](#results-contract))")
-    resume_from: str = option("", "resume-from", "a previous run directory: continue it from its last checkpoint "
-                              "(same model, task, strategy, adapters, seed)")
-    model: str = option("smollm2-135m", "model.name", "built-in model name, or the path of a local Hugging Face checkpoint directory")
-    cache_dir: str = option("", "model.cache-dir", "where the built-in model's safetensors cache and node state live "
-                            "(`$FEDPIPE_CACHE_DIR` or `~/.cache/fedpipe`)")
-    task: str = option("e2e", "data.task", "`e2e` (NLG, five metrics) or `alpaca` (instruction tuning, perplexity)")
-    data_path: str = option("", "data.path", "your own data: E2E `mr,ref` CSV, or Alpaca `alpaca_data.json` / seed-task JSONL; "
-                            "empty = the shipped sample")
-    partitioner: str = option("iid", "data.partitioner", "client partitions (flwr-datasets): `iid` or `dirichlet` "
-                              "(skewed by restaurant for E2E, by task for Alpaca)")
-    dirichlet_alpha: float = option(0.5, "data.dirichlet-alpha", "concentration of the `dirichlet` partitioner")
-    max_train_examples: int = option(0, "data.max-train-examples", "cap the training split (0 = all)")
-    lora_target_modules: str = option("auto", "lora.target-modules", "`auto` (peft's default projections for the architecture), "
-                                      "`all-linear`, or suffixes such as `q_proj,v_proj` or `c_attn`")
-    lora_rank: int = option(4, "lora.rank", "default rank; every adapter is scaled by alpha / this rank, whatever its own rank")
-    lora_alpha: float = option(8.0, "lora.alpha", "LoRA alpha")
-    candidate_ranks: str = option("2,4,8", "lora.candidate-ranks", "ranks a heterogeneous strategy may give a node "
-                                  "(FedPipe's search, HetLoRA, FlexLoRA, LEGEND, FedAdapter)")
-    local_steps: int = option(6, "train.local-steps", "AdamW steps per node and round")
-    batch_size: int = option(8, "train.batch-size", "batch size (FedPipe: the largest, for the fastest node)")
-    lr: float = option(1e-3, "train.lr", "learning rate")
-    weight_decay: float = option(0.0, "train.weight-decay", "AdamW weight decay")
-    max_seq_len: int = option(96, "train.max-seq-len", "tokens per example (prompt + reference)")
-    strategy: str = option("fedpipe", "strategy.name", "`fedpipe`, or a peer: `lora-fedavg`, `hetlora`, `flexlora`, `legend`, "
-                           "`fedadapter`, `ft` (see [Strategies](#strategies))")
-    fraction_train: float = option(1.0, "strategy.fraction-train", "fraction of the connected nodes sampled each round")
-    min_train_nodes: int = option(2, "strategy.min-train-nodes", "nodes a round waits for before it starts")
-    round_timeout_s: float = option(3600.0, "strategy.round-timeout-s", "how long the server waits for a round's replies")
-    round_deadline_s: float = option(0.0, "strategy.round-deadline-s", "simulated round deadline: a node does only the local "
-                                     "steps it finishes in time, none = left out (0: no deadline)")
-    max_update_ratio: float = option(1.0, "strategy.max-update-ratio", "an update whose ‖ΔW‖_F on a module exceeds this × ‖W‖_F "
-                                     "of that weight is rejected")
-    eval_examples: int = option(48, "eval.examples", "validation examples of the per-round eval loss (and test examples of the PPL)")
-    test_groups: int = option(24, "eval.test-groups", "E2E meaning representations scored by generation after the last round")
-    max_new_tokens: int = option(40, "eval.max-new-tokens", "generation length")
-    eval_base_generation: bool = option(True, "eval.base-generation", "also score the base model (summary's `base`)")
-    search: str = option("greedy", "fedpipe.search", "configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)")
-    batch_min: int = option(2, "fedpipe.batch-min", "smallest batch of stage 1 (batch ∝ FLOPS)")
-    importance_beta1: float = option(0.85, "fedpipe.importance-beta1", "EMA factor of the sensitivity (eq 5)")
-    importance_beta2: float = option(0.85, "fedpipe.importance-beta2", "EMA factor of its uncertainty (eq 6)")
-    weight_selection: str = option("importance", "fedpipe.weight-selection", "`importance`, or `random` weight picks (ablation)")
-    base_precision: str = option("auto", "fedpipe.base-precision", "`auto` (the memory rule), or a fixed `fp32`/`fp16`/`nf8`/`nf4` "
-                                 "base (ablation)")
-    dispatch: str = option("svd", "fedpipe.dispatch", "how the round's averaged ΔW goes to the nodes: `svd` (best factors of the "
-                           "largest candidate rank, the rest carried to the next round) or `exact` (rank Σ r_k)")
-    adapter_upgrade_every: int = option(1, "fedadapter.upgrade-every", "`fedadapter`: rounds between configuration upgrades")
-    profile: str = option("simulated", "sim.profile", "node profiles when a node declares none: `simulated` (drawn) or `measure`")
-    heterogeneity: str = option("hetero", "sim.heterogeneity", "simulated profiles: `hetero` (paper-like spread) or `ideal` "
-                                "(every client the middle of the ranges)")
+    num_server_rounds: int = 4
+    """`num-server-rounds`: federated rounds."""
+    seed: int = 42
+    """`seed`: partitions, adapter initialisation, batch order, simulated profiles."""
+    output_dir: str = "runs"
+    """`output-dir`: results root: `<output-dir>/<run-id>/` (see [Results contract](#results-contract))."""
+    resume_from: str = ""
+    """`resume-from`: a previous run directory: continue it from its last checkpoint (same model, task, strategy,
+    adapters, seed)."""
+    model: str = "smollm2-135m"
+    """`model.name`: built-in model name, or the path of a local Hugging Face checkpoint directory."""
+    cache_dir: str = ""
+    """`model.cache-dir`: where the built-in model's safetensors cache and node state live (`$FEDPIPE_CACHE_DIR` or
+    `~/.cache/fedpipe`)."""
+    task: str = "e2e"
+    """`data.task`: `e2e` (NLG, five metrics) or `alpaca` (instruction tuning, perplexity)."""
+    data_path: str = ""
+    """`data.path`: your own data: E2E `mr,ref` CSV, or Alpaca `alpaca_data.json` / seed-task JSONL; empty = the shipped
+    sample."""
+    partitioner: str = "iid"
+    """`data.partitioner`: client partitions (flwr-datasets): `iid` or `dirichlet` (skewed by restaurant for E2E, by
+    task for Alpaca)."""
+    dirichlet_alpha: float = 0.5
+    """`data.dirichlet-alpha`: concentration of the `dirichlet` partitioner."""
+    max_train_examples: int = 0
+    """`data.max-train-examples`: cap the training split (0 = all)."""
+    lora_target_modules: str = "auto"
+    """`lora.target-modules`: `auto` (peft's default projections for the architecture), `all-linear`, or suffixes such
+    as `q_proj,v_proj` or `c_attn`."""
+    lora_rank: int = 4
+    """`lora.rank`: default rank; every adapter is scaled by alpha / this rank, whatever its own rank."""
+    lora_alpha: float = 8.0
+    """`lora.alpha`: LoRA alpha."""
+    candidate_ranks: str = "2,4,8"
+    """`lora.candidate-ranks`: ranks a heterogeneous strategy may give a node (FedPipe's search, HetLoRA, FlexLoRA,
+    LEGEND, FedAdapter)."""
+    local_steps: int = 6
+    """`train.local-steps`: AdamW steps per node and round."""
+    batch_size: int = 8
+    """`train.batch-size`: batch size (FedPipe: the largest, for the fastest node)."""
+    lr: float = 1e-3
+    """`train.lr`: learning rate."""
+    weight_decay: float = 0.0
+    """`train.weight-decay`: AdamW weight decay."""
+    max_seq_len: int = 96
+    """`train.max-seq-len`: tokens per example (prompt + reference)."""
+    strategy: str = "fedpipe"
+    """`strategy.name`: `fedpipe`, or a peer: `lora-fedavg`, `hetlora`, `flexlora`, `legend`, `fedadapter`, `ft` (see
+    [Strategies](#strategies))."""
+    fraction_train: float = 1.0
+    """`strategy.fraction-train`: fraction of the connected nodes sampled each round."""
+    min_train_nodes: int = 2
+    """`strategy.min-train-nodes`: nodes a round waits for before it starts."""
+    round_timeout_s: float = 3600.0
+    """`strategy.round-timeout-s`: how long the server waits for a round's replies."""
+    round_deadline_s: float = 0.0
+    """`strategy.round-deadline-s`: simulated round deadline: a node does only the local steps it finishes in time, none
+    = left out (0: no deadline)."""
+    max_update_ratio: float = 1.0
+    """`strategy.max-update-ratio`: an update whose ‖ΔW‖_F on a module exceeds this × ‖W‖_F of that weight is rejected."""
+    eval_examples: int = 48
+    """`eval.examples`: validation examples of the per-round eval loss (and test examples of the PPL)."""
+    test_groups: int = 24
+    """`eval.test-groups`: E2E meaning representations scored by generation after the last round."""
+    max_new_tokens: int = 40
+    """`eval.max-new-tokens`: generation length."""
+    eval_base_generation: bool = True
+    """`eval.base-generation`: also score the base model (summary's `base`)."""
+    search: str = "greedy"
+    """`fedpipe.search`: configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)."""
+    batch_min: int = 2
+    """`fedpipe.batch-min`: smallest batch of stage 1 (batch ∝ FLOPS)."""
+    importance_beta1: float = 0.85
+    """`fedpipe.importance-beta1`: EMA factor of the sensitivity (eq 5)."""
+    importance_beta2: float = 0.85
+    """`fedpipe.importance-beta2`: EMA factor of its uncertainty (eq 6)."""
+    weight_selection: str = "importance"
+    """`fedpipe.weight-selection`: `importance`, or `random` weight picks (ablation)."""
+    base_precision: str = "auto"
+    """`fedpipe.base-precision`: `auto` (the memory rule), or a fixed `fp32`/`fp16`/`nf8`/`nf4` base (ablation)."""
+    dispatch: str = "svd"
+    """`fedpipe.dispatch`: how the round's averaged ΔW goes to the nodes: `svd` (best factors of the largest candidate
+    rank, the rest carried to the next round) or `exact` (rank Σ r_k)."""
+    adapter_upgrade_every: int = 1
+    """`fedadapter.upgrade-every`: `fedadapter`: rounds between configuration upgrades."""
+    profile: str = "simulated"
+    """`sim.profile`: node profiles when a node declares none: `simulated` (drawn) or `measure`."""
+    heterogeneity: str = "hetero"
+    """`sim.heterogeneity`: simulated profiles: `hetero` (paper-like spread) or `ideal` (every client the middle of the
+    ranges)."""
 
     def __post_init__(self) -> None:
-        from fedpipe_core.strategies import STRATEGIES  # the registry is the one list of names (it imports this module)
-
-        _check_choice("strategy", self.strategy, tuple(STRATEGIES))
-        _check_choice("task", self.task, TASKS)
-        _check_choice("partitioner", self.partitioner, PARTITIONERS)
-        _check_choice("search", self.search, SEARCHES)
-        _check_choice("profile", self.profile, PROFILES)
-        _check_choice("heterogeneity", self.heterogeneity, HETEROGENEITY)
-        _check_choice("weight_selection", self.weight_selection, WEIGHT_SELECTIONS)
-        _check_choice("base_precision", self.base_precision, BASE_PRECISIONS)
-        _check_choice("dispatch", self.dispatch, DISPATCHES)
+        check_choice("task", self.task, TASKS)
+        check_choice("partitioner", self.partitioner, PARTITIONERS)
+        check_choice("search", self.search, SEARCHES)
+        check_choice("profile", self.profile, PROFILES)
+        check_choice("heterogeneity", self.heterogeneity, HETEROGENEITY)
+        check_choice("weight_selection", self.weight_selection, WEIGHT_SELECTIONS)
+        check_choice("base_precision", self.base_precision, BASE_PRECISIONS)
+        check_choice("dispatch", self.dispatch, DISPATCHES)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if self.round_deadline_s < 0:
-            raise ConfigError(f"run config {key_of('round_deadline_s')!r}: must be >= 0 (0: no deadline), got {self.round_deadline_s!r}")
+            raise ConfigError(
+                f"run config {key_of('round_deadline_s')!r}: must be >= 0 (0: no deadline), got {self.round_deadline_s!r}"
+            )
         _check_min("batch_min", self.batch_min, 1)
         if self.batch_min > self.batch_size:
-            raise ConfigError(f"run config {key_of('batch_min')!r}: {self.batch_min} exceeds {key_of('batch_size')!r} "
-                              f"{self.batch_size} (the largest batch)")
+            raise ConfigError(
+                f"run config {key_of('batch_min')!r}: {self.batch_min} exceeds {key_of('batch_size')!r} "
+                f"{self.batch_size} (the largest batch)"
+            )
         for name in ("importance_beta1", "importance_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"run config {key_of(name)!r}: must be in [0, 1), got {getattr(self, name)!r}")
         self.rank_candidates()
-        for name, low in (("num_server_rounds", 1), ("min_train_nodes", 1), ("local_steps", 1), ("batch_size", 1),
-                          ("max_seq_len", 8), ("lora_rank", 1), ("max_train_examples", 0), ("eval_examples", 1),
-                          ("test_groups", 0), ("max_new_tokens", 1)):
+        for name, low in (
+            ("num_server_rounds", 1),
+            ("min_train_nodes", 1),
+            ("local_steps", 1),
+            ("batch_size", 1),
+            ("max_seq_len", 8),
+            ("lora_rank", 1),
+            ("max_train_examples", 0),
+            ("eval_examples", 1),
+            ("test_groups", 0),
+            ("max_new_tokens", 1),
+        ):
             _check_min(name, getattr(self, name), low)
         for name in ("lr", "lora_alpha", "dirichlet_alpha", "round_timeout_s", "max_update_ratio"):
             if not getattr(self, name) > 0:
@@ -138,25 +184,26 @@ class RunConfig:
         except ValueError:
             ranks = []
         if not ranks or ranks[0] < 1:
-            raise ConfigError(f"run config {key_of('candidate_ranks')!r}: expected positive integers like '2,4,8', "
-                              f"got {self.candidate_ranks!r}")
+            raise ConfigError(
+                f"run config {key_of('candidate_ranks')!r}: expected positive integers like '2,4,8', got {self.candidate_ranks!r}"
+            )
         return tuple(ranks)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat mapping of dotted, kebab-case keys (``context.run_config``)."""
-        by_key = {f.metadata["key"]: f for f in fields(cls)}
+        types = {f.name: f.type for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
-            field = by_key.get(key)
-            if field is None:
-                raise ConfigError(f"run config {key!r}: unknown key{closest(key, list(by_key))}")
-            kwargs[field.name] = _coerce(key, value, field.type)
+            name = _BY_KEY.get(key)
+            if name is None:
+                raise ConfigError(f"run config {key!r}: unknown key{closest(key, list(_BY_KEY))}")
+            kwargs[name] = _coerce(key, value, types[name])
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
         """The flat mapping of dotted keys (what ``config.json`` stores and ``pyproject.toml`` declares)."""
-        return {f.metadata["key"]: getattr(self, f.name) for f in fields(self)}
+        return {_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
 
 
 def key_of(name: str) -> str:
@@ -177,8 +224,8 @@ def markdown_table() -> str:
     """The README's run-config table, generated from the field declarations."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in fields(RunConfig):
-        default = json_default(f.default)
-        rows.append(f"| `{f.metadata['key']}` | `{default}` | {f.metadata['meaning']} |")
+        key, meaning = _DECLARED[f.name]
+        rows.append(f"| `{key}` | `{json_default(f.default)}` | {meaning} |")
     return "\n".join(rows) + "\n"
 
 
@@ -191,7 +238,26 @@ def json_default(value: Any) -> str:
     return repr(value)
 
 
-_KEYS = {f.name: f.metadata["key"] for f in fields(RunConfig)}
+def _declarations() -> dict[str, tuple[str, str]]:
+    """(key, meaning) of every field, read from the docstring below it (```key`: meaning.``)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RunConfig")
+    out = {}
+    for field, doc in zip(cls.body, cls.body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            match = re.fullmatch(r"`([^`]+)`: (.*)", " ".join(str(doc.value.value).split()), flags=re.S)
+            if match is None:
+                raise RuntimeError(f"RunConfig.{field.target.id}: its docstring must read '`key`: meaning'")
+            out[field.target.id] = (match.group(1), match.group(2).removesuffix("."))
+    missing = [f.name for f in fields(RunConfig) if f.name not in out]
+    if missing:
+        raise RuntimeError(f"RunConfig fields without a '`key`: meaning' docstring: {missing}")
+    return out
+
+
+_DECLARED = _declarations()
+_KEYS = {name: key for name, (key, _) in _DECLARED.items()}
+_BY_KEY = {key: name for name, key in _KEYS.items()}
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
@@ -216,7 +282,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     return value
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError naming the field's key unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"run config {key_of(name)!r}: {value!r} is not one of {', '.join(choices)}")
 

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from fedpipe_core.quantize import bytes_per_param
 from fedpipe_core.structure import block_linears, layer_of
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The shapes the cost model needs."""

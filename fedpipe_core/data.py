@@ -78,8 +78,7 @@ def _load_e2e(path: Path, where: str) -> list[Example]:
     missing = {"mr", "ref"} - set(frame.columns)
     if missing:
         raise ConfigError(
-            f"{where}: {str(path)!r} lacks column(s) {', '.join(sorted(missing))} "
-            "(E2E format is a CSV with columns mr,ref)"
+            f"{where}: {str(path)!r} lacks column(s) {', '.join(sorted(missing))} (E2E format is a CSV with columns mr,ref)"
         )
     frame = frame[(frame["mr"].str.strip() != "") & (frame["ref"].str.strip() != "")]
     return [
@@ -179,9 +178,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
 
 
-def collate(
-    tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_len: int
-) -> dict[str, torch.Tensor]:
+def collate(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
     """A right-padded batch with input_ids, attention_mask and labels."""
     encoded = [encode(tokenizer, e, max_len) for e in examples]
     width = max(len(ids) for ids, _ in encoded)

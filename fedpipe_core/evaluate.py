@@ -42,8 +42,9 @@ def evaluate_loss(
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"][:, 1:]
         logits = logits[:, :-1].float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        )
         count += int((labels != IGNORE_INDEX).sum())
     loss = total / count
     return LossResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count)
@@ -93,7 +94,9 @@ def evaluate_validation(task: Task, delta: dict[str, torch.Tensor]) -> LossResul
     return evaluate_loss(global_model(task, delta), task.tokenizer, examples, task.config.max_seq_len)
 
 
-def score_test(task: Task, delta: dict[str, torch.Tensor], examples: list[Example] | None = None, limit: int | None = None) -> dict[str, float]:
+def score_test(
+    task: Task, delta: dict[str, torch.Tensor], examples: list[Example] | None = None, limit: int | None = None
+) -> dict[str, float]:
     """Final scores on the test split: PPL always; for E2E also the five generation metrics.
 
     Without ``limit`` the run-config caps apply (``eval-examples`` for PPL, ``test-groups`` MRs for

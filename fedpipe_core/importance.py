@@ -19,8 +19,13 @@ from fedpipe_core.lora import lora_layers
 class ImportanceTracker:
     """Accumulates eqs 4-6 after every backward pass; :meth:`scores` gives eq 3 per weight."""
 
-    def __init__(self, peft_model: PeftModel, beta1: float = 0.85, beta2: float = 0.85,
-                 history: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        history: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         """``history``: (Ī, Ū) per weight from earlier rounds; the EMAs continue from there (else from 0)."""
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"importance betas must be in [0, 1), got {beta1}, {beta2}")

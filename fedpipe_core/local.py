@@ -106,11 +106,25 @@ def run_full_round(
     return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={}, train_s=train_s)
 
 
-def _train(task: Task, model: torch.nn.Module, examples: list[Example], seed: int, batch_size: int | None,
-           local_steps: int | None, after_backward: Callable[[], None] | None) -> TrainResult:
+def _train(
+    task: Task,
+    model: torch.nn.Module,
+    examples: list[Example],
+    seed: int,
+    batch_size: int | None,
+    local_steps: int | None,
+    after_backward: Callable[[], None] | None,
+) -> TrainResult:
     cfg = task.config
     return train_local(
-        model, task.tokenizer, examples,
-        steps=local_steps or cfg.local_steps, batch_size=batch_size or cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, max_len=cfg.max_seq_len, seed=seed, after_backward=after_backward,
+        model,
+        task.tokenizer,
+        examples,
+        steps=local_steps or cfg.local_steps,
+        batch_size=batch_size or cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_len=cfg.max_seq_len,
+        seed=seed,
+        after_backward=after_backward,
     )

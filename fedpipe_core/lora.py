@@ -7,6 +7,8 @@ and the adapter's update is ΔW = (alpha / r) · B · A. Merging adds ΔW into t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -93,7 +95,9 @@ def attach_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: float | di
         task_type="CAUSAL_LM",
         fan_in_fan_out=any(isinstance(model.get_submodule(n), Conv1D) for n in names),
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 (the newest release) reads transformers 5's deprecated alias; nothing of ours to change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     got = {name: A.shape[0] for name, (A, _) in lora_factors(peft_model).items()}
@@ -135,7 +139,9 @@ def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
         layer = layers[name]
         rank = A.shape[0]
         if rank > layer.lora_A["default"].weight.shape[0]:
-            raise ValueError(f"{name}: factors of rank {rank} exceed the adapter's rank {layer.lora_A['default'].weight.shape[0]}")
+            raise ValueError(
+                f"{name}: factors of rank {rank} exceed the adapter's rank {layer.lora_A['default'].weight.shape[0]}"
+            )
         with torch.no_grad():
             layer.lora_A["default"].weight[:rank].copy_(A)
             layer.lora_B["default"].weight[:, :rank].copy_(B)

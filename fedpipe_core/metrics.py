@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import sacrebleu
 from nltk.translate.nist_score import corpus_nist
@@ -33,6 +33,20 @@ def _nist(refs: list[list[list[str]]], hyps: list[list[str]], n: int = 5) -> flo
     return corpus_nist(refs, hyps, n=order) if order > 0 else 0.0
 
 
+@contextlib.contextmanager
+def _meteor() -> Iterator[Meteor]:
+    """The METEOR 1.5 scorer (a Java process), its process and every pipe closed afterwards."""
+    scorer = Meteor()
+    try:
+        yield scorer
+    finally:
+        process = scorer.meteor_p
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            pipe.close()
+        process.kill()
+        process.wait()
+
+
 def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]]) -> dict[str, float]:
     """Score one hypothesis per MR against all references of that MR."""
     keys = sorted(hypotheses)
@@ -48,7 +62,8 @@ def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]
     gts = {i: rs for i, rs in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
     with contextlib.redirect_stdout(io.StringIO()):
-        meteor_score, _ = Meteor().compute_score(gts, res)
+        with _meteor() as meteor:
+            meteor_score, _ = meteor.compute_score(gts, res)
         rouge_score, _ = Rouge().compute_score(gts, res)
         cider_score, _ = Cider().compute_score(gts, res)
     return {

@@ -77,9 +77,15 @@ def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
     return ClientProfile(memory_gb * 2**30, tflops * 1e12, "declared")
 
 
-def simulated(partition_id: int, seed: int, weight_bytes: float, training_bytes: float = 0.0,
-              memory_range: tuple[float, float] = (0.45, 0.9), compute_range: tuple[float, float] = (0.25, 1.0),
-              ideal: bool = False) -> ClientProfile:
+def simulated(
+    partition_id: int,
+    seed: int,
+    weight_bytes: float,
+    training_bytes: float = 0.0,
+    memory_range: tuple[float, float] = (0.45, 0.9),
+    compute_range: tuple[float, float] = (0.25, 1.0),
+    ideal: bool = False,
+) -> ClientProfile:
     """A simulated client like the paper's (budgets 12-24 GB for LLaMA2-7B's 27 GB of FP32 weights).
 
     Memory is uniform over ``memory_range`` × ``weight_bytes`` (the model's FP32 weights, so that

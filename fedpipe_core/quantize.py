@@ -66,8 +66,14 @@ class QuantizedWeight:
     def from_tensors(cls, precision: str, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         """The inverse of :meth:`tensors` (codes and scales read back from disk)."""
         if precision == "nf4":
-            state = bnbf.QuantState(absmax=tensors["absmax"], shape=torch.Size(shape), code=bnbf.get_4bit_type("nf4", device=tensors["absmax"].device),
-                                    blocksize=BLOCKSIZE, quant_type="nf4", dtype=torch.float32)
+            state = bnbf.QuantState(
+                absmax=tensors["absmax"],
+                shape=torch.Size(shape),
+                code=bnbf.get_4bit_type("nf4", device=tensors["absmax"].device),
+                blocksize=BLOCKSIZE,
+                quant_type="nf4",
+                dtype=torch.float32,
+            )
         elif precision == "nf8":
             state = bnbf.QuantState(absmax=tensors["absmax"], code=normal_float_code(8), blocksize=BLOCKSIZE, dtype=torch.float32)
         elif precision in PRECISIONS:

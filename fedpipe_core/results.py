@@ -67,7 +67,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     known = set(RunConfig().to_mapping())
     unknown = sorted(set(stored) - known - set(RUN_EXTRAS))
     if unknown:
-        raise ConfigError(f"run directory {str(run_dir)!r}: config.json has keys this version does not know ({', '.join(unknown[:3])}); "
-                          "it was written by another version of the app")
+        raise ConfigError(
+            f"run directory {str(run_dir)!r}: config.json has keys this version does not know ({', '.join(unknown[:3])}); "
+            "it was written by another version of the app"
+        )
     config = RunConfig.from_mapping({k: v for k, v in stored.items() if k in known})
     return config, load_file(str(delta_path))

@@ -39,6 +39,15 @@ class SearchSpace:
     local_steps: int
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a node may spend in a round: FLOPs, and peak memory with its base held at ``precision``."""
+
+    flops: float
+    memory: float = float("inf")
+    precision: str = "fp32"
+
+
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
     """Stage 1: b_k = b_max · F_k / max_j F_j, rounded and clipped to [b_min, b_max]."""
     top = max(flops)
@@ -49,16 +58,18 @@ def _round_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, space: Sear
     return space.local_steps * step_flops(spec, ranks, batch, space.seq)
 
 
-def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
-           memory: float = float("inf"), precision: str = "fp32") -> dict[str, int]:
+def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: SearchSpace, budget: Budget) -> dict[str, int]:
     """Algorithm 1, stage 2: weights by importance, ranks high -> low, then rank adjustment.
 
-    A pair is taken when the round's FLOPs stay within ``budget`` and peak memory at
-    ``precision`` within ``memory``.
+    A pair is taken when the round's FLOPs stay within ``budget.flops`` and peak memory at
+    ``budget.precision`` within ``budget.memory``.
     """
 
     def fits(ranks: dict[str, int]) -> bool:
-        return _round_flops(spec, ranks, batch, space) <= budget and peak_memory(spec, ranks, batch, space.seq, precision) <= memory
+        return (
+            _round_flops(spec, ranks, batch, space) <= budget.flops
+            and peak_memory(spec, ranks, batch, space.seq, budget.precision) <= budget.memory
+        )
 
     order = sorted(importance, key=lambda m: (-importance[m], -spec.modules[m][0], m))  # ties: upper blocks first
     ranks_desc = sorted(space.ranks, reverse=True)
@@ -81,8 +92,9 @@ def greedy(spec: ModelSpec, importance: dict[str, float], budget: float, batch: 
     return chosen
 
 
-def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: int, space: SearchSpace,
-          memory: float = float("inf"), precision: str = "fp32", time_limit_s: float = 60.0) -> dict[str, int]:
+def exact(
+    spec: ModelSpec, importance: dict[str, float], batch: int, space: SearchSpace, budget: Budget, time_limit_s: float = 60.0
+) -> dict[str, int]:
     """The same choice as an MILP (eq 2 with the cost model's constraints), solved by CBC (``pulp[cbc]``).
 
     x[m, r] picks rank r for weight m (at most one per weight); z[l] = 1 when the backward pass
@@ -90,7 +102,7 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
     are both linear in x and z.
     """
     flops = flops_terms(spec, batch, space.seq)
-    mem = memory_terms(spec, batch, space.seq, precision)
+    mem = memory_terms(spec, batch, space.seq, budget.precision)
     problem = pulp.LpProblem("fedpipe_config", pulp.LpMaximize)
     modules = sorted(importance)
     x = {(m, r): problem.add_variable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
@@ -104,22 +116,30 @@ def exact(spec: ModelSpec, importance: dict[str, float], budget: float, batch: i
                 problem += z[upper] >= x[m, r]
     blocks = pulp.lpSum(z.values())
     params = pulp.lpSum(lora_params(spec, {m: r}) * x[m, r] for m, r in x)
-    problem += space.local_steps * (flops.fixed + flops.per_block * blocks + flops.per_param * params) <= budget
-    if memory != float("inf"):
-        problem += mem.fixed + mem.per_block * blocks + mem.per_param * params <= memory
+    problem += space.local_steps * (flops.fixed + flops.per_block * blocks + flops.per_param * params) <= budget.flops
+    if budget.memory != float("inf"):
+        problem += mem.fixed + mem.per_block * blocks + mem.per_param * params <= budget.memory
     solver = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s)
     if not solver.available():
         raise RuntimeError("fedpipe.search='exact' needs the CBC solver: pip install 'pulp[cbc]'")
     problem.solve(solver)
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
-    over_memory = peak_memory(spec, chosen, batch, space.seq, precision) > memory * (1 + 1e-9)
-    if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget * (1 + 1e-9):
+    over_memory = peak_memory(spec, chosen, batch, space.seq, budget.precision) > budget.memory * (1 + 1e-9)
+    if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget.flops * (1 + 1e-9):
         return {}  # infeasible (or no incumbent within the time limit)
     return chosen
 
 
-def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, float], batch: int, round_time_s: float,
-                space: SearchSpace, method: str = "greedy", precision: str = "auto") -> Plan:
+def plan_client(
+    spec: ModelSpec,
+    profile: ClientProfile,
+    importance: dict[str, float],
+    batch: int,
+    round_time_s: float,
+    space: SearchSpace,
+    method: str = "greedy",
+    precision: str = "auto",
+) -> Plan:
     """Precision first, then weights and ranks under FLOPS and memory.
 
     The precision is the most bits with which every candidate weight at the smallest rank fits
@@ -142,10 +162,16 @@ def plan_client(spec: ModelSpec, profile: ClientProfile, importance: dict[str, f
         precision = PRECISIONS[-1]  # tight memory: the fewest bits leave the most room for adapters
     if precision is None:
         need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1])
-        return Plan(batch, "none", {}, budget, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
-                    f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)")
+        return Plan(
+            batch,
+            "none",
+            {},
+            budget,
+            reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold the NF4 base "
+            f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)",
+        )
     solver = exact if method == "exact" else greedy
-    ranks = solver(spec, importance, budget, batch, space, memory=memory, precision=precision)
+    ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision))
     elapsed = time.perf_counter() - started
     if not ranks:
         ranks = cheapest  # a slow node still takes part with the least work there is; it stretches the round

@@ -16,15 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-from collections.abc import Mapping
-
-import numpy as np
 from transformers import PreTrainedModel
 
 from fedpipe_core.codec import SEP, decode_delta
@@ -106,7 +104,9 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
     """
     directory.mkdir(parents=True, exist_ok=True)
     if delta or not (directory / "delta.safetensors").is_file():
-        _replace(directory / "delta.safetensors", lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p)))
+        _replace(
+            directory / "delta.safetensors", lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p))
+        )
     if base or not (directory / "base.safetensors").is_file():
         flat = {f"{name}{SEP}{part}": t.contiguous() for name, q in state.base.items() for part, t in q.tensors().items()}
         _replace(directory / "base.safetensors", lambda p: save_file(flat, str(p)))
@@ -128,8 +128,9 @@ class StateMismatch(RuntimeError):
     """The server sent ΔW rounds that do not continue this node's saved state."""
 
 
-def node_base(task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int,
-              precision: str) -> tuple[PreTrainedModel, NodeState]:
+def node_base(
+    task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int, precision: str
+) -> tuple[PreTrainedModel, NodeState]:
     """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
 
     Merges the server's ΔW rounds ``start+1..end`` into the state saved on the node's disk. The

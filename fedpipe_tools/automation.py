@@ -27,7 +27,7 @@ from fedpipe_core.data import collate
 from fedpipe_core.lora import attach_lora
 from fedpipe_core.profile import measure, node_profile
 from fedpipe_core.quantize import PRECISIONS, quantize
-from fedpipe_core.search import SearchSpace, batch_sizes, exact, greedy, plan_client
+from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client
 from fedpipe_core.strategies.base import deadline_steps
 from fedpipe_core.structure import block_linears
 from fedpipe_core.task import load_task
@@ -58,10 +58,21 @@ def main() -> None:
         plan = plan_client(spec, profile, importance, batch, round_time, space)
         t = cfg.local_steps * plan.step_flops / profile.flops if plan.feasible else float("nan")
         fedpipe_times.append(t)
-        fedavg_times.append(cfg.local_steps * step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / profile.flops)
+        fedavg_times.append(
+            cfg.local_steps * step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / profile.flops
+        )
         ranks = ",".join(f"{r}x{list(plan.ranks.values()).count(r)}" for r in sorted(set(plan.ranks.values()))) or plan.reason
-        table.add_row(str(k), f"{profile.memory_bytes / 2**30:.2f}", f"{profile.flops / 1e12:.1f}", plan.precision, str(batch),
-                      str(len(plan.ranks)), ranks, f"{t:.4f}", f"{plan.memory_bytes / 2**30:.2f}")
+        table.add_row(
+            str(k),
+            f"{profile.memory_bytes / 2**30:.2f}",
+            f"{profile.flops / 1e12:.1f}",
+            plan.precision,
+            str(batch),
+            str(len(plan.ranks)),
+            ranks,
+            f"{t:.4f}",
+            f"{plan.memory_bytes / 2**30:.2f}",
+        )
     console.print(table)
 
     # 2. greedy vs MILP
@@ -73,13 +84,19 @@ def main() -> None:
     for _ in range(args.instances):
         imp = {m: rng.random() for m in pool}
         budget = full * rng.uniform(0.9, 0.99)
-        start = time.perf_counter(); g = greedy(sub, imp, budget, cfg.batch_size, space); t_greedy.append(time.perf_counter() - start)
-        start = time.perf_counter(); e = exact(sub, imp, budget, cfg.batch_size, space); t_exact.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        g = greedy(sub, imp, cfg.batch_size, space, Budget(budget))
+        t_greedy.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        e = exact(sub, imp, cfg.batch_size, space, Budget(budget))
+        t_exact.append(time.perf_counter() - start)
         og, oe = (sum(imp[m] * r for m, r in p.items()) for p in (g, e))
         ratios.append(og / oe if oe else float("nan"))
-    console.print(f"2. greedy/MILP objective over {args.instances} instances (20 weights, ranks {space.ranks}): "
-                  f"mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}; search time per client greedy "
-                  f"{statistics.mean(t_greedy) * 1e3:.1f} ms, MILP {statistics.mean(t_exact) * 1e3:.0f} ms")
+    console.print(
+        f"2. greedy/MILP objective over {args.instances} instances (20 weights, ranks {space.ranks}): "
+        f"mean {statistics.mean(ratios):.3f}, min {min(ratios):.3f}; search time per client greedy "
+        f"{statistics.mean(t_greedy) * 1e3:.1f} ms, MILP {statistics.mean(t_exact) * 1e3:.0f} ms"
+    )
 
     # 3. quantization of the default model's block linears
     model = task.base_model()
@@ -92,8 +109,10 @@ def main() -> None:
             err += float((q.dequantize() - w).abs().sum())
             mag += float(w.abs().sum())
             size += q.nbytes()
-        console.print(f"3. {precision}: mean abs error {err / sum(w.numel() for w in weights):.2e} "
-                      f"(relative {err / mag:.4f}), bytes {size / 1e6:.1f} MB = {size / fp32_bytes:.3f} x FP32")
+        console.print(
+            f"3. {precision}: mean abs error {err / sum(w.numel() for w in weights):.2e} "
+            f"(relative {err / mag:.4f}), bytes {size / 1e6:.1f} MB = {size / fp32_bytes:.3f} x FP32"
+        )
 
     # 4. cost model vs measurement
     ranks = task.uniform_ranks()
@@ -104,16 +123,20 @@ def main() -> None:
     with counter:
         peft_model(**batch).loss.backward()
     predicted = step_flops(spec, ranks, cfg.batch_size, seq)
-    console.print(f"4. step FLOPs: predicted {predicted / 1e9:.1f} G, torch counter {counter.get_total_flops() / 1e9:.1f} G, "
-                  f"ratio {predicted / counter.get_total_flops():.3f}")
+    console.print(
+        f"4. step FLOPs: predicted {predicted / 1e9:.1f} G, torch counter {counter.get_total_flops() / 1e9:.1f} G, "
+        f"ratio {predicted / counter.get_total_flops():.3f}"
+    )
     cpu = measure("cpu")
     times = []
     for _ in range(3):
         start = time.perf_counter()
         peft_model(**batch).loss.backward()
         times.append(time.perf_counter() - start)
-    console.print(f"   step time on this CPU: measured {min(times):.2f} s, predicted {predicted / cpu.flops:.2f} s "
-                  f"(cost / {cpu.flops / 1e9:.0f} GFLOPS matmul), ratio {predicted / cpu.flops / min(times):.2f}")
+    console.print(
+        f"   step time on this CPU: measured {min(times):.2f} s, predicted {predicted / cpu.flops:.2f} s "
+        f"(cost / {cpu.flops / 1e9:.0f} GFLOPS matmul), ratio {predicted / cpu.flops / min(times):.2f}"
+    )
 
     # 5. simulated round time on the same profiles (synchronous: the slowest client)
     fp = max(t for t in fedpipe_times if math.isfinite(t))
@@ -123,8 +146,10 @@ def main() -> None:
     # 6. a round deadline instead: lora-fedavg clients do only the steps that fit in fedpipe's round time
     uniform = step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
     steps = [deadline_steps(uniform / f, cfg.local_steps, fp) for f in flops]
-    console.print(f"6. round-deadline-s={fp:.4f} (fedpipe's round): lora-fedavg local steps per client {steps} of {cfg.local_steps} "
-                  f"({sum(steps)} of {cfg.local_steps * len(steps)} steps, {sum(s == 0 for s in steps)} clients left out)")
+    console.print(
+        f"6. round-deadline-s={fp:.4f} (fedpipe's round): lora-fedavg local steps per client {steps} of {cfg.local_steps} "
+        f"({sum(steps)} of {cfg.local_steps * len(steps)} steps, {sum(s == 0 for s in steps)} clients left out)"
+    )
 
 
 if __name__ == "__main__":

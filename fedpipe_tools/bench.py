@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError, RunConfig, key_of
+from fedpipe_core.strategies import strategy_class
 from fedpipe_tools.report import write_report
 
 console = Console()
@@ -45,8 +46,13 @@ class Suite:
 
     def config_of(self, strategy: str, setting: str, output_dir: Path) -> dict[str, Any]:
         """The run config of one run, validated."""
-        values = {**self.run_config, **self.settings[setting], key_of("strategy"): strategy, key_of("output_dir"): str(output_dir)}
-        RunConfig.from_mapping(values)  # a typo in a suite fails here, before any run starts
+        values = {
+            **self.run_config,
+            **self.settings[setting],
+            key_of("strategy"): strategy,
+            key_of("output_dir"): str(output_dir),
+        }
+        strategy_class(RunConfig.from_mapping(values).strategy)  # a typo in a suite fails here, before any run starts
         return values
 
 
@@ -102,12 +108,20 @@ def run_one(suite: Suite, strategy: str, setting: str, suite_dir: Path, app: Pat
     out.mkdir(parents=True)
     values = suite.config_of(strategy, setting, out.resolve())
     cmd = [
-        "flwr", "run", str(app), "--stream",
-        "--federation-config", f"num-supernodes={suite.supernodes} client-resources-num-cpus=1",
-        "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in values.items()),
+        "flwr",
+        "run",
+        str(app),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={suite.supernodes} client-resources-num-cpus=1",
+        "--run-config",
+        " ".join(f"{k}={_toml_value(v)}" for k, v in values.items()),
     ]
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         log = done.stdout + done.stderr
@@ -133,7 +147,9 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
             ok, tail = run_one(suite, strategy, setting, suite_dir, app, timeout_s)
             if not ok:
                 failures[f"{strategy}--{setting}"] = tail
-                progress.console.print(f"[red]{strategy} / {setting} failed[/] (log: {run_dir(suite_dir, strategy, setting) / 'flwr.log'})")
+                progress.console.print(
+                    f"[red]{strategy} / {setting} failed[/] (log: {run_dir(suite_dir, strategy, setting) / 'flwr.log'})"
+                )
             else:
                 progress.console.print(f"{strategy} / {setting}: done in {time.time() - started:.0f} s")
             progress.advance(bar)

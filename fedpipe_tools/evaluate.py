@@ -14,8 +14,8 @@ from pathlib import Path
 
 from fedpipe_core.config import ConfigError
 from fedpipe_core.data import load_examples
-from fedpipe_core.results import load_run
 from fedpipe_core.evaluate import score_test
+from fedpipe_core.results import load_run
 from fedpipe_core.task import load_task
 
 

@@ -98,9 +98,12 @@ def write_report(suite: str, runs: dict[tuple[str, str], Path], out: Path, targe
         row["target_eval_loss"] = targets[setting]
         reached = to_target(row["_curve"], targets[setting]) if targets[setting] is not None and row["_curve"] else (None, None)
         row["sim_time_to_target_s"], row["bytes_to_target"] = reached
-    for (strategy, setting), row in results.items():
+    for (_, setting), row in results.items():
         base = results.get(("fedpipe", setting))
-        for key, ratio in (("sim_time_to_target_s", "time_to_target_vs_fedpipe"), ("bytes_to_target", "bytes_to_target_vs_fedpipe")):
+        for key, ratio in (
+            ("sim_time_to_target_s", "time_to_target_vs_fedpipe"),
+            ("bytes_to_target", "bytes_to_target_vs_fedpipe"),
+        ):
             mine, ref = row[key], base[key] if base else None
             row[ratio] = mine / ref if mine is not None and ref else None
     path = out / "results.json"
@@ -114,6 +117,10 @@ def write_report(suite: str, runs: dict[tuple[str, str], Path], out: Path, targe
         if strategy in RANK_PLOTS:
             plot_ranks(path_, out / f"{suite}-ranks-{strategy}-{setting}.png", f"{suite}: {strategy} / {setting}")
     return merged[suite]
+
+
+def _mb(num_bytes: float | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 1e6
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -131,17 +138,18 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
         lines.append(f"- setting `{setting}`: target eval loss {_fmt(target, 4)}")
     lines += [
         "",
-        ("| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params | MB up | MB down "
-         "| sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"),
+        (
+            "| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params "
+            "| MB up | MB down | sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"
+        ),
         "|" + "---|" * 17,
     ]
     for (strategy, setting), r in results.items():
-        mb = (lambda b: None if b is None else b / 1e6)
         lines.append(
             f"| {strategy} | {setting} | {_fmt(r['bleu'], 2)} | {_fmt(r['nist'])} | {_fmt(r['meteor'])} | {_fmt(r['rouge_l'])} "
             f"| {_fmt(r['cider'])} | {_fmt(r['ppl'], 2)} | {_fmt(r['final_eval_loss'], 4)} | {_fmt(r['trainable_params'], 0)} "
-            f"| {_fmt(mb(r['bytes_up']), 2)} | {_fmt(mb(r['bytes_down']), 2)} | {_fmt(r['sim_time_to_target_s'], 4)} "
-            f"| {_fmt(mb(r['bytes_to_target']), 2)} | {_fmt(r['time_to_target_vs_fedpipe'], 2)} "
+            f"| {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} | {_fmt(r['sim_time_to_target_s'], 4)} "
+            f"| {_fmt(_mb(r['bytes_to_target']), 2)} | {_fmt(r['time_to_target_vs_fedpipe'], 2)} "
             f"| {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
         )
     lines += ["", "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.", ""]
@@ -164,8 +172,12 @@ def plot_bytes(suite: str, runs: dict[tuple[str, str], Path], path: Path) -> Non
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (strategy, setting), run in runs.items():
         rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["round"] > 0]
-        ax.plot([r["round"] for r in rows], [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows], marker="o",
-                label=f"{strategy} / {setting}")
+        ax.plot(
+            [r["round"] for r in rows],
+            [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows],
+            marker="o",
+            label=f"{strategy} / {setting}",
+        )
     ax.set(xlabel="round", ylabel="MB up + down", title=f"{suite}: bytes per round", yscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -180,8 +192,12 @@ def plot_ranks(run: Path, path: Path, title: str) -> None:
     for index, node in enumerate(sorted({p["node_id"] for p in plans})):
         rows = sorted((p for p in plans if p["node_id"] == node), key=lambda p: p["round"])
         tflops = rows[0]["profile"]["flops"] / 1e12
-        ax.plot([p["round"] for p in rows], [sum(p["ranks"].values()) for p in rows], marker="o",
-                label=f"client {index} ({tflops:.1f} TFLOPS)")
+        ax.plot(
+            [p["round"] for p in rows],
+            [sum(p["ranks"].values()) for p in rows],
+            marker="o",
+            label=f"client {index} ({tflops:.1f} TFLOPS)",
+        )
     ax.set(xlabel="round", ylabel="Σ adapter rank", title=f"{title}: per-client ranks")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -61,9 +61,13 @@ def make_certificates(directory: Path, days: int = 30, hosts: list[str] | None =
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (
-        x509.CertificateBuilder().subject_name(_name("FedPipe test CA")).issuer_name(_name("FedPipe test CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name("FedPipe test CA"))
+        .issuer_name(_name("FedPipe test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -71,16 +75,22 @@ def make_certificates(directory: Path, days: int = 30, hosts: list[str] | None =
     names = [x509.DNSName(h) for h in ["localhost", *(hosts or [])]]
     san = x509.SubjectAlternativeName([*names, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     server = (
-        x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(san, critical=False).sign(ca_key, hashes.SHA256())
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
     paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths["key"].chmod(0o600)
     return paths
 
@@ -90,8 +100,9 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     private.chmod(0o600)
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return private, public
@@ -109,8 +120,12 @@ class Deployment:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return {
+            **os.environ,
+            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - kept open for the process's lifetime
@@ -122,12 +137,27 @@ class Deployment:
         return ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
 
     def start_superlink(self, timeout_s: float = 60.0) -> None:
-        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.workdir / "state.db"),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
             self.certs = make_certificates(self.workdir / "certs")
-            cmd += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
-                    "--ssl-keyfile", str(self.certs["key"]), "--enable-supernode-auth"]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["cert"]),
+                "--ssl-keyfile",
+                str(self.certs["key"]),
+                "--enable-supernode-auth",
+            ]
         else:
             cmd += ["--insecure"]
         self.start("superlink", cmd)
@@ -145,15 +175,33 @@ class Deployment:
 
     def register(self, public_key: Path, name: str) -> str:
         """Register a SuperNode's public key (operator side); returns the CLI's answer."""
-        done = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION, "--name", name],
-                              env=self.env, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            ["flwr", "supernode", "register", str(public_key), CONNECTION, "--name", name],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"registering {public_key.name} failed: {done.stdout}{done.stderr}")
         return done.stdout
 
     def start_supernode(self, index: int, node_config: str, key: Path | None = None) -> subprocess.Popen:
-        cmd = ["flower-supernode", *self.security(), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-               "--node-config", node_config, "--max-retries", "3", "--max-wait-time", "60"]
+        cmd = [
+            "flower-supernode",
+            *self.security(),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            "--max-retries",
+            "3",
+            "--max-wait-time",
+            "60",
+        ]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
         return self.start(f"supernode-{index}", cmd)
@@ -183,8 +231,9 @@ def run_app(deployment: Deployment, run_config: str, timeout_s: float) -> subpro
     return subprocess.run(cmd, env=deployment.env, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
-def deploy_and_run(workdir: Path, supernodes: int = 3, rounds: int = 2, tls: bool = True, extra_config: str = "",
-                   timeout_s: float = 900.0) -> dict[str, object]:
+def deploy_and_run(
+    workdir: Path, supernodes: int = 3, rounds: int = 2, tls: bool = True, extra_config: str = "", timeout_s: float = 900.0
+) -> dict[str, object]:
     """Start the deployment, run the app, stop everything; returns wall time, run directory and log tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     deployment = Deployment(workdir, tls)

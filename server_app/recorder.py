@@ -56,12 +56,13 @@ class RunRecorder:
         """Flower's round ``flower_round`` is over: evaluate, record, checkpoint; the metrics row."""
         if flower_round == 0 and self.resumed_row is not None:  # the checkpoint's round: evaluated and recorded already
             return self.resumed_row
-        server_round = flower_round + self.adapter.round_offset
+        server_round = self.adapter.run_round(flower_round)
         row = self._evaluate(server_round)
         strategy = self.adapter.strategy
         state, tensors = strategy.state_dict()
-        save_checkpoint(self.writer.dir, Checkpoint(server_round, tensors, state, vars(self.totals).copy(),
-                                                    strategy.task.config.to_mapping()))
+        save_checkpoint(
+            self.writer.dir, Checkpoint(server_round, tensors, state, vars(self.totals).copy(), strategy.task.config.to_mapping())
+        )
         return row
 
     def _evaluate(self, server_round: int) -> dict[str, float]:
@@ -91,8 +92,15 @@ class RunRecorder:
         log(
             INFO,
             "FedPipe round %d/%d | eval loss %.4f (ppl %.2f) | clients %d | up %s down %s | sim %.1f s | %.1f s",
-            server_round, strategy.task.config.num_server_rounds, loss.loss, loss.ppl, row["clients"],
-            _mb(row["bytes_up"]), _mb(row["bytes_down"]), row["sim_time_s"], row["wall_s"],
+            server_round,
+            strategy.task.config.num_server_rounds,
+            loss.loss,
+            loss.ppl,
+            row["clients"],
+            _mb(row["bytes_up"]),
+            _mb(row["bytes_down"]),
+            row["sim_time_s"],
+            row["wall_s"],
         )
         return row
 

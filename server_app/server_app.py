@@ -14,7 +14,7 @@ from fedpipe_core.evaluate import score_test
 from fedpipe_core.model import default_cache_dir
 from fedpipe_core.results import RunWriter
 from fedpipe_core.state import remove_run_states
-from fedpipe_core.strategies import STRATEGIES
+from fedpipe_core.strategies import strategy_class
 from fedpipe_core.task import load_task
 from fedpipe_flower.messages import to_record
 from server_app.recorder import RunRecorder
@@ -28,24 +28,40 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the run config, federate, and leave ``<output-dir>/<run-id>/`` behind."""
     try:
         config = RunConfig.from_mapping(context.run_config)
+        cls = strategy_class(config.strategy)
         task = load_task(config)
         writer = RunWriter(Path(config.output_dir).expanduser().resolve(), str(context.run_id))
-        adapter = FlowerAdapter(STRATEGIES[config.strategy](task), plan_log=writer.dir / "plans.jsonl")
+        adapter = FlowerAdapter(cls(task), plan_log=writer.dir / "plans.jsonl")
         recorder = RunRecorder(writer, adapter)
         if config.resume_from:
             recorder.resume(Path(config.resume_from).expanduser())
     except ConfigError as exc:
         log(ERROR, "FedPipe: %s", exc)
         raise SystemExit(f"FedPipe: {exc}") from None
-    writer.write_config(config, **{"run-id": context.run_id, "checkpoint": str(task.checkpoint), "target-modules": list(task.targets)})
-    log(INFO, "FedPipe: run %s, strategy %s, model %s, task %s -> %s", context.run_id, config.strategy, config.model, config.task, writer.dir)
+    writer.write_config(
+        config, **{"run-id": context.run_id, "checkpoint": str(task.checkpoint), "target-modules": list(task.targets)}
+    )
+    log(
+        INFO,
+        "FedPipe: run %s, strategy %s, model %s, task %s -> %s",
+        context.run_id,
+        config.strategy,
+        config.model,
+        config.task,
+        writer.dir,
+    )
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         row = recorder.round_done(flower_round)
         return MetricRecord({"eval-loss": row["eval_loss"], "ppl": row["ppl"]})
 
-    adapter.start(grid, to_record(adapter.strategy.global_arrays()), num_rounds=config.num_server_rounds - adapter.round_offset,
-                  timeout=config.round_timeout_s, evaluate_fn=evaluate_fn)
+    adapter.start(
+        grid,
+        to_record(adapter.strategy.global_arrays()),
+        num_rounds=config.num_server_rounds - adapter.round_offset,
+        timeout=config.round_timeout_s,
+        evaluate_fn=evaluate_fn,
+    )
     final_delta = adapter.strategy.global_delta()
     writer.save_delta(final_delta)
     removed = remove_run_states(default_cache_dir(config.cache_dir), context.run_id)

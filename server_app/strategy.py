@@ -65,8 +65,12 @@ class FlowerAdapter(FlowerStrategy):
         self.strategy = strategy
         self.plan_log = plan_log
         self.round_offset = round_offset
-        """Rounds done before this process (a resumed run): Flower's round r is the run's round r + offset."""
+        """Rounds done before this process (a resumed run): see :meth:`run_round`."""
         self.stats: dict[int, RoundStats] = {}
+
+    def run_round(self, flower_round: int) -> int:
+        """The run's round number of Flower's round ``flower_round`` (they differ in a resumed run)."""
+        return flower_round + self.round_offset
 
     @property
     def config(self):
@@ -89,7 +93,7 @@ class FlowerAdapter(FlowerStrategy):
 
     # --- Flower's Strategy interface ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         cfg = self.config
         available = len(list(grid.get_node_ids()))
         wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
@@ -113,7 +117,7 @@ class FlowerAdapter(FlowerStrategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         stats = self.stats.setdefault(server_round, RoundStats())
         updates: Updates = {}
         for reply in replies:
@@ -159,8 +163,14 @@ class FlowerAdapter(FlowerStrategy):
 
     def summary(self) -> None:
         cfg = self.config
-        log(INFO, "%s: %d target modules, default rank %d, alpha %g", self.strategy.name, len(self.strategy.task.targets),
-            cfg.lora_rank, cfg.lora_alpha)
+        log(
+            INFO,
+            "%s: %d target modules, default rank %d, alpha %g",
+            self.strategy.name,
+            len(self.strategy.task.targets),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+        )
 
     def trainable_params(self) -> float:
         """Mean parameters a client trained in the last round (adapters: Σ r · (out + in))."""

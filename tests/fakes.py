@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 import torch
-from peft import PeftModel
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from peft import PeftModel
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_padded
 from fedpipe_core.lora import Factors, lora_layers

@@ -122,8 +122,13 @@ def test_lowrank_svd_matches_the_dense_decomposition():
 
 def test_truncate_with_feedback_delays_and_never_drops_what_clients_learned():
     g = torch.Generator().manual_seed(3)
-    rounds = [{"m": (torch.randn(12, 40, generator=g), torch.randn(30, 12, generator=g)),
-               "small": (torch.randn(2, 10, generator=g), torch.randn(5, 2, generator=g))} for _ in range(3)]
+    rounds = [
+        {
+            "m": (torch.randn(12, 40, generator=g), torch.randn(30, 12, generator=g)),
+            "small": (torch.randn(2, 10, generator=g), torch.randn(5, 2, generator=g)),
+        }
+        for _ in range(3)
+    ]
     residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sent_total = torch.zeros(30, 40, dtype=torch.float64)
     for increment in rounds:

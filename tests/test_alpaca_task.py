@@ -14,10 +14,17 @@ def test_alpaca_round_and_perplexity(task):
     assert {e.group for e in alpaca.splits["train"]}.isdisjoint({e.group for e in alpaca.splits["test"]})
     examples = client_examples(alpaca, 1, 3)
     out = run_client_round(
-        alpaca, model=alpaca.base_model(), examples=examples, ranks={m: 2 for m in alpaca.targets[:4]}, initial_factors=None, seed=0
+        alpaca,
+        model=alpaca.base_model(),
+        examples=examples,
+        ranks={m: 2 for m in alpaca.targets[:4]},
+        initial_factors=None,
+        seed=0,
     )
     assert out.num_examples == len(examples) and out.result.steps == alpaca.config.local_steps and out.train_s > 0
-    assert set(out.importance_history) == set(out.importance) and all(s > 0 and u >= 0 for s, u in out.importance_history.values())
+    assert set(out.importance_history) == set(out.importance) and all(
+        s > 0 and u >= 0 for s, u in out.importance_history.values()
+    )
     assert len(out.arrays) == 8 and all(a.shape[0] == 2 for k, a in out.arrays.items() if k.endswith("::A"))
     scores = score_test(alpaca, {})
     assert set(scores) == {"ppl"} and 1.0 < scores["ppl"] < 1e4

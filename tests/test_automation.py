@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedpipe_core.cost import lora_params, model_spec, peak_memory, step_flops
 from fedpipe_core.lora import attach_lora, resolve_target_modules
+from fedpipe_core.plan import choose_precision
 from fedpipe_core.profile import ClientProfile, declared, measure, simulated
 from fedpipe_core.quantize import (
     PRECISIONS,
@@ -17,8 +18,7 @@ from fedpipe_core.quantize import (
     normal_float_code,
     quantize,
 )
-from fedpipe_core.plan import choose_precision
-from fedpipe_core.search import SearchSpace, batch_sizes, exact, greedy, plan_client
+from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client
 
 
 def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():
@@ -107,7 +107,7 @@ def test_greedy_stays_in_budget_and_is_close_to_the_milp(spec_and_model):
     for _ in range(5):
         importance = {m: rng.random() for m in pool}
         budget = full * rng.uniform(0.9, 0.98)  # the forward pass alone is ~70% of the full cost
-        g, e = greedy(sub, importance, budget, 8, space), exact(sub, importance, budget, 8, space)
+        g, e = greedy(sub, importance, 8, space, Budget(budget)), exact(sub, importance, 8, space, Budget(budget))
         for plan in (g, e):
             assert plan and 4 * step_flops(sub, plan, 8, 64) <= budget
         og, oe = (sum(importance[m] * r for m, r in p.items()) for p in (g, e))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpipe_tools.bench import load_suites
 from fedpipe_core.config import ConfigError
+from fedpipe_tools.bench import load_suites
 from fedpipe_tools.report import to_target, write_report
 
 ROOT = Path(__file__).parents[1]
@@ -29,7 +29,14 @@ def test_packaged_suites_are_valid_run_configs(tmp_path):
     suites = load_suites()
     assert {"smoke", "e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"} <= set(suites)
     assert len(suites["e2e"].runs) == 14 and {s for s, _ in suites["e2e"].runs} == {
-        "fedpipe", "lora-fedavg", "legend", "hetlora", "flexlora", "fedadapter", "ft"}
+        "fedpipe",
+        "lora-fedavg",
+        "legend",
+        "hetlora",
+        "flexlora",
+        "fedadapter",
+        "ft",
+    }
     for suite in suites.values():
         for strategy, setting in suite.runs:
             values = suite.config_of(strategy, setting, tmp_path)
@@ -60,14 +67,36 @@ def test_time_and_bytes_to_target_interpolate_the_crossing():
 def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float) -> Path:
     run = directory / "1"
     run.mkdir(parents=True)
-    rows = [{"round": r, "eval_loss": loss, "sim_time_s": t, "bytes_up": 0 if r == 0 else mb * 1e6 / 2,
-             "bytes_down": 0 if r == 0 else mb * 1e6 / 2, "clients": 0 if r == 0 else 2}
-            for r, (loss, t) in enumerate(zip(losses, sim))]
+    rows = [
+        {
+            "round": r,
+            "eval_loss": loss,
+            "sim_time_s": t,
+            "bytes_up": 0 if r == 0 else mb * 1e6 / 2,
+            "bytes_down": 0 if r == 0 else mb * 1e6 / 2,
+            "clients": 0 if r == 0 else 2,
+        }
+        for r, (loss, t) in enumerate(zip(losses, sim))
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "summary.json").write_text(json.dumps({"bleu": bleu, "ppl": 5.0, "trainable_params": 100.0, "total_bytes_up": 1,
-                                                  "total_bytes_down": 2, "wall_s": 9.0, "sim_time_s": sim[-1]}))
-    plans = [{"round": r, "node_id": n, "profile": {"flops": 1e13 * (n + 1)}, "ranks": {"q": 2 * (n + 1)}}
-             for r in (1, 2) for n in (0, 1)]
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "bleu": bleu,
+                "ppl": 5.0,
+                "trainable_params": 100.0,
+                "total_bytes_up": 1,
+                "total_bytes_down": 2,
+                "wall_s": 9.0,
+                "sim_time_s": sim[-1],
+            }
+        )
+    )
+    plans = [
+        {"round": r, "node_id": n, "profile": {"flops": 1e13 * (n + 1)}, "ranks": {"q": 2 * (n + 1)}}
+        for r in (1, 2)
+        for n in (0, 1)
+    ]
     (run / "plans.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plans))
     return run
 
@@ -100,9 +129,14 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
     cmd = ["fedpipe-bench", "--suite", "smoke", "--out", str(tmp_path / "bench"), "--app", str(ROOT)]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)

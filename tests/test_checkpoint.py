@@ -20,8 +20,11 @@ def _round_one(task, grid):
     strategy = FlowerAdapter(FedPipe(task))
     list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     replies = [
-        reply(n, encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)),
-              {"train-loss": 2.0, "num-examples": 10 * n, "state-version": 0, f"importance::{task.targets[0]}": 0.5 * n})
+        reply(
+            n,
+            encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)),
+            {"train-loss": 2.0, "num-examples": 10 * n, "state-version": 0, f"importance::{task.targets[0]}": 0.5 * n},
+        )
         for n in (1, 2)
     ]
     strategy.aggregate_train(1, replies)
@@ -41,7 +44,9 @@ def test_a_resumed_strategy_sends_what_the_uninterrupted_one_sends(task, tmp_pat
     core.load_state_dict(checkpoint.state, checkpoint.tensors)
     resumed = FlowerAdapter(core, round_offset=checkpoint.round)
     assert core.importance == original.strategy.importance and core.profiles == original.strategy.profiles
-    assert original.strategy.residual and set(core.residual) == set(original.strategy.residual)  # what dispatch = svd has not sent yet
+    assert original.strategy.residual and set(core.residual) == set(
+        original.strategy.residual
+    )  # what dispatch = svd has not sent yet
     for module, rest in original.strategy.residual.items():
         torch.testing.assert_close(to_dense(core.residual[module]), to_dense(rest))
     for module, delta in original.strategy.global_delta().items():

@@ -6,6 +6,7 @@ import tomllib
 from flwr.common.config import flatten_dict
 
 from fedpipe_core.config import ConfigError, RunConfig, markdown_table
+from fedpipe_core.strategies import STRATEGIES, strategy_class
 
 ROOT = Path(__file__).parents[1]
 
@@ -31,7 +32,6 @@ def test_readme_table_is_the_one_generated_from_the_fields():
     [
         ("train.lr", -1.0, "'train.lr': must be > 0"),
         ("train.lr", "fast", "'train.lr': expected a number"),
-        ("strategy.name", "fedsgd", "'strategy.name': 'fedsgd' is not one of fedpipe, lora-fedavg"),
         ("data.task", "squad", "'data.task': 'squad'"),
         ("lora.rank", 0, "'lora.rank': must be >= 1"),
         ("num-server-rounds", 2.5, "'num-server-rounds': expected an integer"),
@@ -62,6 +62,12 @@ def test_invalid_values_name_the_key(key, value, fragment):
 def test_an_unknown_key_names_the_closest_valid_one(key, suggestion):
     with pytest.raises(ConfigError, match=re.escape(f"run config '{key}': unknown key; did you mean '{suggestion}'?")):
         RunConfig.from_mapping({key: 1})
+
+
+def test_a_strategy_name_is_checked_against_the_registry():
+    assert strategy_class("hetlora") is STRATEGIES["hetlora"]
+    with pytest.raises(ConfigError, match="'strategy.name': 'fedsgd' is not one of fedpipe, lora-fedavg, hetlora"):
+        strategy_class(RunConfig.from_mapping({"strategy.name": "fedsgd"}).strategy)
 
 
 def test_round_trip_and_coercion():

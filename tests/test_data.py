@@ -52,6 +52,7 @@ def test_partitions_cover_the_train_split_without_overlap(e2e, kind):
 
 def _mean_tv_distance(parts):
     from collections import Counter
+
     keys = sorted({e.key for p in parts for e in p})
     dists = [[Counter(e.key for e in p)[k] / len(p) for k in keys] for p in parts]
     pairs = [(a, b) for i, a in enumerate(dists) for b in dists[i + 1 :]]
@@ -92,7 +93,11 @@ def test_alpaca_seed_and_full_formats(tmp_path):
     seed = load_examples("alpaca")
     assert len({e.group for e in seed}) == 175 and all("### Response:" in e.prompt for e in seed)
     full = tmp_path / "alpaca_data.json"
-    full.write_text(json.dumps([{"instruction": "Add.", "input": "1+1", "output": "2"}, {"instruction": "Hi", "input": "", "output": "Hello"}]))
+    full.write_text(
+        json.dumps(
+            [{"instruction": "Add.", "input": "1+1", "output": "2"}, {"instruction": "Hi", "input": "", "output": "Hello"}]
+        )
+    )
     loaded = load_examples("alpaca", str(full))
     assert [e.target for e in loaded] == ["2", "Hello"] and "### Input:\n1+1" in loaded[0].prompt
 
@@ -123,7 +128,9 @@ def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
     from fedpipe_core.task import client_examples
 
     own = tmp_path / "site.csv"
-    own.write_text('mr,ref\n"name[A], food[Thai]",A serves Thai food.\n"name[B], food[Thai]",B is Thai.\n"name[B], food[Thai]",Thai at B.\n')
+    own.write_text(
+        'mr,ref\n"name[A], food[Thai]",A serves Thai food.\n"name[B], food[Thai]",B is Thai.\n"name[B], food[Thai]",Thai at B.\n'
+    )
     site = SimpleNamespace(node_config={"data-path": str(own)})
     examples = _examples(task, site)
     assert [e.target.strip() for e in examples] == ["A serves Thai food.", "B is Thai.", "Thai at B."]

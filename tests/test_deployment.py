@@ -27,7 +27,9 @@ deploy = importlib.util.module_from_spec(_spec)
 sys.modules["local_deployment"] = deploy  # dataclasses look their module up there
 _spec.loader.exec_module(deploy)
 
-SMALL = "train.local-steps=2 train.batch-size=4 eval.examples=8 eval.test-groups=2 eval.max-new-tokens=8 eval.base-generation=false"
+SMALL = (
+    "train.local-steps=2 train.batch-size=4 eval.examples=8 eval.test-groups=2 eval.max-new-tokens=8 eval.base-generation=false"
+)
 
 
 def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
@@ -44,9 +46,13 @@ def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
     assert len({p["profile"]["flops"] for p in plans}) == 3
     for row in rows[1:]:  # a fresh ClientApp process per message: it reports its start-up and its state restore
         assert row["client_startup_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
-    print(f"deployment wall time: {result['wall_s']:.1f} s; per round and node: "
-          + "; ".join(f"train {r['client_train_s']:.2f} s, setup {r['client_setup_s']:.2f} s, process start {r['client_startup_s']:.2f} s"
-                      for r in rows[1:]))
+    print(
+        f"deployment wall time: {result['wall_s']:.1f} s; per round and node: "
+        + "; ".join(
+            f"train {r['client_train_s']:.2f} s, setup {r['client_setup_s']:.2f} s, process start {r['client_startup_s']:.2f} s"
+            for r in rows[1:]
+        )
+    )
 
 
 def _log_has(path: Path, needles: tuple[str, ...], timeout_s: float) -> str | None:
@@ -66,11 +72,24 @@ def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
         deployment.start_superlink()
         key, _ = deploy.make_node_key(tmp_path / "keys", "stranger")  # never registered
         deployment.start_supernode(0, "partition-id=0 num-partitions=1", key)
-        refused = _log_has(tmp_path / "superlink.log", ("activate-node HTTP/1.1\" 412", "No SuperNode found"), 60)
+        refused = _log_has(tmp_path / "superlink.log", ('activate-node HTTP/1.1" 412', "No SuperNode found"), 60)
         assert refused, (tmp_path / "superlink.log").read_text()[-2000:]
         # a plaintext (insecure) SuperNode cannot talk to the TLS SuperLink
-        plain = deployment.start("supernode-plain", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{deployment.port}",
-                                                     "--port", str(deploy.free_port()), "--max-retries", "1", "--max-wait-time", "10"])
+        plain = deployment.start(
+            "supernode-plain",
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{deployment.port}",
+                "--port",
+                str(deploy.free_port()),
+                "--max-retries",
+                "1",
+                "--max-wait-time",
+                "10",
+            ],
+        )
         plain.wait(timeout=90)
         assert plain.returncode != 0
         assert "could not establish a connection to the SuperLink" in (tmp_path / "supernode-plain.log").read_text()
@@ -90,7 +109,9 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
         for index in range(3):
             deployment.start_supernode(index, deploy.node_config(index, 3))
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 strategy.round-timeout-s=300 output-dir="{runs}" {SMALL}'
-        run = deployment.start("flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config])
+        run = deployment.start(
+            "flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config]
+        )
         victim = next(proc for name, proc in deployment.processes if name == "supernode-2")
         assert _log_has(tmp_path / "supernode-2.log", ("Receiving: train message",), 600), "node 2 never got a train message"
         os.killpg(victim.pid, signal.SIGKILL)  # mid-round: it received its train message and will never reply

@@ -19,6 +19,10 @@ def _pins(text: str) -> set[str]:
     return set(re.findall(r'"?([A-Za-z0-9_.-]+==[0-9][A-Za-z0-9_.+-]*)"?', text))
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
 def test_images_install_the_project_and_the_same_pins_as_ci():
     assert len(DOCKERFILES) == 2
     ci_pins = _pins((ROOT / ".ci" / "run").read_text())
@@ -29,12 +33,13 @@ def test_images_install_the_project_and_the_same_pins_as_ci():
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         assert "COPY pyproject.toml" in text and re.search(r"pip install[^\n]* \.( |\\|$)", text, re.MULTILINE), dockerfile.name
-        for package in ("fedpipe_core", "server_app", "client_app"):
+        packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+        assert {"fedpipe_core", "fedpipe_flower", "server_app", "client_app"} <= set(packages)
+        for package in packages:
             assert f"COPY {package} ./{package}" in text, (dockerfile.name, package)
         assert _pins(text) - {p for p in _pins(text) if p.startswith("flwr==")} == ci_pins, dockerfile.name
         version = re.search(r"ARG FLWR_VERSION=([\d.]+)", text).group(1)
-        as_tuple = lambda v: tuple(int(x) for x in v.split("."))
-        assert as_tuple(low) <= as_tuple(version) < as_tuple(high), (dockerfile.name, version)
+        assert _version(low) <= _version(version) < _version(high), (dockerfile.name, version)
 
 
 def test_compose_wires_tls_auth_and_existing_dockerfiles():

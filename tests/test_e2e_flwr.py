@@ -57,15 +57,23 @@ def flwr_env(tmp_path_factory):
 
 def flwr_run(env: dict[str, str], run_config: str, supernodes: int = 3, timeout: int = 900) -> str:
     cmd = [
-        "flwr", "run", ".", "--stream",
-        "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1",
-        "--run-config", run_config,
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={supernodes} client-resources-num-cpus=1",
+        "--run-config",
+        run_config,
     ]
     done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return done.stdout + done.stderr
 
 
-SMALL = "train.local-steps=3 train.batch-size=4 eval.examples=16 eval.test-groups=3 eval.max-new-tokens=24 data.max-train-examples=240 eval.base-generation=false"
+SMALL = (
+    "train.local-steps=3 train.batch-size=4 eval.examples=16 eval.test-groups=3 eval.max-new-tokens=24"
+    " data.max-train-examples=240 eval.base-generation=false"
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,9 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     assert sorted({p["round"] for p in plans}) == [1, 2] and len(plans) == 6
     assert len({p["profile"]["memory_bytes"] for p in plans}) == 3  # heterogeneous simulated profiles
     for plan in plans:
-        assert plan["left_out"] or (plan["precision"] in ("fp32", "fp16", "nf8", "nf4") and plan["ranks"] and 2 <= plan["batch_size"] <= 4)
+        assert plan["left_out"] or (
+            plan["precision"] in ("fp32", "fp16", "nf8", "nf4") and plan["ranks"] and 2 <= plan["batch_size"] <= 4
+        )
     summary = json.loads((run / "summary.json").read_text())
     for key in ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl", "trainable_params", "total_bytes", "wall_s"):
         assert isinstance(summary[key], (int, float)), key
@@ -110,10 +120,16 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     assert "FedPipe round 2/2 | eval loss" in log
 
     csv = tmp_path / "mine.csv"
-    csv.write_text('mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n')
+    csv.write_text(
+        'mr,ref\n"name[The Eagle], eatType[pub]",The Eagle is a pub.\n"name[The Eagle], eatType[pub]",A pub called The Eagle.\n'
+    )
     done = subprocess.run(
         ["fedpipe-eval", str(run), "--data", str(csv), "--limit", "1"],
-        check=False, env=flwr_env, capture_output=True, text=True, timeout=300,
+        check=False,
+        env=flwr_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])

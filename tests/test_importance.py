@@ -21,7 +21,7 @@ def test_tracker_matches_the_recursions_by_hand(task):
         A.grad, B.grad = torch.full_like(A, 0.2), torch.full_like(B, -0.3 * (step + 1))
         for other in modules[1:]:
             tracker.layers[other].lora_A["default"].weight.grad = None
-        sens.append(float(((A * A.grad).abs().sum() + (B * B.grad).abs().sum()) / (A.numel() + B.numel())))
+        sens.append(float(((A * A.grad).abs().sum() + (B * B.grad).abs().sum()).detach() / (A.numel() + B.numel())))
         tracker.update()
     ema1 = 0.5 * sens[0]
     unc1 = 0.5 * abs(sens[0] - ema1)
@@ -36,8 +36,18 @@ def test_training_produces_positive_scores_for_every_adapted_weight(task):
     ranks = {m: 2 for m in task.targets[:4]}
     peft_model = attach_lora(task.base_model(), ranks, 8.0, 0)
     tracker = ImportanceTracker(peft_model)
-    train_local(peft_model, task.tokenizer, task.splits["train"][:8], steps=3, batch_size=2, lr=1e-3,
-                weight_decay=0.0, max_len=48, seed=0, after_backward=tracker.update)
+    train_local(
+        peft_model,
+        task.tokenizer,
+        task.splits["train"][:8],
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        weight_decay=0.0,
+        max_len=48,
+        seed=0,
+        after_backward=tracker.update,
+    )
     scores = tracker.scores()
     assert all(s > 0 and u > 0 for s, u in tracker.history().values())  # three steps moved both EMAs
     assert set(scores) == set(ranks) and all(v > 0 for v in scores.values())
@@ -54,7 +64,7 @@ def test_history_continues_the_emas(task):
     with torch.no_grad():
         B.fill_(0.1)
     A.grad, B.grad = torch.full_like(A, 0.2), torch.full_like(B, -0.3)
-    sens = float(((A * A.grad).abs().sum() + (B * B.grad).abs().sum()) / (A.numel() + B.numel()))
+    sens = float(((A * A.grad).abs().sum() + (B * B.grad).abs().sum()).detach() / (A.numel() + B.numel()))
     tracker.update()
     ema = 0.5 * 0.4 + 0.5 * sens
     assert tracker.history()[module] == pytest.approx((ema, 0.5 * 0.1 + 0.5 * abs(sens - ema)))

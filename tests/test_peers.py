@@ -139,8 +139,13 @@ def test_deadline_cuts_local_steps_and_leaves_out_a_node_that_cannot_finish_one(
     deadline = 1.0
     # node 1 does one step in 0.1 s, node 2 in 0.4 s, node 3 in 2 s
     profiles = {1: (64 * 2**30, step / 0.1), 2: (64 * 2**30, step / 0.4), 3: (64 * 2**30, step / 2.0)}
-    strategy = FlowerAdapter(STRATEGIES["lora-fedavg"](replace(task, config=replace(cfg, round_deadline_s=deadline, local_steps=6))))
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2, 3], profiles=profiles))}
+    strategy = FlowerAdapter(
+        STRATEGIES["lora-fedavg"](replace(task, config=replace(cfg, round_deadline_s=deadline, local_steps=6)))
+    )
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2, 3], profiles=profiles))
+    }
     assert sorted(messages) == [1, 2]
     assert messages[1].content["config"]["local-steps"] == 6 and messages[2].content["config"]["local-steps"] == 2
     assert strategy.stats[1].left_out == 1
@@ -156,12 +161,17 @@ def test_every_strategy_runs_a_round_on_plain_arrays_and_moves_the_global_delta(
     plans = strategy.plan_round(1, [1, 2, 3, 4])  # node 4 has no profile: not planned
     sent = strategy.payloads(1, plans)
     assert sorted(plans) == sorted(sent) == [1, 2, 3]
-    assert all(order.server_round == 1 and order.mode == strategy.mode and order.ranks == plans[n].ranks for n, (_, order) in sent.items())
+    assert all(
+        order.server_round == 1 and order.mode == strategy.mode and order.ranks == plans[n].ranks
+        for n, (_, order) in sent.items()
+    )
     updates = {}
     for node in (1, 2, 3):
         ranks = plans[node].ranks
         if name == "ft":
-            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks})
+            arrays = encode_dense(
+                {m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks}
+            )
         else:
             arrays = encode_factors(client_factors(task, ranks, node))
         report = TrainReply(num_examples=10 * node, train_loss=2.0, state_version=0)
@@ -183,7 +193,9 @@ def test_every_strategy_runs_a_round_over_flower_messages_and_counts_bytes(task,
     for node in (1, 2, 3):
         ranks = strategy.stats[1].ranks[node]
         if name == "ft":
-            arrays = encode_dense({m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks})
+            arrays = encode_dense(
+                {m: 0.01 * torch.randn(*task.shapes[m], generator=torch.Generator().manual_seed(node)) for m in ranks}
+            )
         else:
             arrays = encode_factors(client_factors(task, ranks, node))
         replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * node, "state-version": 0}))

@@ -77,7 +77,9 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
     factors = {n: client_factors(task, {m: top for m in task.targets[:4]}, n) for n in (1, 2, 3)}
     for n in factors:
         strategy.stats[1].ranks[n] = {m: top for m in task.targets[:4]}
-    replies = [reply(n, encode_factors(f), {"train-loss": 2.0, "state-version": 0, "num-examples": 10}) for n, f in factors.items()]
+    replies = [
+        reply(n, encode_factors(f), {"train-loss": 2.0, "state-version": 0, "num-examples": 10}) for n, f in factors.items()
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     scale = task.config.lora_alpha / task.config.lora_rank
     exact = aggregate_delta([ClientUpdate(f, {m: scale for m in f}, 10) for f in factors.values()])

@@ -78,18 +78,33 @@ class Strategy(ABC):
         precision = choose_precision(spec, profile, ranks, batch, cfg.max_seq_len)
         if precision is None:
             need = peak_memory(spec, ranks, batch, cfg.max_seq_len, "nf4")
-            return Plan(batch, "none", {}, math.inf, reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold "
-                        f"this configuration even on an NF4 base ({need / 2**30:.2f} GiB)")
-        return Plan(batch, precision, dict(ranks), math.inf, step_flops=step_flops(spec, ranks, batch, cfg.max_seq_len),
-                    memory_bytes=peak_memory(spec, ranks, batch, cfg.max_seq_len, precision))
+            return Plan(
+                batch,
+                "none",
+                {},
+                math.inf,
+                reason=f"memory {profile.memory_bytes / 2**30:.2f} GiB cannot hold "
+                f"this configuration even on an NF4 base ({need / 2**30:.2f} GiB)",
+            )
+        return Plan(
+            batch,
+            precision,
+            dict(ranks),
+            math.inf,
+            step_flops=step_flops(spec, ranks, batch, cfg.max_seq_len),
+            memory_bytes=peak_memory(spec, ranks, batch, cfg.max_seq_len, precision),
+        )
 
     def capability_plans(self, node_ids: list[int]) -> dict[int, Plan]:
         """HetLoRA / FlexLoRA: every target module at the node's capability rank, the run config's batch."""
         top = max(self.profiles[n].flops for n in node_ids)
         candidates = self.task.config.rank_candidates()
         return {
-            node: self.fit_plan(node, {m: capability_rank(self.profiles[node].flops, top, candidates) for m in self.task.targets},
-                                self.task.config.batch_size)
+            node: self.fit_plan(
+                node,
+                {m: capability_rank(self.profiles[node].flops, top, candidates) for m in self.task.targets},
+                self.task.config.batch_size,
+            )
             for node in node_ids
         }
 
@@ -120,8 +135,9 @@ class Strategy(ABC):
         out = {}
         for node_id, plan in feasible.items():
             state_from, state_to = self.sync_window(node_id, server_round)
-            instruction = TrainInstruction(server_round, self.mode, dict(plan.ranks), plan.batch_size, plan.local_steps,
-                                           plan.precision, state_from, state_to)
+            instruction = TrainInstruction(
+                server_round, self.mode, dict(plan.ranks), plan.batch_size, plan.local_steps, plan.precision, state_from, state_to
+            )
             out[node_id] = (self.node_payload(node_id, server_round, state, plan), instruction)
         return out
 
@@ -180,7 +196,7 @@ class Strategy(ABC):
     def combine(self, server_round: int, updates: Updates) -> None:
         """Fold this round's valid updates into the global state."""
 
-    def on_failure(self, node_id: int) -> None:
+    def on_failure(self, node_id: int) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Hook: a node's reply was an error or was rejected."""
 
     # --- 4. global ΔW ---------------------------------------------------------------------------
@@ -208,6 +224,22 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
         """Continue from a checkpoint's :meth:`state_dict`."""
         self.profiles = {int(n): ClientProfile(**p) for n, p in dict(state["profiles"]).items()}
+
+
+class ArrayState(Strategy):
+    """A strategy whose global state is exactly its :meth:`global_arrays` (the factor and dense strategies)."""
+
+    def state_dict(self) -> tuple[dict[str, object], Arrays]:
+        state, tensors = super().state_dict()
+        return state, tensors | {f"global/{k}": v for k, v in self.global_arrays().items()}
+
+    def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
+        super().load_state_dict(state, tensors)
+        self.load_global_arrays(under(tensors, "global/"))
+
+    @abstractmethod
+    def load_global_arrays(self, arrays: Arrays) -> None:
+        """Set the global state from what :meth:`global_arrays` gave."""
 
 
 def under(tensors: Arrays, prefix: str) -> Arrays:

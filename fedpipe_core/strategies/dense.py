@@ -18,16 +18,22 @@ from fedpipe_core.codec import UpdateError, decode_delta, encode_dense
 from fedpipe_core.cost import full_params, full_peak_memory, full_step_flops
 from fedpipe_core.lora import Factors
 from fedpipe_core.plan import Plan
-from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
+from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.factors import truncated_payload
 
 
-class DenseStrategy(Strategy):
+class DenseStrategy(ArrayState):
     """Global state: a dense ΔW per module."""
 
     def __init__(self, task) -> None:
         super().__init__(task)
         self.delta: dict[str, torch.Tensor] = {}
+
+    def global_arrays(self) -> Arrays:
+        return encode_dense(self.delta)
+
+    def load_global_arrays(self, arrays: Arrays) -> None:
+        self.delta = decode_delta(arrays, self.task.shapes)
 
     def combine(self, server_round: int, updates: Updates) -> None:
         self.delta = {**self.delta, **self.next_delta([u for u, _ in updates.values()])}
@@ -38,17 +44,6 @@ class DenseStrategy(Strategy):
 
     def global_delta(self) -> dict[str, torch.Tensor]:
         return dict(self.delta)
-
-    def global_arrays(self) -> Arrays:
-        return encode_dense(self.delta)
-
-    def state_dict(self) -> tuple[dict[str, object], Arrays]:
-        state, tensors = super().state_dict()
-        return state, tensors | {f"global/{k}": v for k, v in self.global_arrays().items()}
-
-    def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
-        super().load_state_dict(state, tensors)
-        self.delta = decode_delta(under(tensors, "global/"), self.task.shapes)
 
 
 class FlexLoRA(DenseStrategy):
@@ -91,8 +86,13 @@ class FullFT(DenseStrategy):
         for node in node_ids:
             have = self.profiles[node].memory_bytes
             if memory > have:
-                plans[node] = Plan(cfg.batch_size, "fp32", {}, math.inf, reason=f"memory {have / 2**30:.2f} GiB cannot hold "
-                                   f"full fine-tuning ({memory / 2**30:.2f} GiB)")
+                plans[node] = Plan(
+                    cfg.batch_size,
+                    "fp32",
+                    {},
+                    math.inf,
+                    reason=f"memory {have / 2**30:.2f} GiB cannot hold full fine-tuning ({memory / 2**30:.2f} GiB)",
+                )
             else:
                 plans[node] = Plan(cfg.batch_size, "fp32", dict(full), math.inf, step_flops=flops, memory_bytes=memory)
         return plans

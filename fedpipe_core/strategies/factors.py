@@ -28,7 +28,7 @@ from fedpipe_core.aggregate import (
 from fedpipe_core.codec import decode_factors, encode_factors
 from fedpipe_core.lora import Factors, attach_lora, lora_factors
 from fedpipe_core.plan import Plan
-from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
+from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.peer_rules import fedadapter_config, layers_top_down, legend_ranks
 
 
@@ -37,7 +37,7 @@ def truncated_payload(factors: Factors, plan: Plan) -> Arrays:
     return encode_factors({m: truncate_factors(factors[m], r) for m, r in plan.ranks.items() if m in factors})
 
 
-class FactorStrategy(Strategy):
+class FactorStrategy(ArrayState):
     """Global (A, B) per module; nodes get them truncated to their rank, updates are zero-padded and averaged."""
 
     weighting: ClassVar[Weighting] = staticmethod(module_weights)
@@ -77,13 +77,8 @@ class FactorStrategy(Strategy):
     def global_arrays(self) -> Arrays:
         return encode_factors(self.factors)
 
-    def state_dict(self) -> tuple[dict[str, object], Arrays]:
-        state, tensors = super().state_dict()
-        return state, tensors | {f"global/{k}": v for k, v in self.global_arrays().items()}
-
-    def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
-        super().load_state_dict(state, tensors)
-        self._factors = decode_factors(under(tensors, "global/"), self.task.shapes)
+    def load_global_arrays(self, arrays: Arrays) -> None:
+        self._factors = decode_factors(arrays, self.task.shapes)
 
 
 class LoRAFedAvg(FactorStrategy):
@@ -121,8 +116,15 @@ class Legend(FactorStrategy):
         plans = {}
         for node in node_ids:
             budget = self.profiles[node].flops * round_time
-            ranks = legend_ranks(self.task.spec, list(self.task.targets), budget, cfg.batch_size, cfg.max_seq_len,
-                                 cfg.local_steps, cfg.rank_candidates())
+            ranks = legend_ranks(
+                self.task.spec,
+                list(self.task.targets),
+                budget,
+                cfg.batch_size,
+                cfg.max_seq_len,
+                cfg.local_steps,
+                cfg.rank_candidates(),
+            )
             plans[node] = self.fit_plan(node, ranks, cfg.batch_size)
         return plans
 

@@ -65,8 +65,9 @@ class FedPipe(Strategy):
         space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
         importance = self.current_importance(server_round)
         return {
-            node: plan_client(spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search,
-                              precision=cfg.base_precision)
+            node: plan_client(
+                spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search, precision=cfg.base_precision
+            )
             for node, batch in zip(node_ids, batches)
         }
 

@@ -39,8 +39,9 @@ def rising_ranks(depth: int, candidates: tuple[int, ...]) -> list[int]:
     return [ranks[len(ranks) - 1 - (q * len(ranks)) // depth] for q in range(depth)]
 
 
-def legend_ranks(spec: ModelSpec, modules: list[str], budget_flops: float, batch: int, seq: int, local_steps: int,
-                 candidates: tuple[int, ...]) -> dict[str, int]:
+def legend_ranks(
+    spec: ModelSpec, modules: list[str], budget_flops: float, batch: int, seq: int, local_steps: int, candidates: tuple[int, ...]
+) -> dict[str, int]:
     """LEGEND's greedy LoRA configuration (LCD) for one device.
 
     Depth grows from the output down while the round's FLOPs (local steps × step FLOPs with the

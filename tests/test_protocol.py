@@ -1,0 +1,63 @@
+"""The message protocol: every key written and read in one place, bad messages named precisely."""
+
+import pytest
+
+from client_app.client_app import ROUTINES
+from fedpipe_core.codec import UpdateError
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.protocol import MODES, ProtocolError, TrainInstruction, TrainReply, profile_from_config, profile_to_config
+from fedpipe_core.strategies import STRATEGIES
+
+
+def test_train_instruction_round_trips_and_names_what_is_missing():
+    order = TrainInstruction(3, "fedpipe", {"model.layers.0.self_attn.q_proj": 8}, 5, 6, "nf4", state_from=1, state_to=2)
+    assert TrainInstruction.from_config(order.to_config()) == order
+    config = order.to_config()
+    del config["batch-size"]
+    with pytest.raises(ProtocolError, match="lacks 'batch-size'"):
+        TrainInstruction.from_config(config)
+    with pytest.raises(ProtocolError, match="unknown train mode 'sgd'"):
+        TrainInstruction.from_config({**order.to_config(), "mode": "sgd"})
+    with pytest.raises(ProtocolError, match="malformed"):
+        TrainInstruction.from_config({**order.to_config(), "ranks": "{not json"})
+
+
+def test_train_reply_round_trips_and_rejects_unusable_reports():
+    reply = TrainReply(
+        12,
+        1.5,
+        steps=6,
+        state_version=2,
+        profile=ClientProfile(2e9, 3e13, "reported"),
+        train_s=4.0,
+        setup_s=1.0,
+        startup_s=0.5,
+        importance={"m": 0.25},
+    )
+    assert TrainReply.from_metrics(reply.to_metrics()) == reply
+    assert reply.timing() == {"train-s": 4.0, "setup-s": 1.0, "startup-s": 0.5}
+    assert TrainReply(12, 1.5, train_s=0.0, setup_s=1.0, startup_s=0.0).timing() is None  # no training time to set against
+    metrics = reply.to_metrics()
+    for key, value, fragment in (
+        ("num-examples", 0, "positive integer"),
+        ("num-examples", True, "positive integer"),
+        ("train-loss", float("inf"), "not finite"),
+    ):
+        with pytest.raises(UpdateError, match=fragment):
+            TrainReply.from_metrics({**metrics, key: value})
+    with pytest.raises(UpdateError, match="lack 'train-loss'"):
+        TrainReply.from_metrics({"num-examples": 3})
+    # an unusable profile or importance is dropped; the update itself stays usable
+    lenient = TrainReply.from_metrics({**metrics, "profile-flops": -1.0, "importance::m": float("nan")})
+    assert lenient.profile is None and lenient.importance == {}
+
+
+def test_profiles_travel_and_must_be_positive():
+    profile = ClientProfile(2e9, 3e13, "declared")
+    assert profile_from_config(profile_to_config(profile)) == profile
+    with pytest.raises(ValueError, match="must be > 0"):
+        profile_from_config({**profile_to_config(profile), "memory-bytes": 0.0})
+
+
+def test_every_mode_a_strategy_sends_has_a_local_routine():
+    assert {cls.mode for cls in STRATEGIES.values()} <= set(MODES) == set(ROUTINES)
