@@ -6,31 +6,17 @@ Loaded once per process from the run config (cached); both apps and the strategi
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
+from fedpipe_core import quiet
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.cost import ModelSpec, model_spec
 from fedpipe_core.data import Example, load_examples, partition, split_examples
 from fedpipe_core.lora import module_shape, resolve_target_modules
 from fedpipe_core.model import load_model, load_tokenizer, resolve_checkpoint
-
-
-def quiet() -> None:
-    """Silence library chatter (progress bars, advisory warnings) so round lines stay readable."""
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @dataclass(frozen=True, eq=False)
