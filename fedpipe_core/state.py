@@ -28,8 +28,9 @@ from transformers import PreTrainedModel
 from fedpipe_core.codec import SEP, decode_delta
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.model import default_cache_dir
+from fedpipe_core.qlinear import stored_linear
 from fedpipe_core.quantize import QuantizedWeight, quantize
-from fedpipe_core.structure import block_linears
+from fedpipe_core.structure import block_linears, oriented_weight
 from fedpipe_core.task import Task
 
 
@@ -155,20 +156,18 @@ def node_base(
             names = [m for m in increment if m in state.base]
         else:
             names, state.base = [name for name, _ in block_linears(model)], {}
-        state.base |= {name: quantize(model.get_submodule(name).weight, precision) for name in names}
-        _hold(model, state.base)
+        state.base |= {name: quantize(oriented_weight(model.get_submodule(name)), precision) for name in names}
+        hold(model, state.base)
         requantized = bool(names)
     state.precision = precision
     save_state(directory, state, delta=bool(increment) or start == 0, base=requantized)
     return model, state
 
 
-def _hold(model: PreTrainedModel, base: dict[str, QuantizedWeight]) -> None:
-    """Set each block weight to deQ(Q(W)): what a quantized base computes in its matmuls (eq 8); adapters stay FP32."""
-    with torch.no_grad():
-        for name, weight in base.items():
-            target = model.get_submodule(name).weight
-            target.copy_(weight.dequantize().to(target.dtype))
+def hold(model: PreTrainedModel, base: dict[str, QuantizedWeight]) -> None:
+    """Replace each block linear by a layer that stores its weight at its precision (eq 8; see :mod:`.qlinear`)."""
+    for name, weight in base.items():
+        model.set_submodule(name, stored_linear(weight, model.get_submodule(name).bias))
 
 
 def save_importance(directory: Path, state: NodeState, history: dict[str, tuple[float, float]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -16,6 +17,11 @@ def layer_of(name: str) -> int:
     if match is None:
         raise ValueError(f"{name!r} is not inside a numbered transformer block")
     return int(match.group(1))
+
+
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """A linear's weight as (out, in), the orientation of nn.Linear and of LoRA (GPT-2's Conv1D stores (in, out))."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import load_model, resolve_checkpoint
+from fedpipe_core.qlinear import effective_weight, stored_bytes
 from fedpipe_core.quantize import quantize
 from fedpipe_core.state import StateMismatch, load_state, node_base, save_importance
 from fedpipe_core.structure import block_linears
@@ -40,7 +41,8 @@ def test_local_checkpoint_directories_and_errors(tmp_path):
 
 
 def _weight(model, name):
-    return model.get_submodule(name).weight.detach().clone()
+    """The weight the model computes with (a stored layer's deQ(Q(W)), or the FP32 weight)."""
+    return effective_weight(model.get_submodule(name)).clone()
 
 
 def test_node_state_accumulates_rounds_and_detects_gaps(task, tmp_path):
@@ -86,12 +88,18 @@ def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches
     assert all(torch.equal(saved.base[m].data, stored_before[m]) for m in saved.base if m != name)
     torch.testing.assert_close(_weight(model, other), load_state(tmp_path).base[other].dequantize())
 
+    assert type(model.get_submodule(name)).__name__ == "Linear4bit"  # really stored at 4 bits, not held in FP32
+    nf4_bytes = stored_bytes(model)
+
     # a new precision rebuilds the whole base from W0 + ΣΔW
     model, state = node_base(task, tmp_path, {}, 1, 1, "nf8")
     torch.testing.assert_close(_weight(model, name), quantize(w0 + to_dense(inc), "nf8").dequantize())
     assert load_state(tmp_path).precision == "nf8"
+    assert type(model.get_submodule(name)).__name__ == "StoredLinear" and stored_bytes(model) > nf4_bytes
+    nf8_bytes = stored_bytes(model)
     # back to FP32: exact W0 + ΣΔW, no stored base
     model, state = node_base(task, tmp_path, {}, 1, 1, "fp32")
+    assert stored_bytes(model) > nf8_bytes
     torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc))
     assert not load_state(tmp_path).base
 
