@@ -6,12 +6,14 @@ import time
 from collections.abc import Callable
 
 import psutil
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpipe_core.codec import decode_delta
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
+from fedpipe_core.device import resolve_device
 from fedpipe_core.local import ClientRound, run_client_round, run_full_round
 from fedpipe_core.profile import ClientProfile, node_profile
 from fedpipe_core.protocol import TrainInstruction, TrainReply
@@ -39,6 +41,11 @@ def _examples(task: Task, context: Context) -> list[Example]:
     return client_examples(task, *_partition(context))
 
 
+def _device(context: Context) -> torch.device:
+    """The node's accelerator: node config ``device`` (``auto`` by default: CUDA when present, else CPU)."""
+    return resolve_device(str(context.node_config.get("device", "auto")))
+
+
 def _profile(context: Context) -> ClientProfile:
     task = load_task(RunConfig.from_mapping(context.run_config))
     return node_profile(task, context.node_config, _partition(context)[0])
@@ -61,6 +68,7 @@ def _adapters_round(
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
     out = run_client_round(
         task,
+        device=_device(context),
         model=model,
         examples=examples,
         ranks=order.ranks,
@@ -80,6 +88,7 @@ def _full_round(
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
     out = run_full_round(
         task,
+        device=_device(context),
         examples=examples,
         modules=list(order.ranks),
         base_delta=decode_delta(payload, task.shapes),
@@ -128,5 +137,7 @@ def train(msg: Message, context: Context) -> Message:
         setup_s=time.perf_counter() - entered - out.train_s,
         startup_s=startup,
         importance=out.importance,
+        model_bytes=out.model_bytes,
+        peak_bytes=out.peak_bytes,
     )
     return train_reply(msg, out.arrays, report)

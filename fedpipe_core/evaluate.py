@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpipe_core.data import IGNORE_INDEX, Example, collate, references_by_group
+from fedpipe_core.device import autocast, resolve_device
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.task import Task
@@ -36,10 +37,12 @@ def evaluate_loss(
     if not examples:
         raise ValueError("evaluate_loss: no example to evaluate")
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        inputs = collate(tokenizer, examples[start : start + batch_size], max_len)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        inputs = {k: v.to(device) for k, v in collate(tokenizer, examples[start : start + batch_size], max_len).items()}
+        with autocast(device):
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"][:, 1:]
         logits = logits[:, :-1].float()
         total += float(
@@ -60,20 +63,22 @@ def generate(
 ) -> list[str]:
     """Greedy continuations, cut at the first newline (E2E references are one line)."""
     model.eval()
+    device = next(model.parameters()).device
     outputs: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with autocast(device):
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             outputs.extend(t.strip().split("\n")[0].strip() for t in texts)
     finally:
@@ -82,10 +87,10 @@ def generate(
 
 
 def global_model(task: Task, delta: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """Base + global ΔW."""
+    """Base + global ΔW, on this machine's accelerator when it has one (see :func:`~fedpipe_core.device.resolve_device`)."""
     model = task.base_model()
     merge_delta(model, delta)
-    return model
+    return model.to(resolve_device("auto"))
 
 
 def evaluate_validation(task: Task, delta: dict[str, torch.Tensor]) -> LossResult:

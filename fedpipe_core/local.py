@@ -17,8 +17,10 @@ from transformers.pytorch_utils import Conv1D
 from fedpipe_core.codec import decode_factors, encode_dense, encode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
+from fedpipe_core.device import PeakMemory
 from fedpipe_core.importance import ImportanceTracker
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
+from fedpipe_core.qlinear import stored_bytes
 from fedpipe_core.task import Task
 from fedpipe_core.train import TrainResult, train_local
 
@@ -34,6 +36,10 @@ class ClientRound:
     importance_history: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_s: float = 0.0
     """Seconds of local training (the optimizer steps), to set the round's overhead against."""
+    model_bytes: int = 0
+    """Bytes of the frozen model as the node holds it (its block linears at the plan's precision)."""
+    peak_bytes: int = 0
+    """Measured peak memory of the round (see :class:`~fedpipe_core.device.PeakMemory`)."""
 
 
 def adapter_scaling(config: RunConfig) -> float:
@@ -58,22 +64,31 @@ def run_client_round(
     batch_size: int | None = None,
     local_steps: int | None = None,
     importance_history: dict[str, tuple[float, float]] | None = None,
+    device: torch.device | None = None,
 ) -> ClientRound:
-    """Attach adapters to the prepared base (see :func:`node_base`), train them, score them (eqs 3-7)."""
+    """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
+    ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured."""
     cfg = task.config
-    peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
-    if initial_factors is not None:
-        set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
-    tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
-    started = time.perf_counter()
-    result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
+    device = device or torch.device("cpu")
+    model = model.to(device)
+    model_bytes = stored_bytes(model)
+    with PeakMemory(device) as peak:
+        peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
+        if initial_factors is not None:
+            set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+        tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
+        started = time.perf_counter()
+        result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
+        train_s = time.perf_counter() - started
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
         num_examples=len(examples),
         importance=tracker.scores(),
         importance_history=tracker.history(),
-        train_s=time.perf_counter() - started,
+        train_s=train_s,
+        model_bytes=model_bytes,
+        peak_bytes=peak.peak_bytes(model_bytes),
     )
 
 
@@ -86,24 +101,37 @@ def run_full_round(
     seed: int,
     batch_size: int | None = None,
     local_steps: int | None = None,
+    device: torch.device | None = None,
 ) -> ClientRound:
     """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before."""
+    device = device or torch.device("cpu")
     model = task.base_model()
     merge_delta(model, base_delta)
+    model = model.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
     weights = {m: model.get_submodule(m).weight for m in modules}
     before = {m: w.detach().clone() for m, w in weights.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
-    started = time.perf_counter()
-    result = _train(task, model, examples, seed, batch_size, local_steps, None)
-    train_s = time.perf_counter() - started
+    model_bytes = stored_bytes(model)
+    with PeakMemory(device) as peak:
+        started = time.perf_counter()
+        result = _train(task, model, examples, seed, batch_size, local_steps, None)
+        train_s = time.perf_counter() - started
     deltas = {}
     for module, weight in weights.items():
-        change = weight.detach() - before[module]
+        change = (weight.detach() - before[module]).float().cpu()
         deltas[module] = change.T if isinstance(model.get_submodule(module), Conv1D) else change
-    return ClientRound(arrays=encode_dense(deltas), result=result, num_examples=len(examples), importance={}, train_s=train_s)
+    return ClientRound(
+        arrays=encode_dense(deltas),
+        result=result,
+        num_examples=len(examples),
+        importance={},
+        train_s=train_s,
+        model_bytes=model_bytes,
+        peak_bytes=peak.peak_bytes(model_bytes),
+    )
 
 
 def _train(

@@ -102,7 +102,7 @@ def simulated(
 
 
 def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
-    """Declared in node config, else simulated (run config ``sim.profile``), else measured here."""
+    """Declared in node config, else simulated (run config ``sim.profile``), else measured here (on its ``device``)."""
     profile = declared(node_config)
     if profile is not None:
         return profile
@@ -111,4 +111,4 @@ def node_profile(task: Task, node_config: Mapping[str, object], partition_id: in
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
         training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
         return simulated(partition_id, cfg.seed, weights, training, ideal=cfg.heterogeneity == "ideal")
-    return measure()
+    return measure(str(node_config.get("device", "auto")))

@@ -119,6 +119,10 @@ class TrainReply:
     setup_s: float | None = None
     startup_s: float | None = None
     importance: dict[str, float] = field(default_factory=dict)
+    model_bytes: int | None = None
+    """Bytes of the frozen model as the node held it this round."""
+    peak_bytes: int | None = None
+    """Measured peak memory of the round (CUDA allocator peak, or model bytes + resident-memory increase on CPU)."""
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps}
@@ -126,7 +130,13 @@ class TrainReply:
             out["state-version"] = self.state_version
         if self.profile is not None:
             out |= {"profile-memory-bytes": self.profile.memory_bytes, "profile-flops": self.profile.flops}
-        for key, value in (("train-s", self.train_s), ("setup-s", self.setup_s), ("startup-s", self.startup_s)):
+        for key, value in (
+            ("train-s", self.train_s),
+            ("setup-s", self.setup_s),
+            ("startup-s", self.startup_s),
+            ("model-bytes", self.model_bytes),
+            ("peak-memory-bytes", self.peak_bytes),
+        ):
             if value is not None:
                 out[key] = value
         return out | {f"{IMPORTANCE_PREFIX}{m}": v for m, v in self.importance.items()}
@@ -153,6 +163,11 @@ class TrainReply:
             except (TypeError, ValueError):
                 profile = None
         timing = {k: float(values[k]) for k in ("train-s", "setup-s", "startup-s") if k in values}
+        memory = {
+            k: int(values[k])
+            for k in ("model-bytes", "peak-memory-bytes")
+            if k in values and isinstance(values[k], int) and values[k] >= 0
+        }
         importance = {
             k.removeprefix(IMPORTANCE_PREFIX): float(v)
             for k, v in values.items()
@@ -168,6 +183,8 @@ class TrainReply:
             setup_s=timing.get("setup-s"),
             startup_s=timing.get("startup-s"),
             importance=importance,
+            model_bytes=memory.get("model-bytes"),
+            peak_bytes=memory.get("peak-memory-bytes"),
         )
 
     def timing(self) -> dict[str, float] | None:

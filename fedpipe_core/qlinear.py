@@ -51,8 +51,22 @@ class StoredLinear(nn.Linear):
         return weight.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized(), bias)
+        out = _FrozenMatmul.apply(x.to(self.compute_dtype), self)
+        return out if self.bias is None else out + self.bias.to(self.compute_dtype)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x · deQ(W)ᵀ whose backward dequantizes W again instead of keeping it: the dequantized weight
+    lives only while one layer computes (as in bitsandbytes' 4-bit matmul), not until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: StoredLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized(), None
 
 
 def nf4_linear(

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpipe_core.data import Example, collate
+from fedpipe_core.device import autocast, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,12 @@ def train_local(
     seed: int,
     after_backward: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run ``steps`` optimizer steps of causal-LM loss on the target tokens.
+    """Run ``steps`` optimizer steps of causal-LM loss on the target tokens, on the model's device.
 
     ``after_backward`` runs once per step between the backward pass and the optimizer step
-    (where gradients are available, e.g. for importance scoring).
+    (where gradients are available, e.g. for importance scoring). On a GPU the forward runs in
+    its compute dtype (BF16, or FP16 with loss scaling, the gradients unscaled before
+    ``after_backward``); trainable parameters and the optimizer state stay FP32.
     """
     if not examples:
         raise ValueError("train_local: this client has no training example")
@@ -60,17 +63,28 @@ def train_local(
     if not params:
         raise ValueError("train_local: the model has no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype(device) == torch.float16 else None
     model.train()
     losses: list[float] = []
     for batch in batches(examples, batch_size, steps, seed):
-        inputs = collate(tokenizer, batch, max_len)
-        loss = model(**inputs).loss
+        inputs = {k: v.to(device) for k, v in collate(tokenizer, batch, max_len).items()}
+        with autocast(device):
+            loss = model(**inputs).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train_local: non-finite loss {loss.item()} at step {len(losses)}")
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         if after_backward is not None:
             after_backward()
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()

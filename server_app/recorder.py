@@ -84,6 +84,7 @@ class RunRecorder:
             "sim_time_s": self.totals.sim_time_s + (stats.sim_time_s if stats else 0.0),
             "wall_s": time.time() - self.started,
             **(stats.node_overhead() if stats else {}),
+            "node_memory": stats.node_memory() if stats else {},
         }
         self.totals.bytes_up += row["bytes_up"]
         self.totals.bytes_down += row["bytes_down"]

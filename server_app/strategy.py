@@ -47,6 +47,16 @@ class RoundStats:
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
     timing: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per node: seconds of local training and of the node's own overhead around it (setup, process start)."""
+    memory: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per node: the cost model's predicted peak and, once it replied, the measured peak and the model's bytes."""
+
+    def node_memory(self) -> dict[str, dict[str, float]]:
+        """Per node that replied: precision, predicted and measured peak, model bytes, and measured ÷ predicted."""
+        return {
+            str(node): {**m, "measured_vs_predicted": m["measured_peak_bytes"] / m["predicted_peak_bytes"]}
+            for node, m in sorted(self.memory.items())
+            if "measured_peak_bytes" in m and m["predicted_peak_bytes"] > 0
+        }
 
     def node_overhead(self) -> dict[str, float]:
         """Mean seconds per node of training, setup and process start, and the largest (setup + start) / train."""
@@ -108,6 +118,7 @@ class FlowerAdapter(FlowerStrategy):
                 stats.left_out += 1
                 continue
             stats.ranks[node_id] = plan.ranks
+            stats.memory[node_id] = {"precision": plan.precision, "predicted_peak_bytes": plan.memory_bytes}
             stats.sim_time_s = max(stats.sim_time_s, plan.local_steps * plan.step_flops / self.strategy.profiles[node_id].flops)
         messages = []
         for node_id, (payload, instruction) in self.strategy.payloads(server_round, plans).items():
@@ -144,6 +155,8 @@ class FlowerAdapter(FlowerStrategy):
             timing = report.timing()
             if timing is not None:
                 stats.timing[node_id] = timing
+            if report.peak_bytes is not None and report.model_bytes is not None:
+                stats.memory[node_id] |= {"measured_peak_bytes": report.peak_bytes, "model_bytes": report.model_bytes}
             self.strategy.observe_profile(node_id, report.profile)
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)

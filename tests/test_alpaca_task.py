@@ -6,6 +6,7 @@ import pytest
 
 from fedpipe_core.evaluate import score_test
 from fedpipe_core.local import run_client_round
+from fedpipe_core.qlinear import stored_bytes
 from fedpipe_core.task import client_examples, load_task
 
 
@@ -13,15 +14,18 @@ def test_alpaca_round_and_perplexity(task):
     alpaca = load_task(dataclasses.replace(task.config, task="alpaca", eval_examples=4))
     assert {e.group for e in alpaca.splits["train"]}.isdisjoint({e.group for e in alpaca.splits["test"]})
     examples = client_examples(alpaca, 1, 3)
+    model = alpaca.base_model()
+    model_bytes = stored_bytes(model)
     out = run_client_round(
         alpaca,
-        model=alpaca.base_model(),
+        model=model,
         examples=examples,
         ranks={m: 2 for m in alpaca.targets[:4]},
         initial_factors=None,
         seed=0,
     )
     assert out.num_examples == len(examples) and out.result.steps == alpaca.config.local_steps and out.train_s > 0
+    assert out.model_bytes == model_bytes and out.peak_bytes > model_bytes  # measured: the model plus what training took
     assert set(out.importance_history) == set(out.importance) and all(
         s > 0 and u >= 0 for s, u in out.importance_history.values()
     )

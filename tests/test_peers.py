@@ -198,9 +198,13 @@ def test_every_strategy_runs_a_round_over_flower_messages_and_counts_bytes(task,
             )
         else:
             arrays = encode_factors(client_factors(task, ranks, node))
-        replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * node, "state-version": 0}))
+        memory = {"model-bytes": 100 * node, "peak-memory-bytes": 2 * 10**9 * node}
+        replies.append(reply(node, arrays, {"train-loss": 2.0, "num-examples": 10 * node, "state-version": 0, **memory}))
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 3 and strategy.stats[1].rejected == 0
+    recorded = strategy.stats[1].node_memory()  # measured beside predicted, per node
+    assert sorted(recorded) == ["1", "2", "3"] and recorded["2"]["measured_peak_bytes"] == 4 * 10**9
+    assert recorded["3"]["measured_vs_predicted"] == pytest.approx(6e9 / recorded["3"]["predicted_peak_bytes"])
     assert strategy.stats[1].train_loss == 2.0 and strategy.stats[1].num_examples == 60
     assert strategy.stats[1].bytes_up == sum(r.content.array_records["arrays"].count_bytes() for r in replies)
     assert strategy.stats[1].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages)

@@ -33,6 +33,8 @@ def test_train_reply_round_trips_and_rejects_unusable_reports():
         setup_s=1.0,
         startup_s=0.5,
         importance={"m": 0.25},
+        model_bytes=173_000_000,
+        peak_bytes=400_000_000,
     )
     assert TrainReply.from_metrics(reply.to_metrics()) == reply
     assert reply.timing() == {"train-s": 4.0, "setup-s": 1.0, "startup-s": 0.5}
@@ -48,8 +50,8 @@ def test_train_reply_round_trips_and_rejects_unusable_reports():
     with pytest.raises(UpdateError, match="lack 'train-loss'"):
         TrainReply.from_metrics({"num-examples": 3})
     # an unusable profile or importance is dropped; the update itself stays usable
-    lenient = TrainReply.from_metrics({**metrics, "profile-flops": -1.0, "importance::m": float("nan")})
-    assert lenient.profile is None and lenient.importance == {}
+    lenient = TrainReply.from_metrics({**metrics, "profile-flops": -1.0, "importance::m": float("nan"), "peak-memory-bytes": -5})
+    assert lenient.profile is None and lenient.importance == {} and lenient.peak_bytes is None
 
 
 def test_profiles_travel_and_must_be_positive():

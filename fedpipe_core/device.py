@@ -1,0 +1,125 @@
+"""Where a node computes (node config ``device``) and what its round really took in memory.
+
+``auto`` is the first CUDA device when there is one, else the CPU. The compute dtype is BF16 on
+a GPU that supports it, else FP16 (with loss scaling), and FP32 on the CPU; adapters and their
+optimizer state stay FP32 everywhere.
+
+Peak memory of a round is measured, not modelled: on CUDA the allocator's peak
+(``max_memory_allocated``); on the CPU the process's resident memory, sampled while the round
+runs, above what it was when the round began, plus the bytes of the model as it is held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import threading
+from types import TracebackType
+
+import psutil
+import torch
+
+DEVICES_HELP = "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'"
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device a node config's ``device`` names; ValueError naming the value when it cannot be used."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"node config 'device': {spec!r} is not {DEVICES_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"node config 'device': {spec!r} is not {DEVICES_HELP}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"node config 'device': {spec!r} but this machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"node config 'device': {spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """BF16 on a GPU that supports it, else FP16; FP32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision in the device's compute dtype on a GPU; nothing on the CPU (FP32 throughout)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=compute_dtype(device))
+    return contextlib.nullcontext()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), so that resident memory
+    counts what is live: memory freed earlier in the process and reused would otherwise hide a peak."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+class PeakMemory:
+    """Measures the peak memory of the code it wraps: ``with PeakMemory(device) as peak: ...; peak.increase_bytes``."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.increase_bytes = 0
+        """Peak above the level at entry (CUDA: allocated bytes; CPU: resident bytes)."""
+        self.cuda_peak_bytes = 0
+        """CUDA only: the allocator's absolute peak during the block (model included)."""
+        self._start = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        release_free_memory()
+        process = psutil.Process()
+        self._start = self._peak = process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, args=(process,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self, process: psutil.Process) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, process.memory_info().rss)
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.increase_bytes = max(0, self.cuda_peak_bytes - self._start)
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._peak = max(self._peak, psutil.Process().memory_info().rss)
+        self.increase_bytes = max(0, self._peak - self._start)
+
+    def peak_bytes(self, model_bytes: int) -> int:
+        """The round's peak in the cost model's terms: CUDA's absolute peak, or the model's bytes plus the CPU increase."""
+        return self.cuda_peak_bytes if self.device.type == "cuda" else model_bytes + self.increase_bytes

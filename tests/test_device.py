@@ -1,0 +1,67 @@
+"""Where a node computes and what its round measured: device choice, peak memory, the GPU path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedpipe_core.device import PeakMemory, compute_dtype, resolve_device
+from fedpipe_core.qlinear import stored_linear
+from fedpipe_core.quantize import quantize
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def test_device_choice_and_bad_values_named():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and compute_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="node config 'device': 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
+def test_peak_memory_on_the_cpu_sees_an_allocation_that_is_gone_by_the_end():
+    with PeakMemory(torch.device("cpu"), interval_s=0.001) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        total = float(block.sum())
+        del block
+        torch.ones(1).add_(total)
+    assert 56 * 2**20 <= peak.increase_bytes <= 160 * 2**20
+    assert peak.peak_bytes(1000) == 1000 + peak.increase_bytes
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "nf8", "nf4"])
+def test_stored_layers_on_cuda_match_the_cpu_reference(precision):
+    g = torch.Generator().manual_seed(0)
+    weight, x = 0.05 * torch.randn(256, 192, generator=g), torch.randn(4, 192, generator=g)
+    stored = quantize(weight, precision)
+    reference = F.linear(x, stored.dequantize())
+    layer = stored_linear(quantize(weight.cuda(), precision), None)
+    torch.testing.assert_close(layer(x.cuda()).float().cpu(), reference, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "nf8", "nf4"])
+def test_a_cuda_client_round_trains_and_reports_the_allocator_peak(task, tmp_path, precision):
+    from fedpipe_core.local import run_client_round
+    from fedpipe_core.state import node_base
+
+    model, _ = node_base(task, tmp_path, {}, 0, 0, precision)
+    ranks = {m: 4 for m in task.targets}
+    out = run_client_round(
+        task,
+        model=model,
+        examples=task.splits["train"][:16],
+        ranks=ranks,
+        initial_factors=None,
+        seed=0,
+        batch_size=4,
+        local_steps=4,
+        device=torch.device("cuda"),
+    )
+    assert out.result.steps == 4 and torch.isfinite(torch.tensor(out.result.mean_loss))
+    assert out.peak_bytes > out.model_bytes > 0
