@@ -58,26 +58,24 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def release_free_memory() -> None:
-    """Make resident memory count what is live: the C heap's free pages go back to the OS (glibc
-    ``malloc_trim``), and allocations of 128 KiB or more stay out of the heap for good (a fixed
-    ``M_MMAP_THRESHOLD``, so a freed tensor is unmapped rather than kept for reuse). Otherwise memory
-    freed earlier and reused would hide a peak, and heap growth would add one that is not there."""
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``) so that resident memory
+    counts what is live: memory freed earlier in the process and reused would otherwise hide a peak.
+    Growth of the heap itself still counts (temporaries that glibc keeps for reuse): on the CPU the
+    measurement is an upper bound of what the tensors need."""
     gc.collect()
     if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
         _LIBC.malloc_trim(0)
 
 
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
 
 
 _LIBC = _libc()
-_M_MMAP_THRESHOLD = -3
 
 
 class PeakMemory:
