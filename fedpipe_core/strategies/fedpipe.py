@@ -13,7 +13,7 @@ from fedpipe_core.aggregate import (
     to_dense,
     truncate_with_feedback,
 )
-from fedpipe_core.codec import UpdateError, decode_factors, encode_delta, encode_factors
+from fedpipe_core.codec import UpdateError, decode_factors, encode_delta, encode_dense, encode_factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import TrainReply
 from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
@@ -40,6 +40,7 @@ class FedPipe(Strategy):
         self.synced: dict[int, int] = {}
         self.importance: dict[str, float] = {}
         self.residual: dict[str, LowRank] = {}  # what dispatch = svd has cut and not yet sent
+        self._total: dict[str, torch.Tensor] | None = {}  # Σ of the increments, dense; derived, rebuilt when None
 
     # --- plan -----------------------------------------------------------------------------------
     def current_importance(self, server_round: int = 0) -> dict[str, float]:
@@ -97,6 +98,8 @@ class FedPipe(Strategy):
         if self.task.config.dispatch == "svd":
             increment, self.residual = truncate_with_feedback(increment, self.residual, max(self.task.config.rank_candidates()))
         self.increments[server_round] = increment
+        if self._total is not None:
+            self._total = _accumulate(self._total, increment)
         for node_id, (_, reply) in updates.items():
             self.synced[node_id] = int(reply.state_version)
         self.importance.update(importance_of(updates))
@@ -106,20 +109,20 @@ class FedPipe(Strategy):
 
     # --- global ΔW ------------------------------------------------------------------------------
     def global_delta(self) -> dict[str, torch.Tensor]:
-        """Σ over rounds of each round's ΔW (what every node has merged once it is in sync)."""
-        total: dict[str, torch.Tensor] = {}
-        for rnd in sorted(self.increments):
-            for module, lowrank in self.increments[rnd].items():
-                dense = to_dense(lowrank)
-                total[module] = total[module] + dense if module in total else dense
-        return total
+        """Σ over rounds of each round's ΔW (what every node has merged once it is in sync).
+
+        Kept as a running sum that :meth:`combine` extends by one round, so evaluating a round does
+        not densify every earlier round again; rebuilt from the increments after a checkpoint load.
+        """
+        if self._total is None:
+            self._total = {}
+            for rnd in sorted(self.increments):
+                self._total = _accumulate(self._total, self.increments[rnd])
+        return dict(self._total)
 
     def global_arrays(self) -> Arrays:
-        parts: dict[str, list[LowRank]] = {}
-        for rnd in sorted(self.increments):
-            for module, lowrank in self.increments[rnd].items():
-                parts.setdefault(module, []).append(lowrank)
-        return encode_factors({m: concat_lowrank(p) for m, p in parts.items()})
+        """The global ΔW, dense: its size stays that of the weights however many rounds have passed."""
+        return encode_dense(self.global_delta())
 
     def state_dict(self) -> tuple[dict[str, object], Arrays]:
         """Profiles, importance, every round's ΔW increment and the dispatch residual (node sync is per run: not kept)."""
@@ -135,6 +138,16 @@ class FedPipe(Strategy):
         for rnd in state["increment-rounds"]:
             self.increments[int(rnd)] = decode_factors(under(tensors, f"{rnd}/"), self.task.shapes)
         self.residual = decode_factors(under(tensors, "residual/"), self.task.shapes)
+        self._total = None
+
+
+def _accumulate(total: dict[str, torch.Tensor], increment: dict[str, LowRank]) -> dict[str, torch.Tensor]:
+    """``total`` plus one round's ΔW, module by module (a new dict; the tensors of ``total`` are not changed)."""
+    out = dict(total)
+    for module, lowrank in increment.items():
+        dense = to_dense(lowrank)
+        out[module] = out[module] + dense if module in out else dense
+    return out
 
 
 def importance_of(updates: Updates) -> dict[str, float]:
