@@ -63,6 +63,11 @@ def release_free_memory() -> None:
     Growth of the heap itself still counts (temporaries that glibc keeps for reuse): on the CPU the
     measurement is an upper bound of what the tensors need."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc ``malloc_trim``: return the heap's free pages to the OS (a no-op without glibc)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

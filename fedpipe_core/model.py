@@ -7,7 +7,6 @@ once per machine into a safetensors cache) or a local Hugging Face checkpoint di
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import importlib.metadata
 import os
@@ -16,7 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +23,7 @@ from transformers import (
 )
 
 from fedpipe_core.config import ConfigError
+from fedpipe_core.loading import load_linear, stream_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -111,12 +110,6 @@ def load_tokenizer(checkpoint: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-_PRISTINE: dict[tuple[str, str], PreTrainedModel] = {}
-
-
-def load_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A fresh, independent model; the checkpoint is read from disk once per process."""
-    key = (str(checkpoint), str(dtype))
-    if key not in _PRISTINE:
-        _PRISTINE[key] = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=dtype).eval()
-    return copy.deepcopy(_PRISTINE[key])
+def load_model(checkpoint: Path) -> PreTrainedModel:
+    """A fresh FP32 model, streamed tensor by tensor from the checkpoint's safetensors (see :mod:`.loading`)."""
+    return stream_model(checkpoint, lambda _name, module, read: load_linear(module, read))

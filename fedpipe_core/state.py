@@ -23,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedModel
 
 from fedpipe_core.codec import SEP, decode_delta
+from fedpipe_core.loading import Reader, load_linear, stream_model
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.model import default_cache_dir
 from fedpipe_core.qlinear import stored_linear
 from fedpipe_core.quantize import QuantizedWeight, quantize
-from fedpipe_core.structure import block_linears, oriented_weight
+from fedpipe_core.structure import block_linears, oriented
 from fedpipe_core.task import Task
 
 
@@ -135,10 +137,11 @@ def node_base(
     """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
 
     Merges the server's ΔW rounds ``start+1..end`` into the state saved on the node's disk. The
-    quantized block weights are saved too, so at an unchanged precision only the weights this
-    round's ΔW touches are re-quantized; at a new precision the whole base is. A weight is held as
-    Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW smaller than a
-    quantization step, so a node's base would stop following the global model.
+    model is streamed weight by weight from the checkpoint (:mod:`.loading`), never whole at FP32.
+    The quantized block weights are saved too, so at an unchanged precision only the weights this
+    round's ΔW touches are read and re-quantized; at a new precision the whole base is. A weight
+    is held as Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW
+    smaller than a quantization step, so a node's base would stop following the global model.
     """
     state = load_state(directory)
     if start == 0 and (state.version or state.delta):
@@ -147,27 +150,31 @@ def node_base(
         raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
     increment = decode_delta(payload, task.shapes)
     state.add(increment, end)
-    model = task.base_model()
-    merge_delta(model, state.delta)  # W0 + ΣΔW in FP32
-    if precision == "fp32":
-        requantized, state.base = bool(state.base), {}
-    else:
-        if state.precision == precision and state.base:
-            names = [m for m in increment if m in state.base]
-        else:
-            names, state.base = [name for name, _ in block_linears(model)], {}
-        state.base |= {name: quantize(oriented_weight(model.get_submodule(name)), precision) for name in names}
-        hold(model, state.base)
-        requantized = bool(names)
+    had_base = bool(state.base)
+    if state.precision != precision or precision == "fp32":
+        state.base = {}
+    requantized: list[str] = []
+
+    def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
+        """W0 + ΣΔW of one block linear, (out, in), FP32."""
+        weight = oriented(module, read("weight").float())
+        return weight + state.delta[name] if name in state.delta else weight
+
+    def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
+        if precision == "fp32":
+            return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
+        if name not in state.base or name in increment:
+            state.base[name] = quantize(merged(name, module, read), precision)
+            requantized.append(name)
+        bias = read("bias").float() if getattr(module, "bias", None) is not None else None
+        return stored_linear(state.base[name], bias)
+
+    model = stream_model(task.checkpoint, block_layer)
+    blocks = {name for name, _ in block_linears(model)} | set(state.base)
+    merge_delta(model, {m: d for m, d in state.delta.items() if m not in blocks})
     state.precision = precision
-    save_state(directory, state, delta=bool(increment) or start == 0, base=requantized)
+    save_state(directory, state, delta=bool(increment) or start == 0, base=bool(requantized) or (had_base and not state.base))
     return model, state
-
-
-def hold(model: PreTrainedModel, base: dict[str, QuantizedWeight]) -> None:
-    """Replace each block linear by a layer that stores its weight at its precision (eq 8; see :mod:`.qlinear`)."""
-    for name, weight in base.items():
-        model.set_submodule(name, stored_linear(weight, model.get_submodule(name).bias))
 
 
 def save_importance(directory: Path, state: NodeState, history: dict[str, tuple[float, float]]) -> None:

@@ -19,9 +19,10 @@ def layer_of(name: str) -> int:
     return int(match.group(1))
 
 
-def oriented_weight(module: nn.Module) -> torch.Tensor:
-    """A linear's weight as (out, in), the orientation of nn.Linear and of LoRA (GPT-2's Conv1D stores (in, out))."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A linear's weight between its own orientation and (out, in), that of nn.Linear and of LoRA
+    (GPT-2's Conv1D stores (in, out)); the map is its own inverse."""
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

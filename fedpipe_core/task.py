@@ -15,6 +15,7 @@ from fedpipe_core import quiet
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.cost import ModelSpec, model_spec
 from fedpipe_core.data import Example, load_examples, partition, split_examples
+from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
 from fedpipe_core.model import load_model, load_tokenizer, resolve_checkpoint
 
@@ -46,7 +47,7 @@ def load_task(config: RunConfig) -> Task:
     quiet()
     checkpoint = resolve_checkpoint(config.model, config.cache_dir)
     tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint)
+    model = skeleton(checkpoint)  # shapes only: planning a run loads no weight
     targets = tuple(resolve_target_modules(model, config.lora_target_modules))
     shapes = {m: module_shape(model, m) for m in targets}
     spec = model_spec(model, list(targets))
