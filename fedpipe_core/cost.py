@@ -10,10 +10,13 @@ Everything is derived from the model's real shapes (:class:`ModelSpec`):
 - each LoRA adapter of rank r on an (out, in) weight costs 2 · r · (in + out) per token forward
   and twice that backward (gradients of A, B and of its input).
 
-Memory: base weights at their precision (quantized linears, the rest in the compute dtype),
-adapters with gradient and two AdamW moments (4 copies), activations kept for the backward of
-the adapted layers (34 · s · b · d + 5 · heads · s² · b per layer in 16-bit units, Korthikanti et
-al.), and the logits with their gradient.
+Memory: the block linears at their precision, the rest (embeddings, norms, LM head) in FP32 as
+a node holds them; adapters with gradient and two AdamW moments (4 FP32 copies); activations in
+the compute dtype (2 bytes on a GPU, 4 on the CPU) for every block the backward pass goes
+through (34 · s · b · d + 5 · heads · s² · b per layer in 16-bit units, Korthikanti et al.: it
+counts more than a frozen linear keeps, which the transients of the backward pass make up for;
+measured peaks agree within ±20%, see benchmarks/memory.py); and the FP32 logits with their
+gradient.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from transformers.pytorch_utils import Conv1D
 
 from fedpipe_core.quantize import bytes_per_param
 from fedpipe_core.structure import block_linears, layer_of
+
+FP32 = 4
+"""Bytes of what a node keeps in FP32 whatever its device: non-block weights, adapters, optimizer state, logits."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,10 @@ def flops_terms(spec: ModelSpec, batch: int, seq: int) -> LinearCost:
 
 def memory_terms(spec: ModelSpec, batch: int, seq: int, precision: str, compute_bytes: int = 4) -> LinearCost:
     """Peak training bytes as a linear cost (see module docstring)."""
-    base = spec.linear_params * bytes_per_param(precision) + spec.other_params * compute_bytes
-    logits = 2 * batch * seq * spec.vocab * compute_bytes
+    base = spec.linear_params * bytes_per_param(precision) + spec.other_params * FP32
+    logits = 2 * batch * seq * spec.vocab * FP32
     per_block = (34 * seq * batch * spec.hidden + 5 * spec.heads * seq * seq * batch) * compute_bytes / 2
-    return LinearCost(idle=base + logits, fixed=base + logits, per_block=per_block, per_param=4 * compute_bytes)
+    return LinearCost(idle=base + logits, fixed=base + logits, per_block=per_block, per_param=4 * FP32)
 
 
 def step_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, seq: int) -> float:

@@ -5,8 +5,11 @@ a GPU that supports it, else FP16 (with loss scaling), and FP32 on the CPU; adap
 optimizer state stay FP32 everywhere.
 
 Peak memory of a round is measured, not modelled: on CUDA the allocator's peak
-(``max_memory_allocated``); on the CPU the process's resident memory, sampled while the round
-runs, above what it was when the round began, plus the bytes of the model as it is held.
+(``max_memory_allocated``); on the CPU its counterpart, the bytes allocated and not yet freed
+(glibc's ``mallinfo2``), sampled every 20 ms while the round runs, above their level when the
+round began, plus the bytes of the model as it is held. Resident memory would overstate it: the
+C heap keeps freed temporaries (the FP16/NF8 layers dequantize one weight per call) and a first
+call maps library code in. Without glibc, non-file-backed resident memory is sampled instead.
 """
 
 from __future__ import annotations
@@ -57,19 +60,17 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``) so that resident memory
-    counts what is live: memory freed earlier in the process and reused would otherwise hide a peak.
-    Growth of the heap itself still counts (temporaries that glibc keeps for reuse): on the CPU the
-    measurement is an upper bound of what the tensors need."""
-    gc.collect()
-    trim_heap()
-
-
 def trim_heap() -> None:
     """glibc ``malloc_trim``: return the heap's free pages to the OS (a no-op without glibc)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -81,16 +82,30 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
+
+
+def _live_bytes(process: psutil.Process) -> int:
+    """Bytes the process has allocated and not freed: glibc's ``mallinfo2`` (heap chunks in use + mmapped
+    blocks), which, unlike resident memory, neither keeps freed temporaries that the heap holds on to
+    nor counts the code pages a first call maps in; resident memory that is not file-backed without it."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return int(info.uordblks + info.hblkhd)
+    memory = process.memory_info()
+    return int(memory.rss - getattr(memory, "shared", 0))
 
 
 class PeakMemory:
     """Measures the peak memory of the code it wraps: ``with PeakMemory(device) as peak: ...; peak.increase_bytes``."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
         self.device = device
         self.interval_s = interval_s
         self.increase_bytes = 0
-        """Peak above the level at entry (CUDA: allocated bytes; CPU: resident bytes)."""
+        """Peak above the level at entry (CUDA and CPU: allocated bytes)."""
         self.cuda_peak_bytes = 0
         """CUDA only: the allocator's absolute peak during the block (model included)."""
         self._start = 0
@@ -104,16 +119,16 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        release_free_memory()
+        gc.collect()
         process = psutil.Process()
-        self._start = self._peak = process.memory_info().rss
+        self._start = self._peak = _live_bytes(process)
         self._thread = threading.Thread(target=self._sample, args=(process,), daemon=True)
         self._thread.start()
         return self
 
     def _sample(self, process: psutil.Process) -> None:
         while not self._stop.wait(self.interval_s):
-            self._peak = max(self._peak, process.memory_info().rss)
+            self._peak = max(self._peak, _live_bytes(process))
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None) -> None:
         if self.device.type == "cuda":
@@ -124,7 +139,7 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._peak = max(self._peak, psutil.Process().memory_info().rss)
+        self._peak = max(self._peak, _live_bytes(psutil.Process()))
         self.increase_bytes = max(0, self._peak - self._start)
 
     def peak_bytes(self, model_bytes: int) -> int:

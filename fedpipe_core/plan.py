@@ -32,6 +32,6 @@ class Plan:
 def choose_precision(spec: ModelSpec, profile: ClientProfile, ranks: dict[str, int], batch: int, seq: int) -> str | None:
     """The highest precision (FP32, FP16, NF8, NF4) whose peak memory for this configuration fits, or None."""
     for precision in PRECISIONS:
-        if peak_memory(spec, ranks, batch, seq, precision) <= profile.memory_bytes:
+        if peak_memory(spec, ranks, batch, seq, precision, profile.compute_bytes) <= profile.memory_bytes:
             return precision
     return None

@@ -12,13 +12,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 
 from fedpipe_core.cost import peak_memory
+from fedpipe_core.device import compute_dtype, resolve_device
 
 if TYPE_CHECKING:
     from fedpipe_core.task import Task
@@ -34,6 +35,8 @@ class ClientProfile:
     memory_bytes: float
     flops: float
     source: str
+    compute_bytes: int = 4
+    """Bytes per activation in the node's compute dtype: 2 on a GPU (BF16/FP16), 4 on the CPU."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +63,7 @@ def measure(device: str = "auto") -> ClientProfile:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
-        return ClientProfile(float(free), matmul_flops(dev, torch.float16, size=4096), "cuda")
+        return ClientProfile(float(free), matmul_flops(dev, torch.float16, size=4096), "cuda", compute_bytes=2)
     return ClientProfile(float(psutil.virtual_memory().available), matmul_flops(dev, torch.float32), "cpu")
 
 
@@ -105,7 +108,8 @@ def node_profile(task: Task, node_config: Mapping[str, object], partition_id: in
     """Declared in node config, else simulated (run config ``sim.profile``), else measured here (on its ``device``)."""
     profile = declared(node_config)
     if profile is not None:
-        return profile
+        device = resolve_device(str(node_config.get("device", "auto")))
+        return replace(profile, compute_bytes=compute_dtype(device).itemsize)
     cfg = task.config
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)

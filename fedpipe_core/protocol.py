@@ -38,22 +38,29 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol; the text names the key."""
 
 
-def checked_profile(memory_bytes: object, flops: object, source: str) -> ClientProfile:
+def checked_profile(memory_bytes: object, flops: object, source: str, compute_bytes: object = 4) -> ClientProfile:
     """A ClientProfile from reported numbers, which must be positive."""
-    profile = ClientProfile(float(memory_bytes), float(flops), source)
+    profile = ClientProfile(float(memory_bytes), float(flops), source, int(compute_bytes))
     if not (profile.memory_bytes > 0 and profile.flops > 0):
         raise ValueError(f"memory {profile.memory_bytes} and flops {profile.flops} must be > 0")
+    if profile.compute_bytes not in (2, 4):
+        raise ValueError(f"compute bytes {profile.compute_bytes} must be 2 (BF16/FP16) or 4 (FP32)")
     return profile
 
 
 def profile_to_config(profile: ClientProfile) -> dict[str, float | str]:
     """A node's answer to the profile query."""
-    return {"memory-bytes": profile.memory_bytes, "flops": profile.flops, "source": profile.source}
+    return {
+        "memory-bytes": profile.memory_bytes,
+        "flops": profile.flops,
+        "source": profile.source,
+        "compute-bytes": profile.compute_bytes,
+    }
 
 
 def profile_from_config(values: Mapping[str, Any]) -> ClientProfile:
     """The profile a node reported (KeyError, TypeError or ValueError when unusable)."""
-    return checked_profile(values["memory-bytes"], values["flops"], str(values["source"]))
+    return checked_profile(values["memory-bytes"], values["flops"], str(values["source"]), values.get("compute-bytes", 4))
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,11 @@ class TrainReply:
         if self.state_version is not None:
             out["state-version"] = self.state_version
         if self.profile is not None:
-            out |= {"profile-memory-bytes": self.profile.memory_bytes, "profile-flops": self.profile.flops}
+            out |= {
+                "profile-memory-bytes": self.profile.memory_bytes,
+                "profile-flops": self.profile.flops,
+                "profile-compute-bytes": self.profile.compute_bytes,
+            }
         for key, value in (
             ("train-s", self.train_s),
             ("setup-s", self.setup_s),
@@ -159,7 +170,9 @@ class TrainReply:
         profile = None
         if "profile-memory-bytes" in values and "profile-flops" in values:
             try:
-                profile = checked_profile(values["profile-memory-bytes"], values["profile-flops"], "reported")
+                profile = checked_profile(
+                    values["profile-memory-bytes"], values["profile-flops"], "reported", values.get("profile-compute-bytes", 4)
+                )
             except (TypeError, ValueError):
                 profile = None
         timing = {k: float(values[k]) for k in ("train-s", "setup-s", "startup-s") if k in values}

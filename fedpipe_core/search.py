@@ -46,6 +46,8 @@ class Budget:
     flops: float
     memory: float = float("inf")
     precision: str = "fp32"
+    compute_bytes: int = 4
+    """Bytes per activation in the node's compute dtype (see :class:`~fedpipe_core.profile.ClientProfile`)."""
 
 
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
@@ -68,7 +70,7 @@ def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: Sea
     def fits(ranks: dict[str, int]) -> bool:
         return (
             _round_flops(spec, ranks, batch, space) <= budget.flops
-            and peak_memory(spec, ranks, batch, space.seq, budget.precision) <= budget.memory
+            and peak_memory(spec, ranks, batch, space.seq, budget.precision, budget.compute_bytes) <= budget.memory
         )
 
     order = sorted(importance, key=lambda m: (-importance[m], -spec.modules[m][0], m))  # ties: upper blocks first
@@ -102,7 +104,7 @@ def exact(
     are both linear in x and z.
     """
     flops = flops_terms(spec, batch, space.seq)
-    mem = memory_terms(spec, batch, space.seq, budget.precision)
+    mem = memory_terms(spec, batch, space.seq, budget.precision, budget.compute_bytes)
     problem = pulp.LpProblem("fedpipe_config", pulp.LpMaximize)
     modules = sorted(importance)
     x = {(m, r): problem.add_variable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
@@ -124,7 +126,7 @@ def exact(
         raise RuntimeError("fedpipe.search='exact' needs the CBC solver: pip install 'pulp[cbc]'")
     problem.solve(solver)
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
-    over_memory = peak_memory(spec, chosen, batch, space.seq, budget.precision) > budget.memory * (1 + 1e-9)
+    over_memory = peak_memory(spec, chosen, batch, space.seq, budget.precision, budget.compute_bytes) > budget.memory * (1 + 1e-9)
     if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget.flops * (1 + 1e-9):
         return {}  # infeasible (or no incumbent within the time limit)
     return chosen
@@ -158,10 +160,11 @@ def plan_client(
         memory = float("inf")
     else:
         precision = choose_precision(spec, profile, everything, batch, space.seq)
-    if precision is None and peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1]) <= profile.memory_bytes:
+    act = profile.compute_bytes
+    if precision is None and peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1], act) <= profile.memory_bytes:
         precision = PRECISIONS[-1]  # tight memory: the fewest bits leave the most room for adapters
     if precision is None:
-        need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1])
+        need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1], act)
         return Plan(
             batch,
             "none",
@@ -171,7 +174,7 @@ def plan_client(
             f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)",
         )
     solver = exact if method == "exact" else greedy
-    ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision))
+    ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act))
     elapsed = time.perf_counter() - started
     if not ranks:
         ranks = cheapest  # a slow node still takes part with the least work there is; it stretches the round
@@ -181,6 +184,6 @@ def plan_client(
         ranks=ranks,
         flops_budget=budget,
         step_flops=step_flops(spec, ranks, batch, space.seq),
-        memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision),
+        memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision, act),
         search_s=elapsed,
     )

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedpipe_core.cost import peak_memory
 from fedpipe_core.device import PeakMemory, compute_dtype, resolve_device
 from fedpipe_core.qlinear import stored_linear
 from fedpipe_core.quantize import quantize
@@ -65,3 +66,21 @@ def test_a_cuda_client_round_trains_and_reports_the_allocator_peak(task, tmp_pat
     )
     assert out.result.steps == 4 and torch.isfinite(torch.tensor(out.result.mean_loss))
     assert out.peak_bytes > out.model_bytes > 0
+    predicted = peak_memory(task.spec, ranks, 4, task.config.max_seq_len, precision, compute_dtype(torch.device("cuda")).itemsize)
+    assert 0.8 <= out.peak_bytes / predicted <= 1.2, (out.peak_bytes, predicted)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "nf8", "nf4"])
+def test_the_cost_model_predicts_a_cpu_round_within_20_percent(task, tmp_path, precision, batch):
+    from fedpipe_core.local import run_client_round
+    from fedpipe_core.state import node_base
+
+    model, _ = node_base(task, tmp_path, {}, 0, 0, precision)
+    ranks = task.uniform_ranks()
+    long_enough = [e for e in task.splits["train"] if len(e.prompt) + len(e.target) > 400][: 2 * batch]
+    out = run_client_round(
+        task, model=model, examples=long_enough, ranks=ranks, initial_factors=None, seed=0, batch_size=batch, local_steps=2
+    )
+    predicted = peak_memory(task.spec, ranks, batch, task.config.max_seq_len, precision)
+    assert 0.8 <= out.peak_bytes / predicted <= 1.2, (out.model_bytes, out.peak_bytes, predicted)

@@ -28,7 +28,7 @@ def test_train_reply_round_trips_and_rejects_unusable_reports():
         1.5,
         steps=6,
         state_version=2,
-        profile=ClientProfile(2e9, 3e13, "reported"),
+        profile=ClientProfile(2e9, 3e13, "reported", compute_bytes=2),
         train_s=4.0,
         setup_s=1.0,
         startup_s=0.5,
@@ -55,10 +55,14 @@ def test_train_reply_round_trips_and_rejects_unusable_reports():
 
 
 def test_profiles_travel_and_must_be_positive():
-    profile = ClientProfile(2e9, 3e13, "declared")
+    profile = ClientProfile(2e9, 3e13, "declared", compute_bytes=2)
     assert profile_from_config(profile_to_config(profile)) == profile
     with pytest.raises(ValueError, match="must be > 0"):
         profile_from_config({**profile_to_config(profile), "memory-bytes": 0.0})
+    with pytest.raises(ValueError, match="compute bytes 3 must be 2"):
+        profile_from_config({**profile_to_config(profile), "compute-bytes": 3})
+    older = {k: v for k, v in profile_to_config(profile).items() if k != "compute-bytes"}
+    assert profile_from_config(older).compute_bytes == 4  # a node that does not say computes in FP32
 
 
 def test_every_mode_a_strategy_sends_has_a_local_routine():

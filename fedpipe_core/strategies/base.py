@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -77,7 +78,7 @@ class Strategy(ABC):
         cfg, spec, profile = self.task.config, self.task.spec, self.profiles[node_id]
         precision = choose_precision(spec, profile, ranks, batch, cfg.max_seq_len)
         if precision is None:
-            need = peak_memory(spec, ranks, batch, cfg.max_seq_len, "nf4")
+            need = peak_memory(spec, ranks, batch, cfg.max_seq_len, "nf4", profile.compute_bytes)
             return Plan(
                 batch,
                 "none",
@@ -92,7 +93,7 @@ class Strategy(ABC):
             dict(ranks),
             math.inf,
             step_flops=step_flops(spec, ranks, batch, cfg.max_seq_len),
-            memory_bytes=peak_memory(spec, ranks, batch, cfg.max_seq_len, precision),
+            memory_bytes=peak_memory(spec, ranks, batch, cfg.max_seq_len, precision, profile.compute_bytes),
         )
 
     def capability_plans(self, node_ids: list[int]) -> dict[int, Plan]:
@@ -188,7 +189,7 @@ class Strategy(ABC):
         if profile is None:
             return
         old = self.profiles.get(node_id)
-        new = ClientProfile(profile.memory_bytes, profile.flops, old.source if old else profile.source)
+        new = replace(profile, source=old.source) if old else profile
         if new != old:
             self.profiles[node_id] = new
 
