@@ -12,6 +12,7 @@ the same constraints, so their ratio measures the greedy's gap.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,13 @@ class Budget:
     """Bytes per activation in the node's compute dtype (see :class:`~fedpipe_core.profile.ClientProfile`)."""
 
 
+def round_budget_s(spec: ModelSpec, space: SearchSpace, batch: int, fastest_flops: float) -> float:
+    """The round's time budget: the fastest node's time for every candidate weight at the top candidate
+    rank and the largest batch, so that equal nodes with ample memory train everything at the top rank."""
+    top = dict.fromkeys(spec.modules, max(space.ranks))
+    return space.local_steps * step_flops(spec, top, batch, space.seq) / fastest_flops
+
+
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
     """Stage 1: b_k = b_max · F_k / max_j F_j, rounded and clipped to [b_min, b_max]."""
     top = max(flops)
@@ -61,36 +69,62 @@ def _round_flops(spec: ModelSpec, ranks: dict[str, int], batch: int, space: Sear
 
 
 def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: SearchSpace, budget: Budget) -> dict[str, int]:
-    """Algorithm 1, stage 2: weights by importance, ranks high -> low, then rank adjustment.
+    """Algorithm 1, stage 2, aware of backward depth: the best of one fill per lowest adapted block.
 
-    A pair is taken when the round's FLOPs stay within ``budget.flops`` and peak memory at
+    The backward pass runs from the output down to the lowest adapted block, so that block fixes
+    the cost of everything but the adapter parameters. For each candidate lowest block the
+    budgets left for adapter parameters are known, and Algorithm 1 fills them with the weights at
+    or above it: by importance (ties: upper blocks first), each at the highest rank that fits, then
+    rank adjustment; the same fill by importance per parameter is tried too. The plan with the
+    highest Σ importance · rank wins; FLOPs stay within ``budget.flops`` and peak memory at
     ``budget.precision`` within ``budget.memory``.
     """
-
-    def fits(ranks: dict[str, int]) -> bool:
-        return (
-            _round_flops(spec, ranks, batch, space) <= budget.flops
-            and peak_memory(spec, ranks, batch, space.seq, budget.precision, budget.compute_bytes) <= budget.memory
+    flops = flops_terms(spec, batch, space.seq)
+    memory = memory_terms(spec, batch, space.seq, budget.precision, budget.compute_bytes)
+    steps = space.local_steps
+    best: dict[str, int] = {}
+    best_value = -math.inf
+    for lowest in sorted({spec.modules[m][0] for m in importance}):
+        blocks = spec.num_layers - lowest
+        room = min(
+            (budget.flops / steps - flops.fixed - flops.per_block * blocks) / flops.per_param,
+            (budget.memory - memory.fixed - memory.per_block * blocks) / memory.per_param,
         )
+        pool = [m for m in importance if spec.modules[m][0] >= lowest]
+        for key in (_by_importance(importance, spec), _by_importance_per_param(importance, spec)):
+            chosen = _fill(spec, sorted(pool, key=key), space.ranks, room)
+            value = sum(importance[m] * r for m, r in chosen.items())
+            if chosen and value > best_value:
+                best, best_value = chosen, value
+    return best
 
-    order = sorted(importance, key=lambda m: (-importance[m], -spec.modules[m][0], m))  # ties: upper blocks first
-    ranks_desc = sorted(space.ranks, reverse=True)
+
+def _by_importance(importance: dict[str, float], spec: ModelSpec):
+    return lambda m: (-importance[m], -spec.modules[m][0], m)
+
+
+def _by_importance_per_param(importance: dict[str, float], spec: ModelSpec):
+    return lambda m: (-importance[m] / (spec.modules[m][1] + spec.modules[m][2]), -spec.modules[m][0], m)
+
+
+def _fill(spec: ModelSpec, order: list[str], ranks: tuple[int, ...], room: float) -> dict[str, int]:
+    """Weights in ``order``, each at the highest rank whose adapter parameters still fit ``room``,
+    then rank adjustment (raise ranks, in the same order, while they fit)."""
     chosen: dict[str, int] = {}
+    used = 0.0
+    width = {m: spec.modules[m][1] + spec.modules[m][2] for m in order}
     for module in order:
-        for rank in ranks_desc:
-            if fits({**chosen, module: rank}):
+        for rank in sorted(ranks, reverse=True):
+            if used + rank * width[module] <= room:
                 chosen[module] = rank
+                used += rank * width[module]
                 break
-    improved = True
-    while improved:  # rank adjustment: raise ranks, most important first, while budget allows
-        improved = False
-        for module in [m for m in order if m in chosen]:
-            higher = [r for r in sorted(space.ranks) if r > chosen[module]]
-            for rank in reversed(higher):
-                if fits({**chosen, module: rank}):
-                    chosen[module] = rank
-                    improved = True
-                    break
+    for module in [m for m in order if m in chosen]:
+        for rank in sorted((r for r in ranks if r > chosen[module]), reverse=True):
+            extra = (rank - chosen[module]) * width[module]
+            if used + extra <= room:
+                chosen[module], used = rank, used + extra
+                break
     return chosen
 
 

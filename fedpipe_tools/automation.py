@@ -27,7 +27,7 @@ from fedpipe_core.data import collate
 from fedpipe_core.lora import attach_lora
 from fedpipe_core.profile import measure, node_profile
 from fedpipe_core.quantize import PRECISIONS, quantize
-from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client
+from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client, round_budget_s
 from fedpipe_core.strategies.base import deadline_steps
 from fedpipe_core.structure import block_linears
 from fedpipe_core.task import load_task
@@ -48,7 +48,7 @@ def main() -> None:
     profiles = [node_profile(task, {}, k) for k in range(args.clients)]
     flops = [p.flops for p in profiles]
     batches = batch_sizes(flops, cfg.batch_min, cfg.batch_size)
-    round_time = cfg.local_steps * step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / max(flops)
+    round_time = round_budget_s(spec, space, cfg.batch_size, max(flops))
     importance = {m: 1.0 for m in task.targets}
     table = Table(title="1. round-1 plans, simulated profiles")
     for col in ("client", "memory GiB", "TFLOPS", "precision", "batch", "weights", "ranks", "pred. round s", "mem GiB"):

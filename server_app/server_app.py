@@ -62,7 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=config.round_timeout_s,
         evaluate_fn=evaluate_fn,
     )
-    final_delta = adapter.strategy.global_delta()
+    final_delta = adapter.strategy.final_delta()
     writer.save_delta(final_delta)
     removed = remove_run_states(default_cache_dir(config.cache_dir), context.run_id)
     if removed:

@@ -145,8 +145,8 @@ def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
         assert set(results) == {"fedpipe/hetero", "lora-fedavg/hetero"}
         for row in results.values():
             assert row["bytes_up"] > 0 and row["bytes_down"] >= 0 and row["trainable_params"] > 0
-            assert row["clients_per_round"] == [2] and row["bleu"] is not None  # one step is too little to promise a lower loss
-            assert 0 < row["final_eval_loss"] < 10 and row["wall_s"] > 0
+            assert row["clients_per_round"] == [2] and row["bleu"] is not None
+            assert 0 < row["final_eval_loss"] < row["base_eval_loss"] and row["wall_s"] > 0  # must learn
         assert (tmp_path / "bench" / "report" / "smoke.md").is_file()
         assert (tmp_path / "bench" / "report" / "smoke-ranks-fedpipe-hetero.png").is_file()
         started = time.time()

@@ -27,7 +27,7 @@ from fedpipe_core.cost import step_flops
 from fedpipe_core.local import lora_alphas, run_full_round
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import TrainReply
-from fedpipe_core.strategies import STRATEGIES, FlexLoRA, FullFT, HetLoRA, Legend
+from fedpipe_core.strategies import STRATEGIES, FedAdapter, FlexLoRA, FullFT, HetLoRA, Legend
 from fedpipe_core.strategies.base import deadline_steps
 from fedpipe_core.strategies.peer_rules import capability_rank, fedadapter_config, legend_ranks, rising_ranks
 from fedpipe_flower.messages import from_record
@@ -259,3 +259,30 @@ def test_full_round_trains_whole_target_weights_only(task):
         assert torch.linalg.matrix_rank(delta[module].double()) > 8  # a full-rank change, not an adapter
     assert math.isfinite(out.result.mean_loss) and out.result.steps == 1
     assert np.isfinite(next(iter(out.arrays.values()))).all()
+
+
+def test_a_widened_fedadapter_component_starts_like_fresh_lora_and_trains(task, tmp_path):
+    from fedpipe_core.local import run_client_round
+    from fedpipe_core.state import node_base
+
+    strategy = FedAdapter(task)
+    strategy.profiles = {1: ClientProfile(64 * 2**30, 35e12, "declared")}
+    initial = {m: (A.clone(), B.clone()) for m, (A, B) in strategy.factors.items()}
+    plan = strategy.plan_round(1, [1])[1]
+    narrow = set(plan.ranks.values()).pop()
+    arrays = encode_factors(client_factors(task, plan.ranks, 1))
+    report = TrainReply(num_examples=10, train_loss=2.0, state_version=0)
+    strategy.combine(1, {1: (strategy.read_update(arrays, report, plan.ranks), report)})
+    module = next(iter(plan.ranks))
+    A, B = strategy.factors[module]
+    assert float(A[:narrow].abs().sum()) > 0 and not torch.equal(A[:narrow], initial[module][0][:narrow])
+    assert torch.equal(A[narrow:], initial[module][0][narrow:]) and float(A[narrow:].abs().sum()) > 0  # fresh random rows
+    assert float(B[:, narrow:].abs().sum()) == 0  # fresh zero columns
+    wide = 2 * narrow
+    payload = encode_factors({module: (A[:wide], B[:, :wide])})
+    model, _ = node_base(task, tmp_path, {}, 0, 0, "fp32")
+    out = run_client_round(
+        task, model=model, examples=task.splits["train"][:4], ranks={module: wide}, initial_factors=payload, seed=0, local_steps=2
+    )
+    _, trained_B = decode_factors(out.arrays, task.shapes)[module]
+    assert float(trained_B[:, narrow:].abs().sum()) > 0  # the widened columns got gradients

@@ -83,9 +83,10 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
     arrays, _ = strategy.aggregate_train(1, replies)
     scale = task.config.lora_alpha / task.config.lora_rank
     exact = aggregate_delta([ClientUpdate(f, {m: scale for m in f}, 10) for f in factors.values()])
-    held = strategy.strategy.global_delta()
+    held, final = strategy.strategy.global_delta(), strategy.strategy.final_delta()
     for m in exact:  # the global state + what was cut = the exact average; the cut is the SVD tail
         torch.testing.assert_close(held[m] + to_dense(strategy.strategy.residual[m]), exact[m], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(final[m], exact[m], rtol=1e-4, atol=1e-6)  # the final model keeps the tail
         tail = torch.linalg.svdvals(exact[m].double())[top:]
         assert float(to_dense(strategy.strategy.residual[m]).norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
         sv = torch.linalg.svdvals(held[m].double())

@@ -26,6 +26,7 @@ from fedpipe_core.local import adapter_scaling
 from fedpipe_core.plan import Plan, choose_precision
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import TrainInstruction, TrainReply
+from fedpipe_core.search import SearchSpace, round_budget_s
 from fedpipe_core.strategies.peer_rules import capability_rank
 from fedpipe_core.task import Task
 
@@ -110,10 +111,10 @@ class Strategy(ABC):
         }
 
     def round_time_s(self, node_ids: list[int]) -> float:
-        """The round's time budget: the fastest node's time for the uniform plan at the largest batch."""
+        """The round's time budget (:func:`~fedpipe_core.search.round_budget_s`) for these nodes."""
         cfg = self.task.config
-        uniform = step_flops(self.task.spec, self.task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len)
-        return cfg.local_steps * uniform / max(self.profiles[n].flops for n in node_ids)
+        space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
+        return round_budget_s(self.task.spec, space, cfg.batch_size, max(self.profiles[n].flops for n in node_ids))
 
     def _apply_deadline(self, node_id: int, plan: Plan) -> None:
         """Local steps the node finishes within ``round-deadline-s``; none at all leaves it out."""
@@ -204,6 +205,10 @@ class Strategy(ABC):
     @abstractmethod
     def global_delta(self) -> dict[str, torch.Tensor]:
         """The global ΔW per module (base + ΔW is the fine-tuned model)."""
+
+    def final_delta(self) -> dict[str, torch.Tensor]:
+        """The ΔW of the final model (saved and scored at the end of the run): the global ΔW."""
+        return self.global_delta()
 
     @abstractmethod
     def global_arrays(self) -> Arrays:

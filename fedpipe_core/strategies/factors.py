@@ -66,9 +66,17 @@ class FactorStrategy(ArrayState):
         return truncated_payload(state, plan)
 
     def combine(self, server_round: int, updates: Updates) -> None:
-        ranks = {m: A.shape[0] for m, (A, _) in self.factors.items()}
+        """Zero-padded average of the factors; rank components that no node trained keep their value
+        (the fresh LoRA initialisation, random A row and zero B column, until a node first trains them):
+        averaging them as zeros would leave a component with a zero A row and B column, which gets no
+        gradient ever again (FedAdapter widening, HetLoRA and LEGEND ranks no node reached)."""
+        previous = self.factors
+        ranks = {m: A.shape[0] for m, (A, _) in previous.items()}
         averaged = aggregate_padded([u for u, _ in updates.values()], ranks, type(self).weighting)
-        self._factors = {**self.factors, **averaged}
+        for module, (A, B) in averaged.items():
+            trained = max(u.factors[module][0].shape[0] for u, _ in updates.values() if module in u.factors)
+            A[trained:], B[:, trained:] = previous[module][0][trained:], previous[module][1][:, trained:]
+        self._factors = {**previous, **averaged}
 
     def global_delta(self) -> dict[str, torch.Tensor]:
         scale = self.scaling()
@@ -91,7 +99,11 @@ class LoRAFedAvg(FactorStrategy):
 
 
 class HetLoRA(FactorStrategy):
-    """HetLoRA: rank by device capability, truncated dispatch, sparsity-weighted zero-padding aggregation."""
+    """HetLoRA: rank by device capability, truncated dispatch, sparsity-weighted zero-padding aggregation.
+
+    Not implemented: HetLoRA's local rank self-pruning (a client shrinking its own rank during
+    training with a regulariser on the highest components); ranks here change only with capability.
+    """
 
     name = "hetlora"
     weighting = staticmethod(norm_weights)

@@ -44,14 +44,16 @@ class FedPipe(Strategy):
 
     # --- plan -----------------------------------------------------------------------------------
     def current_importance(self, server_round: int = 0) -> dict[str, float]:
-        """Latest score per weight; never-trained weights get the highest known score (explore them).
+        """Latest score per weight; a never-trained weight gets the mean known score, a neutral prior:
+        neither pulled to the front (which would drag the backward pass down to block 0) nor left out.
 
         With ``weight-selection = random`` (the ablation) scores are drawn afresh each round.
         """
         if self.task.config.weight_selection == "random":
             rng = random.Random(f"{self.task.config.seed}:{server_round}")
             return {m: rng.random() for m in self.task.targets}
-        prior = max(self.importance.values(), default=1.0)
+        known = list(self.importance.values())
+        prior = sum(known) / len(known) if known else 1.0
         return {m: self.importance.get(m, prior) for m in self.task.targets}
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
@@ -119,6 +121,10 @@ class FedPipe(Strategy):
             for rnd in sorted(self.increments):
                 self._total = _accumulate(self._total, self.increments[rnd])
         return dict(self._total)
+
+    def final_delta(self) -> dict[str, torch.Tensor]:
+        """Σ ΔW plus what ``dispatch = svd`` cut and has not sent yet: nothing the nodes trained is dropped."""
+        return _accumulate(self.global_delta(), self.residual)
 
     def global_arrays(self) -> Arrays:
         """The global ΔW, dense: its size stays that of the weights however many rounds have passed."""
