@@ -115,8 +115,8 @@ class HetLoRA(FactorStrategy):
 class Legend(FactorStrategy):
     """LEGEND: per-device LoRA depth and rising rank distribution (LCD greedy), per-layer aggregation.
 
-    A device's capacity is its FLOPS × the round's time budget (the fastest device's time for the
-    uniform configuration). Each layer's adapters are averaged over the devices that trained that
+    A device's capacity is its FLOPS × the round's time budget
+    (:func:`~fedpipe_core.search.round_budget_s`). Each layer's adapters are averaged over the devices that trained that
     layer only, weighted by their examples; layers nobody trained keep their previous value.
     """
 
