@@ -42,7 +42,7 @@ class RunConfig:
     num_server_rounds: int = 4
     """`num-server-rounds`: federated rounds."""
     seed: int = 42
-    """`seed`: partitions, adapter initialisation, batch order, simulated profiles."""
+    """`seed`: training: adapter initialisation, batch order, random weight picks (the testbed has its own seed)."""
     output_dir: str = "runs"
     """`output-dir`: results root: `<output-dir>/<run-id>/` (see [Results contract](#results-contract))."""
     resume_from: str = ""
@@ -126,6 +126,8 @@ class RunConfig:
     """`fedadapter.upgrade-every`: `fedadapter`: rounds between configuration upgrades."""
     profile: str = "simulated"
     """`sim.profile`: node profiles when a node declares none: `simulated` (drawn) or `measure`."""
+    testbed_seed: int = 42
+    """`sim.testbed-seed`: the testbed: simulated profiles and the data partition, fixed while `seed` varies training."""
     heterogeneity: str = "hetero"
     """`sim.heterogeneity`: simulated profiles: `hetero` (paper-like spread) or `ideal` (every client the middle of the
     ranges)."""

@@ -64,7 +64,7 @@ def load_task(config: RunConfig) -> Task:
 def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[Example]:
     """This client's share of the training split."""
     cfg = task.config
-    return partition(task.splits["train"], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
+    return partition(task.splits["train"], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.testbed_seed)
 
 
 @functools.lru_cache(maxsize=4)
