@@ -1,7 +1,8 @@
 """``fedpipe-bench``: run a named suite of strategies × settings as real simulations, then report.
 
-Each run is ``flwr run <app> --run-config ...`` with the suite's settings and a fixed seed; its
-results land in ``<out>/<suite>/runs/<strategy>--<setting>/<run-id>/``. A run whose
+Each run is ``flwr run <app> --run-config ...`` with the suite's settings, once per training seed
+(``seeds``; the testbed, ``sim.testbed-seed``, stays fixed); its results land in
+``<out>/<suite>/runs/<strategy>--<setting>--seed<seed>/<run-id>/``. A run whose
 ``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. When every run
 has finished (or failed, logged in ``<out>/<suite>/failures.json``) the report is written.
 """
@@ -42,9 +43,11 @@ class Suite:
     run_config: dict[str, Any]
     target_eval_loss: float | None = None
     description: str = ""
+    seeds: tuple[int, ...] = (42,)
+    """Training seeds: every run is repeated once per seed."""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def config_of(self, strategy: str, setting: str, output_dir: Path) -> dict[str, Any]:
+    def config_of(self, strategy: str, setting: str, output_dir: Path, seed: int | None = None) -> dict[str, Any]:
         """The run config of one run, validated."""
         values = {
             **self.run_config,
@@ -52,6 +55,8 @@ class Suite:
             key_of("strategy"): strategy,
             key_of("output_dir"): str(output_dir),
         }
+        if seed is not None:
+            values[key_of("seed")] = seed
         strategy_class(RunConfig.from_mapping(values).strategy)  # a typo in a suite fails here, before any run starts
         return values
 
@@ -73,6 +78,7 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
                 run_config=dict(spec.get("run-config", {})),
                 target_eval_loss=spec.get("target-eval-loss"),
                 description=str(spec.get("description", "")),
+                seeds=tuple(int(s) for s in spec.get("seeds", [42])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"suite {name!r}: malformed ({exc!r}); needs 'settings' and 'strategies' or 'runs'") from exc
@@ -90,8 +96,8 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def run_dir(suite_dir: Path, strategy: str, setting: str) -> Path:
-    return suite_dir / "runs" / f"{strategy}--{setting}"
+def run_dir(suite_dir: Path, strategy: str, setting: str, seed: int) -> Path:
+    return suite_dir / "runs" / f"{strategy}--{setting}--seed{seed}"
 
 
 def finished(directory: Path) -> Path | None:
@@ -100,13 +106,15 @@ def finished(directory: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
-def run_one(suite: Suite, strategy: str, setting: str, suite_dir: Path, app: Path, timeout_s: float) -> tuple[bool, str]:
+def run_one(
+    suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, app: Path, timeout_s: float
+) -> tuple[bool, str]:
     """One ``flwr run``; returns (finished, log tail)."""
-    out = run_dir(suite_dir, strategy, setting)
+    out = run_dir(suite_dir, strategy, setting, seed)
     if out.exists():
         shutil.rmtree(out)  # a partial run from an interrupted benchmark
     out.mkdir(parents=True)
-    values = suite.config_of(strategy, setting, out.resolve())
+    values = suite.config_of(strategy, setting, out.resolve(), seed)
     cmd = [
         "flwr",
         "run",
@@ -135,27 +143,29 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
     """Run what is missing of ``suite`` (nothing with ``report_only``), then write its report."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
-    todo = [] if report_only else [(s, t) for s, t in suite.runs if finished(run_dir(suite_dir, s, t)) is None]
+    every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
+    todo = [] if report_only else [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
     failures: dict[str, str] = {}
-    console.print(f"[bold]{suite.name}[/]: {len(suite.runs)} runs, {len(suite.runs) - len(todo)} already finished")
+    console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(todo)} already finished")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(suite.name, total=len(todo))
-        for strategy, setting in todo:
-            progress.update(bar, description=f"{suite.name}: {strategy} / {setting}")
+        for strategy, setting, seed in todo:
+            label = f"{strategy} / {setting} / seed {seed}"
+            progress.update(bar, description=f"{suite.name}: {label}")
             started = time.time()
-            ok, tail = run_one(suite, strategy, setting, suite_dir, app, timeout_s)
+            ok, tail = run_one(suite, strategy, setting, seed, suite_dir, app, timeout_s)
             if not ok:
-                failures[f"{strategy}--{setting}"] = tail
-                progress.console.print(
-                    f"[red]{strategy} / {setting} failed[/] (log: {run_dir(suite_dir, strategy, setting) / 'flwr.log'})"
-                )
+                failures[f"{strategy}--{setting}--seed{seed}"] = tail
+                log = run_dir(suite_dir, strategy, setting, seed) / "flwr.log"
+                progress.console.print(f"[red]{label} failed[/] (log: {log})")
             else:
-                progress.console.print(f"{strategy} / {setting}: done in {time.time() - started:.0f} s")
+                progress.console.print(f"{label}: done in {time.time() - started:.0f} s")
             progress.advance(bar)
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
-    runs = {(s, t): finished(run_dir(suite_dir, s, t)) for s, t in suite.runs}
-    write_report(suite.name, {k: v for k, v in runs.items() if v is not None}, out_root / "report", suite.target_eval_loss)
+    runs = {(s, t): [finished(run_dir(suite_dir, s, t, seed)) for seed in suite.seeds] for s, t in suite.runs}
+    done = {key: [p for p in paths if p is not None] for key, paths in runs.items()}
+    write_report(suite.name, {k: v for k, v in done.items() if v}, out_root / "report", suite.target_eval_loss)
     return suite_dir
 
 

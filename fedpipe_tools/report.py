@@ -1,5 +1,9 @@
 """The benchmark report: ``results.json``, a markdown table per suite, and PNG plots.
 
+Each row is a strategy × setting over its training seeds: every figure is the mean over the
+seeds with its sample standard deviation beside it (``<figure>_std``; 0 with one seed), time and
+bytes to target over the seeds that reached it (``reached_target`` counts them).
+
 Time and bytes to target: the eval loss is followed round by round (round 0 is the base model
 at simulated time 0 and no bytes); the target is crossed between two rounds, and the simulated
 time and cumulative bytes are interpolated linearly at the crossing. A run that never reaches
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,23 @@ def summarize(run: Path) -> dict[str, Any]:
     }
 
 
+SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
+TO_TARGET = ("sim_time_to_target_s", "bytes_to_target")
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a run per seed: mean and sample standard deviation of every figure."""
+    out = {"seeds": len(rows), "run_dirs": [r["run_dir"] for r in rows], "_curve": rows[0]["_curve"]}
+    out["clients_per_round"] = rows[0]["clients_per_round"]
+    for key in (*SEEDED, *TO_TARGET):
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+        out[f"{key}_std"] = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    out["reached_target"] = sum(r.get("sim_time_to_target_s") is not None for r in rows)
+    out["target_eval_loss"] = rows[0].get("target_eval_loss")
+    return out
+
+
 def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: float | None) -> dict[str, float | None]:
     """Per setting: the fixed target, or the highest final eval loss among the competitive runs.
 
@@ -89,15 +111,22 @@ def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: fl
     return out
 
 
-def write_report(suite: str, runs: dict[tuple[str, str], Path], out: Path, target: float | None = None) -> dict[str, Any]:
-    """Summarize finished runs, merge them into ``out/results.json``, write the table and plots."""
+def write_report(
+    suite: str, runs: dict[tuple[str, str], Path | list[Path]], out: Path, target: float | None = None
+) -> dict[str, Any]:
+    """Summarize finished runs (one or one per seed), merge them into ``out/results.json``, write the table and plots."""
     out.mkdir(parents=True, exist_ok=True)
-    results = {key: summarize(path) for key, path in sorted(runs.items())}
-    targets = targets_by_setting(results, target)
-    for (_, setting), row in results.items():
-        row["target_eval_loss"] = targets[setting]
-        reached = to_target(row["_curve"], targets[setting]) if targets[setting] is not None and row["_curve"] else (None, None)
-        row["sim_time_to_target_s"], row["bytes_to_target"] = reached
+    seeded = {key: [summarize(p) for p in ([paths] if isinstance(paths, Path) else paths)] for key, paths in sorted(runs.items())}
+    targets = targets_by_setting({key: over_seeds(rows) for key, rows in seeded.items()}, target)
+    for (_, setting), rows in seeded.items():
+        for row in rows:
+            row["target_eval_loss"] = targets[setting]
+            known = targets[setting] is not None and row["_curve"]
+            row["sim_time_to_target_s"], row["bytes_to_target"] = (
+                to_target(row["_curve"], targets[setting]) if known else (None, None)
+            )
+    results = {key: over_seeds(rows) for key, rows in seeded.items()}
+    runs = {key: Path(row["run_dirs"][0]) for key, row in results.items()}
     for (_, setting), row in results.items():
         base = results.get(("fedpipe", setting))
         for key, ratio in (
@@ -131,6 +160,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``mean ± std`` of a figure (the mean alone with one seed)."""
+    mean, std = row.get(key), row.get(f"{key}_std")
+    if mean is None or row.get("seeds", 1) < 2 or std is None:
+        return _fmt(mean, digits)
+    return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
+
+
 def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets: dict[str, float | None]) -> str:
     """The suite's table: metrics, trainable params, bytes, time to target and ratios to fedpipe."""
     lines = [f"# Benchmark `{suite}`", ""]
@@ -139,20 +176,25 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
     lines += [
         "",
         (
-            "| strategy | setting | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params "
-            "| MB up | MB down | sim s to target | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"
+            "| strategy | setting | seeds | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params "
+            "| MB up | MB down | sim s to target (reached) | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"
         ),
-        "|" + "---|" * 17,
+        "|" + "---|" * 18,
     ]
     for (strategy, setting), r in results.items():
         lines.append(
-            f"| {strategy} | {setting} | {_fmt(r['bleu'], 2)} | {_fmt(r['nist'])} | {_fmt(r['meteor'])} | {_fmt(r['rouge_l'])} "
-            f"| {_fmt(r['cider'])} | {_fmt(r['ppl'], 2)} | {_fmt(r['final_eval_loss'], 4)} | {_fmt(r['trainable_params'], 0)} "
-            f"| {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} | {_fmt(r['sim_time_to_target_s'], 4)} "
-            f"| {_fmt(_mb(r['bytes_to_target']), 2)} | {_fmt(r['time_to_target_vs_fedpipe'], 2)} "
-            f"| {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
+            f"| {strategy} | {setting} | {r['seeds']} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
+            f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "
+            f"| {_fmt(r['trainable_params'], 0)} | {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} "
+            f"| {_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']}) | {_fmt(_mb(r['bytes_to_target']), 2)} "
+            f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
         )
-    lines += ["", "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.", ""]
+    lines += [
+        "",
+        "Mean ± sample standard deviation over the seeds; time and bytes to target over the seeds that reached it.",
+        "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -41,6 +41,9 @@ def test_packaged_suites_are_valid_run_configs(tmp_path):
         for strategy, setting in suite.runs:
             values = suite.config_of(strategy, setting, tmp_path)
             assert values["strategy.name"] == strategy and values["output-dir"] == str(tmp_path)
+    for name in ("e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"):
+        assert len(suites[name].seeds) >= 3 and suites[name].target_eval_loss is not None  # fixed before any run
+    assert suites["e2e"].config_of("fedpipe", "hetero", tmp_path, seed=2)["seed"] == 2
 
 
 def test_malformed_suites_are_refused(tmp_path):
@@ -119,7 +122,7 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
     assert rows["lora-fedavg/hetero"]["bytes_to_target_vs_fedpipe"] == pytest.approx(4e6 / 4e6)
     assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
     table = (out / "demo.md").read_text()
-    assert "| lora-fedavg | hetero | 20.00 |" in table and "6.00" in table
+    assert "| lora-fedavg | hetero | 1 | 20.00 |" in table and "6.00" in table
     for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "demo-ranks-fedpipe-hetero.png"):
         assert (out / name).stat().st_size > 5000
     write_report("other", {("fedpipe", "x"): runs[("fedpipe", "hetero")]}, out, target=2.5)
@@ -155,3 +158,17 @@ def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
         assert time.time() - started < 60
     finally:
         subprocess.run(["pkill", "-f", str(tmp_path / "flwr-home")], check=False)
+
+
+def test_a_row_over_seeds_reports_mean_and_standard_deviation(tmp_path):
+    seeds = [
+        _fake_run(tmp_path / "s1", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0),
+        _fake_run(tmp_path / "s2", [3.0, 2.5, 1.9], [0.0, 1.0, 2.0], 4.0, 34.0),
+        _fake_run(tmp_path / "s3", [3.0, 2.9, 2.8], [0.0, 1.0, 2.0], 4.0, 26.0),  # never reaches the target
+    ]
+    row = write_report("seeds", {("fedpipe", "hetero"): seeds}, tmp_path / "report", target=2.0)["fedpipe/hetero"]
+    assert row["seeds"] == 3 and row["bleu"] == pytest.approx(30.0) and row["bleu_std"] == pytest.approx(4.0)
+    assert row["final_eval_loss"] == pytest.approx((1.5 + 1.9 + 2.8) / 3)
+    assert row["reached_target"] == 2  # time to target: mean over the two seeds that reached 2.0 (at 1.0 s and 1.83 s)
+    assert row["sim_time_to_target_s"] == pytest.approx((1.0 + 1.0 + 0.5 / 0.6) / 2)
+    assert "| fedpipe | hetero | 3 | 30.00 ± 4.00 |" in (tmp_path / "report" / "seeds.md").read_text()
