@@ -47,11 +47,15 @@ class Suite:
     """Training seeds: every run is repeated once per seed."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def supernodes_of(self, setting: str) -> int:
+        """Simulated clients of a setting: its own ``supernodes`` (e.g. 1 for the centralized reference) or the suite's."""
+        return int(self.settings[setting].get("supernodes", self.supernodes))
+
     def config_of(self, strategy: str, setting: str, output_dir: Path, seed: int | None = None) -> dict[str, Any]:
         """The run config of one run, validated."""
         values = {
             **self.run_config,
-            **self.settings[setting],
+            **{k: v for k, v in self.settings[setting].items() if k != "supernodes"},
             key_of("strategy"): strategy,
             key_of("output_dir"): str(output_dir),
         }
@@ -121,7 +125,7 @@ def run_one(
         str(app),
         "--stream",
         "--federation-config",
-        f"num-supernodes={suite.supernodes} client-resources-num-cpus=1",
+        f"num-supernodes={suite.supernodes_of(setting)} client-resources-num-cpus=1",
         "--run-config",
         " ".join(f"{k}={_toml_value(v)}" for k, v in values.items()),
     ]

@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
 RANK_PLOTS = ("fedpipe", "legend")
+CENTRALIZED = "centralized"
+"""The setting of the reference row: one client with all the training data, the same total steps."""
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -135,6 +137,11 @@ def write_report(
         ):
             mine, ref = row[key], base[key] if base else None
             row[ratio] = mine / ref if mine is not None and ref else None
+    reference = next((row for (_, setting), row in results.items() if setting == CENTRALIZED), None)
+    for row in results.values():
+        for key in ("final_eval_loss", "bleu"):
+            mine, ref = row.get(key), reference.get(key) if reference else None
+            row[f"{key}_gap_to_centralized"] = mine - ref if mine is not None and ref is not None else None
     path = out / "results.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged[suite] = {f"{s}/{t}": {k: v for k, v in row.items() if not k.startswith("_")} for (s, t), row in results.items()}
@@ -189,6 +196,10 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
             f"| {_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']}) | {_fmt(_mb(r['bytes_to_target']), 2)} "
             f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
         )
+    gaps = [(key, r["final_eval_loss_gap_to_centralized"]) for key, r in results.items() if key[1] != CENTRALIZED]
+    if any(gap is not None for _, gap in gaps):
+        lines += ["", f"Eval loss above the `{CENTRALIZED}` reference (one client, all the data, the same total steps):", ""]
+        lines += [f"- {strategy} / {setting}: {_fmt(gap, 4)}" for (strategy, setting), gap in gaps]
     lines += [
         "",
         "Mean ± sample standard deviation over the seeds; time and bytes to target over the seeds that reached it.",

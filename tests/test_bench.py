@@ -28,7 +28,7 @@ def _free_port() -> int:
 def test_packaged_suites_are_valid_run_configs(tmp_path):
     suites = load_suites()
     assert {"smoke", "e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"} <= set(suites)
-    assert len(suites["e2e"].runs) == 14 and {s for s, _ in suites["e2e"].runs} == {
+    assert len(suites["e2e"].runs) == 15 and {s for s, _ in suites["e2e"].runs} == {
         "fedpipe",
         "lora-fedavg",
         "legend",
@@ -44,6 +44,9 @@ def test_packaged_suites_are_valid_run_configs(tmp_path):
     for name in ("e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"):
         assert len(suites[name].seeds) >= 3 and suites[name].target_eval_loss is not None  # fixed before any run
     assert suites["e2e"].config_of("fedpipe", "hetero", tmp_path, seed=2)["seed"] == 2
+    centralized = suites["e2e"].config_of("lora-fedavg", "centralized", tmp_path)  # 1 client x 16 steps = 4 clients x 4
+    assert suites["e2e"].supernodes_of("centralized") == 1 and "supernodes" not in centralized
+    assert centralized["train.local-steps"] == 4 * suites["e2e"].run_config["train.local-steps"]
 
 
 def test_malformed_suites_are_refused(tmp_path):
@@ -172,3 +175,14 @@ def test_a_row_over_seeds_reports_mean_and_standard_deviation(tmp_path):
     assert row["reached_target"] == 2  # time to target: mean over the two seeds that reached 2.0 (at 1.0 s and 1.83 s)
     assert row["sim_time_to_target_s"] == pytest.approx((1.0 + 1.0 + 0.5 / 0.6) / 2)
     assert "| fedpipe | hetero | 3 | 30.00 ± 4.00 |" in (tmp_path / "report" / "seeds.md").read_text()
+
+
+def test_rows_are_read_against_the_centralized_reference(tmp_path):
+    runs = {
+        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.6], [0.0, 1.0, 2.0], 4.0, 30.0),
+        ("lora-fedavg", "centralized"): _fake_run(tmp_path / "c", [3.0, 1.8, 1.4], [0.0, 1.0, 2.0], 1.0, 36.0),
+    }
+    rows = write_report("ref", runs, tmp_path / "report", target=2.0)
+    assert rows["fedpipe/hetero"]["final_eval_loss_gap_to_centralized"] == pytest.approx(0.2)
+    assert rows["fedpipe/hetero"]["bleu_gap_to_centralized"] == pytest.approx(-6.0)
+    assert "- fedpipe / hetero: 0.2000" in (tmp_path / "report" / "ref.md").read_text()
