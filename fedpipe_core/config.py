@@ -126,6 +126,9 @@ class RunConfig:
     """`fedadapter.upgrade-every`: `fedadapter`: rounds between configuration upgrades."""
     profile: str = "simulated"
     """`sim.profile`: node profiles when a node declares none: `simulated` (drawn) or `measure`."""
+    memory_scale: float = 1.0
+    """`sim.memory-scale`: multiplies the simulated memory budgets (e.g. 1.6: a testbed whose largest clients can hold full
+    fine-tuning, as in the paper)."""
     testbed_seed: int = 42
     """`sim.testbed-seed`: the testbed: simulated profiles and the data partition, fixed while `seed` varies training."""
     heterogeneity: str = "hetero"
@@ -169,7 +172,7 @@ class RunConfig:
             ("max_new_tokens", 1),
         ):
             _check_min(name, getattr(self, name), low)
-        for name in ("lr", "lora_alpha", "dirichlet_alpha", "round_timeout_s", "max_update_ratio"):
+        for name in ("lr", "lora_alpha", "dirichlet_alpha", "round_timeout_s", "max_update_ratio", "memory_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"run config {key_of(name)!r}: must be > 0, got {getattr(self, name)!r}")
         if not 0.0 < self.fraction_train <= 1.0:

@@ -114,5 +114,6 @@ def node_profile(task: Task, node_config: Mapping[str, object], partition_id: in
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
         training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
-        return simulated(partition_id, cfg.testbed_seed, weights, training, ideal=cfg.heterogeneity == "ideal")
+        low, high = (cfg.memory_scale * x for x in (0.45, 0.9))
+        return simulated(partition_id, cfg.testbed_seed, weights, training, (low, high), ideal=cfg.heterogeneity == "ideal")
     return measure(str(node_config.get("device", "auto")))

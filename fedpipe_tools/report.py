@@ -56,11 +56,34 @@ def to_target(points: list[tuple[float, float, float]], target: float) -> tuple[
     return None, None
 
 
+SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
+TO_TARGET = ("sim_time_to_target_s", "bytes_to_target")
+
+
+def untrained_reason(run: Path, summary: dict[str, Any]) -> str | None:
+    """Why a run trained nothing (no client sent an update), or None when it trained."""
+    if (summary.get("total_bytes_up") or 0) > 0:
+        return None
+    left_out = [p["left_out"] for p in read_jsonl(run / "plans.jsonl") if p.get("left_out")]
+    return f"no client fits: {left_out[0]}" if left_out else "no client sent an update"
+
+
 def summarize(run: Path) -> dict[str, Any]:
-    """One run's figures from its results contract."""
+    """One run's figures from its results contract; a run that trained nothing has none (N/A and why)."""
     summary = json.loads((run / "summary.json").read_text())
     rows = read_jsonl(run / "metrics.jsonl")
     points = curve(rows)
+    untrained = untrained_reason(run, summary)
+    if untrained:
+        return {
+            **dict.fromkeys((*SEEDED, *TO_TARGET)),
+            "base_eval_loss": points[0][2] if points else None,
+            "wall_s": summary.get("wall_s"),
+            "clients_per_round": [],
+            "run_dir": str(run),
+            "not_applicable": untrained,
+            "_curve": [],
+        }
     return {
         **{m: summary.get(m) for m in METRICS},
         "trainable_params": summary.get("trainable_params"),
@@ -76,10 +99,6 @@ def summarize(run: Path) -> dict[str, Any]:
     }
 
 
-SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
-TO_TARGET = ("sim_time_to_target_s", "bytes_to_target")
-
-
 def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a run per seed: mean and sample standard deviation of every figure."""
     out = {"seeds": len(rows), "run_dirs": [r["run_dir"] for r in rows], "_curve": rows[0]["_curve"]}
@@ -89,6 +108,7 @@ def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = statistics.fmean(values) if values else None
         out[f"{key}_std"] = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
     out["reached_target"] = sum(r.get("sim_time_to_target_s") is not None for r in rows)
+    out["not_applicable"] = next((r["not_applicable"] for r in rows if r.get("not_applicable")), None)
     out["target_eval_loss"] = rows[0].get("target_eval_loss")
     return out
 
@@ -189,6 +209,9 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
         "|" + "---|" * 18,
     ]
     for (strategy, setting), r in results.items():
+        if r["not_applicable"]:
+            lines.append(f"| {strategy} | {setting} | {r['seeds']} | N/A ({r['not_applicable']}) |" + " |" * 14)
+            continue
         lines.append(
             f"| {strategy} | {setting} | {r['seeds']} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
             f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "

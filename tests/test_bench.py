@@ -28,7 +28,7 @@ def _free_port() -> int:
 def test_packaged_suites_are_valid_run_configs(tmp_path):
     suites = load_suites()
     assert {"smoke", "e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"} <= set(suites)
-    assert len(suites["e2e"].runs) == 15 and {s for s, _ in suites["e2e"].runs} == {
+    assert len(suites["e2e"].runs) == 18 and {s for s, _ in suites["e2e"].runs} == {
         "fedpipe",
         "lora-fedavg",
         "legend",
@@ -186,3 +186,18 @@ def test_rows_are_read_against_the_centralized_reference(tmp_path):
     assert rows["fedpipe/hetero"]["final_eval_loss_gap_to_centralized"] == pytest.approx(0.2)
     assert rows["fedpipe/hetero"]["bleu_gap_to_centralized"] == pytest.approx(-6.0)
     assert "- fedpipe / hetero: 0.2000" in (tmp_path / "report" / "ref.md").read_text()
+
+
+def test_a_baseline_that_trained_nothing_is_not_applicable_never_base_scores(tmp_path):
+    ft = _fake_run(tmp_path / "ft", [3.0, 3.0, 3.0], [0.0, 1.0, 2.0], 0.0, 0.5)
+    summary = json.loads((ft / "summary.json").read_text())
+    (ft / "summary.json").write_text(json.dumps({**summary, "total_bytes_up": 0}))
+    plans = [
+        {"round": 1, "node_id": n, "profile": {"flops": 1e13}, "ranks": {}, "left_out": "memory 1.5 GiB < 2 GiB"} for n in (0, 1)
+    ]
+    (ft / "plans.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plans))
+    runs = {("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0), ("ft", "hetero"): ft}
+    rows = write_report("na", runs, tmp_path / "report", target=2.0)
+    assert rows["ft/hetero"]["not_applicable"] == "no client fits: memory 1.5 GiB < 2 GiB"
+    assert rows["ft/hetero"]["bleu"] is None and rows["ft/hetero"]["final_eval_loss"] is None
+    assert "| ft | hetero | 1 | N/A (no client fits: memory 1.5 GiB < 2 GiB) |" in (tmp_path / "report" / "na.md").read_text()
