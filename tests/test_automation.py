@@ -149,3 +149,17 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model):
     top = max(pool, key=lambda m: (spec.modules[m][0], m))
     assert slow.feasible and slow.ranks == {top: 2}  # no budget at all: the cheapest adapter, never dropped
     assert slow.step_flops * space.local_steps > slow.flops_budget
+
+
+def test_memory_scale_widens_simulated_budgets_and_the_testbed_seed_fixes_them(task):
+    from dataclasses import replace
+
+    from fedpipe_core.profile import node_profile
+    from fedpipe_core.task import load_task
+
+    roomy = load_task(replace(task.config, memory_scale=1.7))
+    reseeded = load_task(replace(task.config, seed=7))  # another training seed: the same testbed
+    for k in range(3):
+        base, big = node_profile(task, {}, k), node_profile(roomy, {}, k)
+        assert big.flops == base.flops and big.memory_bytes > base.memory_bytes
+        assert node_profile(reseeded, {}, k) == base
