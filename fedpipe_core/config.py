@@ -66,8 +66,8 @@ class RunConfig:
     max_train_examples: int = 0
     """`data.max-train-examples`: cap the training split (0 = all)."""
     lora_target_modules: str = "auto"
-    """`lora.target-modules`: `auto` (peft's default projections for the architecture), `all-linear`, or suffixes such
-    as `q_proj,v_proj` or `c_attn`."""
+    """`lora.target-modules`: `auto` (peft's default projections for the architecture), `attention` (Wq, Wk, Wv, Wo of
+    every block, the paper's candidates), `all-linear`, or suffixes such as `q_proj,v_proj` or `c_attn`."""
     lora_rank: int = 4
     """`lora.rank`: default rank; every adapter is scaled by alpha / this rank, whatever its own rank."""
     lora_alpha: float = 8.0

@@ -7,6 +7,7 @@ and the adapter's update is ΔW = (alpha / r) · B · A. Merging adds ΔW into t
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module name -> (A of shape (r, in), B of shape (out, r))."""
 
 _PEFT_PREFIX = "base_model.model."
+_ATTENTION = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -32,9 +34,10 @@ def _adaptable(module: nn.Module) -> bool:
 def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
     """Full names of the modules to adapt.
 
-    ``spec`` is ``auto`` (peft's default projections for the architecture), ``all-linear``
-    (every linear layer in the transformer blocks, not the LM head) or a comma-separated list
-    of module-name suffixes (``q_proj,v_proj``; ``c_attn`` for GPT-2).
+    ``spec`` is ``auto`` (peft's default projections for the architecture), ``attention`` (every
+    projection of the attention blocks: Wq, Wk, Wv, Wo, the candidates FedPipe selects among),
+    ``all-linear`` (every linear layer in the transformer blocks, not the LM head) or a
+    comma-separated list of module-name suffixes (``q_proj,v_proj``; ``c_attn`` for GPT-2).
     """
     candidates = [name for name, mod in model.named_modules() if _adaptable(mod) and name]
     head = {name for name, mod in model.named_modules() if mod is model.get_output_embeddings()}
@@ -42,6 +45,8 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
     spec = spec.strip()
     if spec == "all-linear":
         return candidates
+    if spec == "attention":
+        return [name for name in candidates if _ATTENTION.search(name)]
     if spec == "auto":
         suffixes = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
         if not suffixes:

@@ -26,6 +26,10 @@ def test_targets_resolve_per_architecture(task):
     auto = resolve_target_modules(llama, "auto")
     assert len(auto) == 60 and all(n.endswith(("q_proj", "v_proj")) for n in auto)
     assert resolve_target_modules(tiny_gpt2(), "auto") == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    attention = resolve_target_modules(llama, "attention")
+    assert len(attention) == 30 * 4 and {n.rsplit(".", 1)[1] for n in attention} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    gpt2_attention = resolve_target_modules(tiny_gpt2(), "attention")
+    assert gpt2_attention == [f"transformer.h.{i}.attn.{m}" for i in (0, 1) for m in ("c_attn", "c_proj")]  # not mlp.c_proj
     every = resolve_target_modules(llama, "all-linear")
     assert len(every) == 30 * 7 and "lm_head" not in every
     with pytest.raises(ConfigError, match="'c_attn' matches no linear module of LlamaForCausalLM"):
