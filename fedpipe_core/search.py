@@ -82,6 +82,9 @@ def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: Sea
     flops = flops_terms(spec, batch, space.seq)
     memory = memory_terms(spec, batch, space.seq, budget.precision, budget.compute_bytes)
     steps = space.local_steps
+    orders = [
+        sorted(importance, key=key) for key in (_by_importance(importance, spec), _by_importance_per_param(importance, spec))
+    ]
     best: dict[str, int] = {}
     best_value = -math.inf
     for lowest in sorted({spec.modules[m][0] for m in importance}):
@@ -90,9 +93,8 @@ def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: Sea
             (budget.flops / steps - flops.fixed - flops.per_block * blocks) / flops.per_param,
             (budget.memory - memory.fixed - memory.per_block * blocks) / memory.per_param,
         )
-        pool = [m for m in importance if spec.modules[m][0] >= lowest]
-        for key in (_by_importance(importance, spec), _by_importance_per_param(importance, spec)):
-            chosen = _fill(spec, sorted(pool, key=key), space.ranks, room)
+        for order in orders:
+            chosen = _fill(spec, [m for m in order if spec.modules[m][0] >= lowest], space.ranks, room)
             value = sum(importance[m] * r for m, r in chosen.items())
             if chosen and value > best_value:
                 best, best_value = chosen, value
@@ -113,14 +115,15 @@ def _fill(spec: ModelSpec, order: list[str], ranks: tuple[int, ...], room: float
     chosen: dict[str, int] = {}
     used = 0.0
     width = {m: spec.modules[m][1] + spec.modules[m][2] for m in order}
+    descending = sorted(ranks, reverse=True)
     for module in order:
-        for rank in sorted(ranks, reverse=True):
+        for rank in descending:
             if used + rank * width[module] <= room:
                 chosen[module] = rank
                 used += rank * width[module]
                 break
     for module in [m for m in order if m in chosen]:
-        for rank in sorted((r for r in ranks if r > chosen[module]), reverse=True):
+        for rank in (r for r in descending if r > chosen[module]):
             extra = (rank - chosen[module]) * width[module]
             if used + extra <= room:
                 chosen[module], used = rank, used + extra
