@@ -3,10 +3,11 @@
 The model is first built on the meta device (shapes only, no memory). Each block linear is then
 replaced by the layer a caller builds from that weight alone (for a node: W0 + ΣΔW quantized to
 its precision, :func:`~fedpipe_core.state.node_base`), reading one tensor at a time from the
-memory-mapped safetensors shards, so the whole model never exists at FP32: peak memory is the
-model as held plus one FP32 weight. The other parameters (embeddings, norms, LM head) are read
-as they are, the tied ones tied, and the non-persistent buffers (rotary frequencies) computed
-by transformers' own initialisation, as ``from_pretrained`` does.
+safetensors shards (with ``pread``: a memory map would keep every page read resident), so the
+whole model never exists at FP32: peak memory is the model as held plus one FP32 weight. The
+other parameters (embeddings, norms, LM head) are read as they are, the tied ones tied, and the
+non-persistent buffers (rotary frequencies) computed by transformers' own initialisation, as
+``from_pretrained`` does.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _shard_files(checkpoint: Path) -> dict[str, Path]:
 @contextmanager
 def checkpoint_reader(checkpoint: Path, prefix: str = "") -> Iterator[Reader]:
     """A reader of the checkpoint's tensors by model parameter name (``prefix`` is the base model's,
-    which some checkpoints leave out of their names); each shard is opened once, memory-mapped."""
+    which some checkpoints leave out of their names); each shard is opened once and read with ``pread``."""
     files = _shard_files(checkpoint)
     with ExitStack() as stack:
         handles: dict[Path, object] = {}

@@ -24,6 +24,8 @@ from fedpipe_core.device import compute_dtype, resolve_device
 if TYPE_CHECKING:
     from fedpipe_core.task import Task
 
+MEMORY_RANGE = (0.45, 0.9)
+"""Simulated memory budgets: uniform over this range × the model's FP32 weights (``sim.memory-scale`` widens it)."""
 RTX3090_TFLOPS = 35.6
 """FP16/FP32 non-tensor-core peak of an RTX 3090, the paper's reference card."""
 
@@ -85,7 +87,7 @@ def simulated(
     seed: int,
     weight_bytes: float,
     training_bytes: float = 0.0,
-    memory_range: tuple[float, float] = (0.45, 0.9),
+    memory_range: tuple[float, float] = MEMORY_RANGE,
     compute_range: tuple[float, float] = (0.25, 1.0),
     ideal: bool = False,
 ) -> ClientProfile:
@@ -114,6 +116,6 @@ def node_profile(task: Task, node_config: Mapping[str, object], partition_id: in
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
         training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
-        low, high = (cfg.memory_scale * x for x in (0.45, 0.9))
-        return simulated(partition_id, cfg.testbed_seed, weights, training, (low, high), ideal=cfg.heterogeneity == "ideal")
+        memory_range = (cfg.memory_scale * MEMORY_RANGE[0], cfg.memory_scale * MEMORY_RANGE[1])
+        return simulated(partition_id, cfg.testbed_seed, weights, training, memory_range, ideal=cfg.heterogeneity == "ideal")
     return measure(str(node_config.get("device", "auto")))
