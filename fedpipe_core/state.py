@@ -170,7 +170,7 @@ def node_base(
         return stored_linear(state.base[name], bias)
 
     model = stream_model(task.checkpoint, block_layer)
-    blocks = {name for name, _ in block_linears(model)} | set(state.base)
+    blocks = {name for name, _ in block_linears(model)}  # stored layers are nn.Linear too
     merge_delta(model, {m: d for m, d in state.delta.items() if m not in blocks})
     state.precision = precision
     save_state(directory, state, delta=bool(increment) or start == 0, base=bool(requantized) or (had_base and not state.base))
