@@ -14,7 +14,7 @@ from fedpipe_core.codec import decode_delta
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import resolve_device
-from fedpipe_core.local import ClientRound, run_client_round, run_full_round
+from fedpipe_core.local import ClientRound, RoundSeeds, round_seeds, run_client_round, run_full_round
 from fedpipe_core.profile import ClientProfile, node_profile
 from fedpipe_core.protocol import TrainInstruction, TrainReply
 from fedpipe_core.state import node_base, node_state_dir, save_importance
@@ -59,7 +59,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _adapters_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seed: int
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
 ) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
     fedpipe = order.mode == "fedpipe"
@@ -72,7 +72,8 @@ def _adapters_round(
         model=model,
         examples=examples,
         ranks=order.ranks,
-        seed=seed,
+        seed=seeds.data,
+        init_seed=seeds.init,
         importance_history=state.importance,
         initial_factors=None if fedpipe else payload,
         batch_size=order.batch_size,
@@ -83,7 +84,7 @@ def _adapters_round(
 
 
 def _full_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seed: int
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
 ) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
     out = run_full_round(
@@ -92,7 +93,7 @@ def _full_round(
         examples=examples,
         modules=list(order.ranks),
         base_delta=decode_delta(payload, task.shapes),
-        seed=seed,
+        seed=seeds.data,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
     )
@@ -125,8 +126,8 @@ def train(msg: Message, context: Context) -> Message:
     unknown = sorted(set(order.ranks) - set(task.shapes))
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
-    seed = task.config.seed * 1_000_003 + order.server_round * 1_009 + partition_id
-    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seed)
+    seeds = round_seeds(task.config, order.server_round, partition_id)
+    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seeds)
     report = TrainReply(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,

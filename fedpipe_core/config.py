@@ -29,6 +29,7 @@ HETEROGENEITY = ("hetero", "ideal")
 WEIGHT_SELECTIONS = ("importance", "random")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "nf8", "nf4")
 DISPATCHES = ("svd", "exact")
+LORA_INITS = ("per-client", "shared")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,9 @@ class RunConfig:
     candidate_ranks: str = "2,4,8"
     """`lora.candidate-ranks`: ranks a heterogeneous strategy may give a node (FedPipe's search, HetLoRA, FlexLoRA,
     LEGEND, FedAdapter)."""
+    lora_init: str = "per-client"
+    """`lora.init`: the fresh adapters' random A each round: `per-client` (each node draws its own) or `shared` (every
+    node draws the same A from the run seed and round; ablation)."""
     local_steps: int = 6
     """`train.local-steps`: AdamW steps per node and round."""
     batch_size: int = 8
@@ -100,9 +104,11 @@ class RunConfig:
     max_update_ratio: float = 1.0
     """`strategy.max-update-ratio`: an update whose ‖ΔW‖_F on a module exceeds this × ‖W‖_F of that weight is rejected."""
     eval_examples: int = 48
-    """`eval.examples`: validation examples of the per-round eval loss (and test examples of the PPL)."""
+    """`eval.examples`: validation examples of the per-round eval loss (and test examples of the PPL), taken round-robin
+    over the meaning representations / tasks so that a cap ≥ their number covers each (0: every example)."""
     test_groups: int = 24
-    """`eval.test-groups`: E2E meaning representations scored by generation after the last round."""
+    """`eval.test-groups`: E2E test meaning representations scored by generation after the last round, evenly spaced
+    (0: every one)."""
     max_new_tokens: int = 40
     """`eval.max-new-tokens`: generation length."""
     eval_base_generation: bool = True
@@ -144,6 +150,7 @@ class RunConfig:
         check_choice("weight_selection", self.weight_selection, WEIGHT_SELECTIONS)
         check_choice("base_precision", self.base_precision, BASE_PRECISIONS)
         check_choice("dispatch", self.dispatch, DISPATCHES)
+        check_choice("lora_init", self.lora_init, LORA_INITS)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if self.round_deadline_s < 0:
             raise ConfigError(
@@ -167,7 +174,7 @@ class RunConfig:
             ("max_seq_len", 8),
             ("lora_rank", 1),
             ("max_train_examples", 0),
-            ("eval_examples", 1),
+            ("eval_examples", 0),
             ("test_groups", 0),
             ("max_new_tokens", 1),
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -39,8 +40,9 @@ def evaluate_loss(
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        inputs = {k: v.to(device) for k, v in collate(tokenizer, examples[start : start + batch_size], max_len).items()}
+    ordered = sorted(examples, key=lambda e: len(e.prompt) + len(e.target))  # similar lengths share a batch: less padding
+    for start in range(0, len(ordered), batch_size):
+        inputs = {k: v.to(device) for k, v in collate(tokenizer, ordered[start : start + batch_size], max_len).items()}
         with autocast(device):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"][:, 1:]
@@ -93,30 +95,55 @@ def global_model(task: Task, delta: dict[str, torch.Tensor]) -> PreTrainedModel:
     return model.to(resolve_device("auto"))
 
 
+def spread(examples: list[Example], cap: int) -> list[Example]:
+    """At most ``cap`` examples (0: all), taken round-robin over the groups: the first reference of every
+    meaning representation (or task), then the second, ... — so a cap of at least the number of groups
+    scores every group, and a smaller one as many groups as it can, instead of the first few."""
+    by_group: dict[str, list[Example]] = {}
+    for example in examples:
+        by_group.setdefault(example.group, []).append(example)
+    ordered = [e for row in itertools.zip_longest(*by_group.values()) for e in row if e is not None]
+    return ordered[:cap] if cap else ordered
+
+
+def pick_groups(groups: list[str], cap: int) -> list[str]:
+    """``cap`` groups (0: all) evenly spaced over the sorted ``groups``, not the first ``cap`` alphabetically."""
+    ordered = sorted(groups)
+    if not cap or cap >= len(ordered):
+        return ordered
+    return [ordered[(i * len(ordered)) // cap] for i in range(cap)]
+
+
 def evaluate_validation(task: Task, delta: dict[str, torch.Tensor]) -> LossResult:
-    """Eval loss / PPL of base + ΔW on (the first ``eval-examples`` of) the validation split."""
-    examples = task.splits["validation"][: task.config.eval_examples]
+    """Eval loss / PPL of base + ΔW on the validation split (``eval.examples`` of it, spread over its groups)."""
+    examples = spread(task.splits["validation"], task.config.eval_examples)
     return evaluate_loss(global_model(task, delta), task.tokenizer, examples, task.config.max_seq_len)
 
 
 def score_test(
-    task: Task, delta: dict[str, torch.Tensor], examples: list[Example] | None = None, limit: int | None = None
+    task: Task,
+    delta: dict[str, torch.Tensor],
+    examples: list[Example] | None = None,
+    max_examples: int | None = None,
+    max_groups: int | None = None,
 ) -> dict[str, float]:
-    """Final scores on the test split: PPL always; for E2E also the five generation metrics.
+    """Final scores on the test split (or ``examples``): PPL always; for E2E also the five generation metrics.
 
-    Without ``limit`` the run-config caps apply (``eval-examples`` for PPL, ``test-groups`` MRs for
-    generation); with it, PPL uses every example and generation the first ``limit`` MRs.
+    PPL is over ``max_examples`` examples spread over the groups (:func:`spread`), generation over
+    ``max_groups`` meaning representations evenly spaced (:func:`pick_groups`); 0 means all, and the
+    defaults are the run config's ``eval.examples`` and ``eval.test-groups``.
     """
+    cfg = task.config
     examples = task.splits["test"] if examples is None else examples
     model = global_model(task, delta)
-    scored = examples[: task.config.eval_examples if limit is None else len(examples)]
-    scores: dict[str, float] = {"ppl": evaluate_loss(model, task.tokenizer, scored, task.config.max_seq_len).ppl}
-    if task.config.task == "e2e":
+    scored = spread(examples, cfg.eval_examples if max_examples is None else max_examples)
+    loss = evaluate_loss(model, task.tokenizer, scored, cfg.max_seq_len)
+    scores: dict[str, float] = {"ppl": loss.ppl, "scored_examples": float(len(scored))}
+    if cfg.task == "e2e":
         refs = references_by_group(examples)
-        groups = sorted(refs)[: task.config.test_groups if limit is None else limit]
-        if groups:
-            prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
-            hyps = generate(model, task.tokenizer, prompts, task.config.max_new_tokens)
-            scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
-            scores["scored_groups"] = float(len(groups))
+        groups = pick_groups(list(refs), cfg.test_groups if max_groups is None else max_groups)
+        prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
+        hyps = generate(model, task.tokenizer, prompts, cfg.max_new_tokens)
+        scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
+        scores["scored_groups"] = float(len(groups))
     return scores

@@ -53,6 +53,21 @@ def lora_alphas(config: RunConfig, ranks: dict[str, int]) -> dict[str, float]:
     return {m: config.lora_alpha * r / config.lora_rank for m, r in ranks.items()}
 
 
+@dataclass(frozen=True)
+class RoundSeeds:
+    """A node's seeds for one round: its batch order, and the random A of its fresh adapters."""
+
+    data: int
+    init: int
+
+
+def round_seeds(config: RunConfig, server_round: int, partition_id: int) -> RoundSeeds:
+    """Per node and round; the A initialisation is shared by every node with ``lora.init = shared`` (ablation)."""
+    shared = config.seed * 1_000_003 + server_round * 1_009
+    data = shared + partition_id
+    return RoundSeeds(data=data, init=shared if config.lora_init == "shared" else data)
+
+
 def run_client_round(
     task: Task,
     *,
@@ -61,19 +76,22 @@ def run_client_round(
     ranks: dict[str, int],
     initial_factors: Mapping[str, np.ndarray] | None,
     seed: int,
+    init_seed: int | None = None,
     batch_size: int | None = None,
     local_steps: int | None = None,
     importance_history: dict[str, tuple[float, float]] | None = None,
     device: torch.device | None = None,
 ) -> ClientRound:
     """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
-    ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured."""
+    ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
+
+    ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A."""
     cfg = task.config
     device = device or torch.device("cpu")
     model = model.to(device)
     model_bytes = stored_bytes(model)
     with PeakMemory(device) as peak:
-        peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed)
+        peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed if init_seed is None else init_seed)
         if initial_factors is not None:
             set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
         tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)

@@ -8,6 +8,10 @@ Time and bytes to target: the eval loss is followed round by round (round 0 is t
 at simulated time 0 and no bytes); the target is crossed between two rounds, and the simulated
 time and cumulative bytes are interpolated linearly at the crossing. A run that never reaches
 the target has null there.
+
+Quality at equal cost: within a setting, the eval loss of every run at the simulated time (and at
+the total client steps) where the shortest run of the setting ended, interpolated linearly between
+rounds the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import statistics
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -36,28 +40,54 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curve(rows: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
-    """(simulated time, cumulative bytes up + down, eval loss) after each round, round 0 first."""
-    out, total = [], 0.0
+class Point(NamedTuple):
+    """A run after one round: simulated time, cumulative bytes up + down and client steps, eval loss."""
+
+    time: float
+    bytes: float
+    steps: float
+    loss: float
+
+
+def curve(rows: list[dict[str, Any]]) -> list[Point]:
+    """The run after each round, round 0 (the base model: no time, bytes or steps) first."""
+    out, total, steps = [], 0.0, 0.0
     for row in sorted(rows, key=lambda r: r["round"]):
         total += (row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)
-        out.append((float(row.get("sim_time_s") or 0.0), total, float(row["eval_loss"])))
+        steps += row.get("client_steps") or 0
+        out.append(Point(float(row.get("sim_time_s") or 0.0), total, steps, float(row["eval_loss"])))
     return out
 
 
-def to_target(points: list[tuple[float, float, float]], target: float) -> tuple[float | None, float | None]:
+def to_target(points: list[Point], target: float) -> tuple[float | None, float | None]:
     """Simulated time and bytes at which the eval loss first reaches ``target`` (interpolated)."""
-    if points[0][2] <= target:
-        return points[0][0], points[0][1]
-    for (t0, b0, l0), (t1, b1, l1) in pairwise(points):
-        if l1 <= target:
-            frac = (l0 - target) / (l0 - l1)
-            return t0 + frac * (t1 - t0), b0 + frac * (b1 - b0)
+    if points[0].loss <= target:
+        return points[0].time, points[0].bytes
+    for p0, p1 in pairwise(points):
+        if p1.loss <= target:
+            frac = (p0.loss - target) / (p0.loss - p1.loss)
+            return p0.time + frac * (p1.time - p0.time), p0.bytes + frac * (p1.bytes - p0.bytes)
     return None, None
 
 
+def loss_at(points: list[Point], axis: str, x: float) -> float | None:
+    """Eval loss when the run had spent ``x`` of ``axis`` (``time`` or ``steps``), interpolated; None past its end
+    (or for a budget of 0, which says nothing)."""
+    if x <= 0:
+        return None
+    for p0, p1 in pairwise(points):
+        x0, x1 = getattr(p0, axis), getattr(p1, axis)
+        if x0 <= x <= x1:
+            return p1.loss if x1 == x0 else p0.loss + (x - x0) / (x1 - x0) * (p1.loss - p0.loss)
+    return None
+
+
+EQUAL_COST = {"time": "eval_loss_at_equal_time", "steps": "eval_loss_at_equal_steps"}
+"""Axis of the curve -> the figure: eval loss where the setting's shortest run ended on that axis."""
+
+
 SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
-TO_TARGET = ("sim_time_to_target_s", "bytes_to_target")
+TO_TARGET = ("sim_time_to_target_s", "bytes_to_target", *EQUAL_COST.values())
 
 
 def untrained_reason(run: Path, summary: dict[str, Any]) -> str | None:
@@ -77,7 +107,7 @@ def summarize(run: Path) -> dict[str, Any]:
     if untrained:
         return {
             **dict.fromkeys((*SEEDED, *TO_TARGET)),
-            "base_eval_loss": points[0][2] if points else None,
+            "base_eval_loss": points[0].loss if points else None,
             "wall_s": summary.get("wall_s"),
             "clients_per_round": [],
             "run_dir": str(run),
@@ -91,8 +121,8 @@ def summarize(run: Path) -> dict[str, Any]:
         "bytes_down": summary.get("total_bytes_down"),
         "wall_s": summary.get("wall_s"),
         "sim_time_s": summary.get("sim_time_s"),
-        "base_eval_loss": points[0][2] if points else None,
-        "final_eval_loss": points[-1][2] if points else None,
+        "base_eval_loss": points[0].loss if points else None,
+        "final_eval_loss": points[-1].loss if points else None,
         "clients_per_round": [r.get("clients", 0) for r in sorted(rows, key=lambda r: r["round"]) if r["round"] > 0],
         "run_dir": str(run),
         "_curve": points,
@@ -133,6 +163,18 @@ def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: fl
     return out
 
 
+def equal_costs(seeded: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per setting: the simulated time and client steps at which its shortest trained run ended."""
+    out: dict[str, dict[str, float]] = {}
+    for (_, setting), rows in seeded.items():
+        for row in rows:
+            if row["_curve"]:
+                end = row["_curve"][-1]
+                mine = out.setdefault(setting, {"time": end.time, "steps": end.steps})
+                mine["time"], mine["steps"] = min(mine["time"], end.time), min(mine["steps"], end.steps)
+    return out
+
+
 def write_report(
     suite: str, runs: dict[tuple[str, str], Path | list[Path]], out: Path, target: float | None = None
 ) -> dict[str, Any]:
@@ -147,7 +189,15 @@ def write_report(
             row["sim_time_to_target_s"], row["bytes_to_target"] = (
                 to_target(row["_curve"], targets[setting]) if known else (None, None)
             )
+    costs = equal_costs(seeded)
+    for (_, setting), rows in seeded.items():
+        for row in rows:
+            for axis, key in EQUAL_COST.items():
+                row[key] = loss_at(row["_curve"], axis, costs[setting][axis]) if row["_curve"] else None
     results = {key: over_seeds(rows) for key, rows in seeded.items()}
+    for (_, setting), row in results.items():
+        row["equal_time_s"] = costs.get(setting, {}).get("time")
+        row["equal_steps"] = costs.get(setting, {}).get("steps")
     runs = {key: Path(row["run_dirs"][0]) for key, row in results.items()}
     for (_, setting), row in results.items():
         base = results.get(("fedpipe", setting))
@@ -196,25 +246,29 @@ def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
 
 
 def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets: dict[str, float | None]) -> str:
-    """The suite's table: metrics, trainable params, bytes, time to target and ratios to fedpipe."""
+    """The suite's table: metrics, eval loss at equal cost, trainable params, bytes, time to target and ratios to fedpipe."""
     lines = [f"# Benchmark `{suite}`", ""]
     for setting, target in targets.items():
-        lines.append(f"- setting `{setting}`: target eval loss {_fmt(target, 4)}")
-    lines += [
-        "",
-        (
-            "| strategy | setting | seeds | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | trainable params "
-            "| MB up | MB down | sim s to target (reached) | MB to target | time ÷ fedpipe | bytes ÷ fedpipe | wall s |"
-        ),
-        "|" + "---|" * 18,
-    ]
+        row = next(r for (_, s), r in results.items() if s == setting)
+        lines.append(
+            f"- setting `{setting}`: target eval loss {_fmt(target, 4)}; equal cost = where its shortest run ended: "
+            f"{_fmt(row.get('equal_time_s'), 4)} simulated s, {_fmt(row.get('equal_steps'), 0)} client steps"
+        )
+    columns = (
+        "strategy | setting | seeds | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | loss @ equal sim s "
+        "| loss @ equal steps | trainable params | MB up | MB down | sim s to target (reached) | MB to target "
+        "| time ÷ fedpipe | bytes ÷ fedpipe | wall s"
+    )
+    width = len(columns.split("|"))
+    lines += ["", f"| {columns} |", "|" + "---|" * width]
     for (strategy, setting), r in results.items():
         if r["not_applicable"]:
-            lines.append(f"| {strategy} | {setting} | {r['seeds']} | N/A ({r['not_applicable']}) |" + " |" * 14)
+            lines.append(f"| {strategy} | {setting} | {r['seeds']} | N/A ({r['not_applicable']}) |" + " |" * (width - 4))
             continue
         lines.append(
             f"| {strategy} | {setting} | {r['seeds']} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
             f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "
+            f"| {_pm(r, 'eval_loss_at_equal_time', 4)} | {_pm(r, 'eval_loss_at_equal_steps', 4)} "
             f"| {_fmt(r['trainable_params'], 0)} | {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} "
             f"| {_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']}) | {_fmt(_mb(r['bytes_to_target']), 2)} "
             f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
@@ -236,7 +290,7 @@ def plot_loss(suite: str, results: dict[tuple[str, str], dict[str, Any]], path: 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (strategy, setting), r in results.items():
         points = r["_curve"]
-        ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"{strategy} / {setting}")
+        ax.plot([p.time for p in points], [p.loss for p in points], marker="o", label=f"{strategy} / {setting}")
     ax.set(xlabel="simulated time (s)", ylabel="eval loss", title=f"{suite}: eval loss vs simulated time")
     ax.legend(fontsize=7)
     fig.tight_layout()

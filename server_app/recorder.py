@@ -76,6 +76,7 @@ class RunRecorder:
             "ppl": loss.ppl,
             "train_loss": stats.train_loss if stats else None,
             "clients": stats.clients if stats else 0,
+            "client_steps": stats.client_steps if stats else 0,
             "rejected": stats.rejected if stats else 0,
             "bytes_up": stats.bytes_up if stats else 0,
             "bytes_down": stats.bytes_down if stats else 0,

@@ -43,6 +43,8 @@ class RoundStats:
     left_out: int = 0
     train_loss: float = math.nan
     num_examples: int = 0
+    client_steps: int = 0
+    """Σ over the nodes that replied of the local steps they did."""
     sim_time_s: float = 0.0
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
     timing: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -163,6 +165,7 @@ class FlowerAdapter(FlowerStrategy):
             return None, None
         stats.clients = len(updates)
         stats.num_examples = sum(u.num_examples for u, _ in updates.values())
+        stats.client_steps = sum(r.steps for _, r in updates.values())
         stats.train_loss = sum(r.train_loss * u.num_examples for u, r in updates.values()) / stats.num_examples
         self.strategy.combine(server_round, updates)
         metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})

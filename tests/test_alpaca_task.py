@@ -31,5 +31,5 @@ def test_alpaca_round_and_perplexity(task):
     )
     assert len(out.arrays) == 8 and all(a.shape[0] == 2 for k, a in out.arrays.items() if k.endswith("::A"))
     scores = score_test(alpaca, {})
-    assert set(scores) == {"ppl"} and 1.0 < scores["ppl"] < 1e4
+    assert set(scores) == {"ppl", "scored_examples"} and scores["scored_examples"] == 4 and 1.0 < scores["ppl"] < 1e4
     assert scores["ppl"] == pytest.approx(score_test(alpaca, {})["ppl"])

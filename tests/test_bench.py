@@ -14,7 +14,7 @@ import pytest
 
 from fedpipe_core.config import ConfigError
 from fedpipe_tools.bench import load_suites
-from fedpipe_tools.report import to_target, write_report
+from fedpipe_tools.report import Point, loss_at, to_target, write_report
 
 ROOT = Path(__file__).parents[1]
 
@@ -63,14 +63,16 @@ def test_malformed_suites_are_refused(tmp_path):
 
 
 def test_time_and_bytes_to_target_interpolate_the_crossing():
-    points = [(0.0, 0.0, 3.0), (1.0, 10.0, 2.5), (3.0, 30.0, 1.5)]
+    points = [Point(0.0, 0.0, 0, 3.0), Point(1.0, 10.0, 8, 2.5), Point(3.0, 30.0, 16, 1.5)]
     assert to_target(points, 2.0) == pytest.approx((2.0, 20.0))
     assert to_target(points, 2.5) == pytest.approx((1.0, 10.0))
     assert to_target(points, 3.5) == (0.0, 0.0)
     assert to_target(points, 1.0) == (None, None)
+    assert loss_at(points, "time", 2.0) == pytest.approx(2.0) and loss_at(points, "steps", 4) == pytest.approx(2.75)
+    assert loss_at(points, "time", 3.5) is None and loss_at(points, "steps", 0) is None
 
 
-def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float) -> Path:
+def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float, steps: int = 8) -> Path:
     run = directory / "1"
     run.mkdir(parents=True)
     rows = [
@@ -81,6 +83,7 @@ def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float,
             "bytes_up": 0 if r == 0 else mb * 1e6 / 2,
             "bytes_down": 0 if r == 0 else mb * 1e6 / 2,
             "clients": 0 if r == 0 else 2,
+            "client_steps": 0 if r == 0 else steps,
         }
         for r, (loss, t) in enumerate(zip(losses, sim))
     ]
@@ -201,3 +204,20 @@ def test_a_baseline_that_trained_nothing_is_not_applicable_never_base_scores(tmp
     assert rows["ft/hetero"]["not_applicable"] == "no client fits: memory 1.5 GiB < 2 GiB"
     assert rows["ft/hetero"]["bleu"] is None and rows["ft/hetero"]["final_eval_loss"] is None
     assert "| ft | hetero | 1 | N/A (no client fits: memory 1.5 GiB < 2 GiB) |" in (tmp_path / "report" / "na.md").read_text()
+
+
+def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
+    runs = {
+        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0, steps=8),
+        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0, steps=4),
+    }
+    rows = write_report("equal", runs, tmp_path / "report", target=2.0)
+    fedpipe, lora = rows["fedpipe/hetero"], rows["lora-fedavg/hetero"]
+    assert fedpipe["equal_time_s"] == lora["equal_time_s"] == 2.0  # where fedpipe, the shorter run, ended
+    assert fedpipe["eval_loss_at_equal_time"] == pytest.approx(1.5)
+    assert lora["eval_loss_at_equal_time"] == pytest.approx(3.0 - 2.0 / 3.0 * 0.5)
+    assert fedpipe["equal_steps"] == 8  # lora-fedavg's 2 rounds x 4 steps
+    assert fedpipe["eval_loss_at_equal_steps"] == pytest.approx(2.0) and lora["eval_loss_at_equal_steps"] == pytest.approx(2.0)
+    table = (tmp_path / "report" / "equal.md").read_text()
+    assert "equal cost = where its shortest run ended: 2.0000 simulated s, 8 client steps" in table
+    assert "| lora-fedavg | hetero | 1 | 20.00 | — | — | — | — | 5.00 | 2.0000 | 2.6667 | 2.0000 |" in table
