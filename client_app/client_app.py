@@ -1,144 +1,80 @@
-"""FedPipe ClientApp: protocol in, the mode's local routine, protocol out."""
+"""FedPipe ClientApp: protocol in, the mode's local routine, protocol out.
+
+Flower starts a fresh ClientApp process for every message, so this module imports only what a QUERY
+needs (Flower and the profile); a TRAIN message imports :mod:`client_app.local_round` (torch,
+transformers, peft) when it arrives. Node config ``messages`` (default ``query,train``) lists the message
+types this site answers; any other is refused with an error reply before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from dataclasses import replace
 
 import psutil
-import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
-from fedpipe_core.codec import decode_delta
-from fedpipe_core.config import RunConfig
-from fedpipe_core.data import Example
-from fedpipe_core.device import resolve_device
-from fedpipe_core.local import ClientRound, RoundSeeds, round_seeds, run_client_round, run_full_round
-from fedpipe_core.profile import ClientProfile, node_profile
-from fedpipe_core.protocol import TrainInstruction, TrainReply
-from fedpipe_core.state import node_base, node_state_dir, save_importance
-from fedpipe_core.task import Task, client_examples, load_task, site_examples
-from fedpipe_flower.messages import Arrays, profile_reply, read_instruction, train_reply
+from fedpipe_core.profile import ClientProfile, declared, device_compute_bytes
+from fedpipe_flower.messages import profile_reply
 
-app = ClientApp()
+MESSAGE_TYPES = ("query", "train")
+"""What this ClientApp answers; a site narrows it with node config ``messages``."""
 _process = {"started": psutil.Process().create_time(), "messages": 0}
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    node = context.node_config
-    if "data-path" in node:  # a site with its own data file: one whole "partition"
-        return int(node.get("partition-id", 0)), 1
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("node config needs 'data-path', or 'partition-id' and 'num-partitions'")
-    return int(node["partition-id"]), int(node["num-partitions"])
+def accepted_messages(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: answer only the message types the node config's ``messages`` lists (all by default)."""
+    listed = str(context.node_config.get("messages", ",".join(MESSAGE_TYPES)))
+    accepted = {t.strip() for t in listed.split(",") if t.strip()}
+    unknown = sorted(accepted - set(MESSAGE_TYPES))
+    if unknown:
+        reason = f"node config 'messages': {unknown} not among {list(MESSAGE_TYPES)}"
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind not in accepted:
+        reason = f"this node does not answer {kind!r} messages (node config 'messages' = {listed!r})"
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+    return call_next(msg, context)
 
 
-def _examples(task: Task, context: Context) -> list[Example]:
-    """The node's own data file when its node config names one, else its partition of the run's data."""
-    if "data-path" in context.node_config:
-        return site_examples(task, str(context.node_config["data-path"]))
-    return client_examples(task, *_partition(context))
-
-
-def _device(context: Context) -> torch.device:
-    """The node's accelerator: node config ``device`` (``auto`` by default: CUDA when present, else CPU)."""
-    return resolve_device(str(context.node_config.get("device", "auto")))
+app = ClientApp(mods=[accepted_messages])
 
 
 def _profile(context: Context) -> ClientProfile:
-    task = load_task(RunConfig.from_mapping(context.run_config))
-    return node_profile(task, context.node_config, _partition(context)[0])
+    """Declared in the node config (cheap), else simulated or measured (loads the training stack)."""
+    profile = declared(context.node_config)
+    if profile is not None:
+        return replace(profile, compute_bytes=device_compute_bytes(str(context.node_config.get("device", "auto"))))
+    from client_app import local_round
+
+    return local_round.profile(context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report this node's profile (declared, simulated or measured)."""
+    """Report this node's profile (declared, simulated or measured) and what the reply cost this process."""
+    entered = time.time()
+    startup = entered - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
-    return profile_reply(msg, _profile(context))
-
-
-def _adapters_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
-) -> tuple[ClientRound, int]:
-    """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
-    fedpipe = order.mode == "fedpipe"
-    start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
-    directory = node_state_dir(task, context.run_id, context.node_id)
-    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
-    out = run_client_round(
-        task,
-        device=_device(context),
-        model=model,
-        examples=examples,
-        ranks=order.ranks,
-        seed=seeds.data,
-        init_seed=seeds.init,
-        importance_history=state.importance,
-        initial_factors=None if fedpipe else payload,
-        batch_size=order.batch_size,
-        local_steps=order.local_steps,
-    )
-    save_importance(directory, state, out.importance_history)
-    return out, end
-
-
-def _full_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
-) -> tuple[ClientRound, int]:
-    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
-    out = run_full_round(
-        task,
-        device=_device(context),
-        examples=examples,
-        modules=list(order.ranks),
-        base_delta=decode_delta(payload, task.shapes),
-        seed=seeds.data,
-        batch_size=order.batch_size,
-        local_steps=order.local_steps,
-    )
-    return out, 0
-
-
-ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
-    "fedpipe": _adapters_round,
-    "factors": _adapters_round,
-    "ft": _full_round,
-}
-"""The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
+    profile = _profile(context)
+    return profile_reply(msg, profile, {"startup-s": startup, "handler-s": time.time() - entered})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round; the instruction says which modules, which ranks and which ΔW to merge.
+    """One local round (:func:`client_app.local_round.train`).
 
     Reports, besides the factors, how long the round's local training took (``train-s``), what it
-    cost before and after that in this handler (``setup-s``: task, node state, base, adapters) and,
-    for the first message of a process, how long the process took to get here (``startup-s``).
+    cost before and after that in this handler (``setup-s``: importing the training stack, task, node
+    state, base, adapters) and, for the first message of a process, how long the process took to get
+    here (``startup-s``).
     """
     entered, entered_wall = time.perf_counter(), time.time()
     startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
-    task = load_task(RunConfig.from_mapping(context.run_config))
-    partition_id, _ = _partition(context)
-    examples = _examples(task, context)
-    order, payload = read_instruction(msg)
-    unknown = sorted(set(order.ranks) - set(task.shapes))
-    if unknown:
-        raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
-    seeds = round_seeds(task.config, order.server_round, partition_id)
-    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seeds)
-    report = TrainReply(
-        num_examples=out.num_examples,
-        train_loss=out.result.mean_loss,
-        steps=out.result.steps,
-        state_version=version,
-        profile=_profile(context),
-        train_s=out.train_s,
-        setup_s=time.perf_counter() - entered - out.train_s,
-        startup_s=startup,
-        importance=out.importance,
-        model_bytes=out.model_bytes,
-        peak_bytes=out.peak_bytes,
-    )
-    return train_reply(msg, out.arrays, report)
+    from client_app import local_round  # the training stack, loaded for TRAIN messages only
+
+    return local_round.train(msg, context, entered, startup)

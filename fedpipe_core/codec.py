@@ -13,13 +13,10 @@ import torch
 
 from fedpipe_core.aggregate import LowRank, is_cheaper_dense, to_dense
 from fedpipe_core.lora import Factors
+from fedpipe_core.protocol import UpdateError
 
 SEP = "::"
 Shapes = Mapping[str, tuple[int, int]]
-
-
-class UpdateError(ValueError):
-    """An array payload that does not fit the model: the message names module and problem."""
 
 
 def encode_factors(factors: Factors) -> dict[str, np.ndarray]:

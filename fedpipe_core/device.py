@@ -19,10 +19,13 @@ import ctypes
 import ctypes.util
 import gc
 import threading
+import time
 from types import TracebackType
 
 import psutil
 import torch
+
+from fedpipe_core.profile import ClientProfile
 
 DEVICES_HELP = "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -145,3 +148,29 @@ class PeakMemory:
     def peak_bytes(self, model_bytes: int) -> int:
         """The round's peak in the cost model's terms: CUDA's absolute peak, or the model's bytes plus the CPU increase."""
         return self.cuda_peak_bytes if self.device.type == "cuda" else model_bytes + self.increase_bytes
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Achieved FLOPS of a square matmul (2 · n³ per product), best of ``repeats``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up kernels and caches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def measure(device: str = "auto") -> ClientProfile:
+    """Profile this machine (FedPipe step 1): free CUDA memory and FP16 matmul FLOPS when it trains on CUDA (by
+    ``device``), else available RAM and FP32 matmul FLOPS."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return ClientProfile(float(free), matmul_flops(dev, torch.float16, size=4096), "cuda", compute_bytes=2)
+    return ClientProfile(float(psutil.virtual_memory().available), matmul_flops(dev, torch.float32), "cpu")

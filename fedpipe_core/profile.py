@@ -5,24 +5,20 @@ training dtype; CPU: available RAM and a timed FP32 matmul), declared in a node'
 (``memory-gb``, ``tflops``: a declared value overrides measurement), or drawn for simulation
 like the paper's testbed: memory budgets uniform over a range, compute spread like mixed
 RTX 3090-class cards, both scaled to the model being run.
+
+This module imports neither torch nor transformers, so that a node answers the server's QUERY with a
+declared profile in the time it takes to start Python and Flower. Measuring, and choosing a node's
+profile for a model (:func:`fedpipe_core.task.node_profile`), live with the device and task code.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import random
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
-
-import psutil
-import torch
-
-from fedpipe_core.cost import peak_memory
-from fedpipe_core.device import compute_dtype, resolve_device
-
-if TYPE_CHECKING:
-    from fedpipe_core.task import Task
+from dataclasses import asdict, dataclass
+from typing import Any
 
 MEMORY_RANGE = (0.45, 0.9)
 """Simulated memory budgets: uniform over this range × the model's FP32 weights (``sim.memory-scale`` widens it)."""
@@ -44,29 +40,29 @@ class ClientProfile:
         return asdict(self)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """Achieved FLOPS of a square matmul (2 · n³ per product), best of ``repeats``."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up kernels and caches
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def cuda_present() -> bool:
+    """Whether ``device = auto`` trains on CUDA, answered without importing torch: a CUDA build of torch
+    (not a ``+cpu`` wheel) and a CUDA driver that reports at least one device."""
+    try:
+        if "+cpu" in importlib.metadata.version("torch"):
+            return False
+        driver = ctypes.CDLL("libcuda.so.1")
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
-def measure(device: str = "auto") -> ClientProfile:
-    """Profile this machine: CUDA when available (or asked for), else CPU."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
-        return ClientProfile(float(free), matmul_flops(dev, torch.float16, size=4096), "cuda", compute_bytes=2)
-    return ClientProfile(float(psutil.virtual_memory().available), matmul_flops(dev, torch.float32), "cpu")
+def device_compute_bytes(device: str) -> int:
+    """Bytes per activation on the node config's ``device``: 2 on CUDA (BF16/FP16), 4 on the CPU (FP32)."""
+    text = str(device).strip().lower()
+    if text == "auto":
+        return 2 if cuda_present() else 4
+    if text == "cpu":
+        return 4
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return 2
+    raise ValueError(f"node config 'device': {device!r} is not auto, cpu, cuda or cuda:N")
 
 
 def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
@@ -104,18 +100,3 @@ def simulated(
     memory = draw(*memory_range) * weight_bytes + training_bytes
     flops = draw(*compute_range) * RTX3090_TFLOPS * 1e12
     return ClientProfile(memory, flops, "simulated")
-
-
-def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
-    """Declared in node config, else simulated (run config ``sim.profile``), else measured here (on its ``device``)."""
-    profile = declared(node_config)
-    if profile is not None:
-        device = resolve_device(str(node_config.get("device", "auto")))
-        return replace(profile, compute_bytes=compute_dtype(device).itemsize)
-    cfg = task.config
-    if cfg.profile == "simulated":
-        weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
-        training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
-        memory_range = (cfg.memory_scale * MEMORY_RANGE[0], cfg.memory_scale * MEMORY_RANGE[1])
-        return simulated(partition_id, cfg.testbed_seed, weights, training, memory_range, ideal=cfg.heterogeneity == "ideal")
-    return measure(str(node_config.get("device", "auto")))

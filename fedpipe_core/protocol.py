@@ -20,8 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpipe_core.codec import UpdateError
 from fedpipe_core.profile import ClientProfile
+
+
+class UpdateError(ValueError):
+    """An array payload (or its report) that does not fit the model: the message names module and problem."""
+
 
 CONFIG, ARRAYS, METRICS, PROFILE = "config", "arrays", "metrics", "profile"
 """Record names inside a message's content."""

@@ -6,18 +6,21 @@ Loaded once per process from the run config (cached); both apps and the strategi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpipe_core import quiet
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.cost import ModelSpec, model_spec
+from fedpipe_core.cost import ModelSpec, model_spec, peak_memory
 from fedpipe_core.data import Example, load_examples, partition, split_examples
+from fedpipe_core.device import measure
 from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
 from fedpipe_core.model import load_model, load_tokenizer, resolve_checkpoint
+from fedpipe_core.profile import MEMORY_RANGE, ClientProfile, declared, device_compute_bytes, simulated
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,3 +77,17 @@ def site_examples(task: Task, data_path: str) -> list[Example]:
     The file never leaves the node; a missing or malformed one raises ConfigError naming it.
     """
     return load_examples(task.config.task, data_path, where="node config 'data-path'")
+
+
+def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
+    """Declared in node config, else simulated (run config ``sim.profile``), else measured here (on its ``device``)."""
+    profile = declared(node_config)
+    if profile is not None:
+        return replace(profile, compute_bytes=device_compute_bytes(str(node_config.get("device", "auto"))))
+    cfg = task.config
+    if cfg.profile == "simulated":
+        weights = 4.0 * (task.spec.linear_params + task.spec.other_params)
+        training = peak_memory(task.spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len, "fp32") - weights
+        memory_range = (cfg.memory_scale * MEMORY_RANGE[0], cfg.memory_scale * MEMORY_RANGE[1])
+        return simulated(partition_id, cfg.testbed_seed, weights, training, memory_range, ideal=cfg.heterogeneity == "ideal")
+    return measure(str(node_config.get("device", "auto")))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedpipe_core.codec import UpdateError
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import (
     ARRAYS,
@@ -19,6 +18,7 @@ from fedpipe_core.protocol import (
     PROFILE_QUERY,
     TrainInstruction,
     TrainReply,
+    UpdateError,
     profile_from_config,
     profile_to_config,
 )
@@ -41,8 +41,20 @@ def profile_query(node_id: int) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(PROFILE_QUERY)}), dst_node_id=node_id, message_type=MessageType.QUERY)
 
 
-def profile_reply(msg: Message, profile: ClientProfile) -> Message:
-    return Message(RecordDict({PROFILE: ConfigRecord(profile_to_config(profile))}), reply_to=msg)
+def profile_reply(msg: Message, profile: ClientProfile, timing: dict[str, float] | None = None) -> Message:
+    """A QUERY reply: the profile and, when given, what the reply cost the node (``startup-s``, ``handler-s``)."""
+    content = RecordDict({PROFILE: ConfigRecord(profile_to_config(profile))})
+    if timing is not None:
+        content[METRICS] = MetricRecord(timing)
+    return Message(content, reply_to=msg)
+
+
+def read_query_timing(reply: Message) -> float | None:
+    """Seconds a QUERY reply cost its node (process start-up + handler), when it says."""
+    record = reply.content.metric_records.get(METRICS)
+    if record is None or "startup-s" not in record or "handler-s" not in record:
+        return None
+    return float(record["startup-s"]) + float(record["handler-s"])
 
 
 def read_profile(reply: Message) -> ClientProfile:

@@ -24,13 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedpipe_core.config import RunConfig
 from fedpipe_core.cost import step_flops
 from fedpipe_core.data import collate
+from fedpipe_core.device import measure
 from fedpipe_core.lora import attach_lora
-from fedpipe_core.profile import measure, node_profile
 from fedpipe_core.quantize import PRECISIONS, quantize
 from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client, round_budget_s
 from fedpipe_core.strategies.base import deadline_steps
 from fedpipe_core.structure import block_linears
-from fedpipe_core.task import load_task
+from fedpipe_core.task import load_task, node_profile
 
 
 def main() -> None:

@@ -20,12 +20,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedpipe_core.codec import UpdateError
 from fedpipe_core.plan import Plan
+from fedpipe_core.protocol import UpdateError
 from fedpipe_core.strategies.base import Strategy, Updates
 from fedpipe_flower.messages import (
     profile_query,
     read_profile,
+    read_query_timing,
     read_train_reply,
     to_record,
     train_message,
@@ -51,6 +52,8 @@ class RoundStats:
     """Per node: seconds of local training and of the node's own overhead around it (setup, process start)."""
     memory: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per node: the cost model's predicted peak and, once it replied, the measured peak and the model's bytes."""
+    query_s: dict[int, float] = field(default_factory=dict)
+    """Per node profiled this round: seconds its QUERY reply cost it (process start-up + handler)."""
 
     def node_memory(self) -> dict[str, dict[str, float]]:
         """Per node that replied: precision, predicted and measured peak, model bytes, and measured ÷ predicted."""
@@ -62,10 +65,11 @@ class RoundStats:
 
     def node_overhead(self) -> dict[str, float]:
         """Mean seconds per node of training, setup and process start, and the largest (setup + start) / train."""
+        out = {"client_query_s": sum(self.query_s.values()) / len(self.query_s)} if self.query_s else {}
         if not self.timing:
-            return {}
+            return out
         keys = ("train-s", "setup-s", "startup-s")
-        out = {f"client_{k.replace('-', '_')}": sum(t[k] for t in self.timing.values()) / len(self.timing) for k in keys}
+        out |= {f"client_{k.replace('-', '_')}": sum(t[k] for t in self.timing.values()) / len(self.timing) for k in keys}
         out["client_overhead_ratio"] = max((t["setup-s"] + t["startup-s"]) / t["train-s"] for t in self.timing.values())
         return out
 
@@ -88,8 +92,8 @@ class FlowerAdapter(FlowerStrategy):
     def config(self):
         return self.strategy.task.config
 
-    def discover(self, grid: Grid, node_ids: list[int]) -> None:
-        """Ask nodes never profiled for their profile (a QUERY message); failures are logged."""
+    def discover(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
+        """Ask nodes never profiled for their profile (a QUERY message); failures are logged, costs kept in ``stats``."""
         unseen = [n for n in node_ids if n not in self.strategy.profiles]
         if not unseen:
             return
@@ -102,6 +106,10 @@ class FlowerAdapter(FlowerStrategy):
                 self.strategy.profiles[node_id] = read_profile(reply)
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "node %d sent an unusable profile: %s", node_id, exc)
+                continue
+            cost = read_query_timing(reply)
+            if cost is not None:
+                stats.query_s[node_id] = cost
 
     # --- Flower's Strategy interface ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -110,8 +118,8 @@ class FlowerAdapter(FlowerStrategy):
         available = len(list(grid.get_node_ids()))
         wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
         node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
-        self.discover(grid, sorted(node_ids))
         stats = self.stats.setdefault(server_round, RoundStats())
+        self.discover(grid, sorted(node_ids), stats)
         plans = self.strategy.plan_round(server_round, list(node_ids))
         self._log_plans(server_round, plans)
         for node_id, plan in sorted(plans.items()):

@@ -8,9 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedpipe_core.cost import lora_params, model_spec, peak_memory, step_flops
+from fedpipe_core.device import measure
 from fedpipe_core.lora import attach_lora, resolve_target_modules
 from fedpipe_core.plan import choose_precision
-from fedpipe_core.profile import ClientProfile, declared, measure, simulated
+from fedpipe_core.profile import ClientProfile, declared, simulated
 from fedpipe_core.quantize import (
     PRECISIONS,
     QuantizedWeight,
@@ -150,8 +151,7 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model):
 def test_memory_scale_widens_simulated_budgets_and_the_testbed_seed_fixes_them(task):
     from dataclasses import replace
 
-    from fedpipe_core.profile import node_profile
-    from fedpipe_core.task import load_task
+    from fedpipe_core.task import load_task, node_profile
 
     roomy = load_task(replace(task.config, memory_scale=1.7))
     reseeded = load_task(replace(task.config, seed=7))  # another training seed: the same testbed

@@ -124,7 +124,7 @@ def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fr
 def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
     from types import SimpleNamespace
 
-    from client_app.client_app import _examples, _partition
+    from client_app.local_round import _examples, _partition
     from fedpipe_core.task import client_examples
 
     own = tmp_path / "site.csv"

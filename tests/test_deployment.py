@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -125,3 +126,95 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
     assert rows[1]["clients"] == 2 and rows[1]["rejected"] == 1  # the killed node's "Node Unavailable" error reply
     assert rows[2]["clients"] >= 2
     assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def _checkpoint_round(runs: Path, wanted: int, timeout_s: float) -> int | None:
+    """The round of the run's checkpoint once it reaches ``wanted`` (None if it does not in time)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for state in runs.glob("*/checkpoint/state.json"):
+            try:
+                round_ = json.loads(state.read_text())["round"]
+            except (OSError, ValueError, KeyError):
+                continue  # being written
+            if round_ >= wanted:
+                return round_
+        time.sleep(0.5)
+    return None
+
+
+def _post(url: str, ca: Path) -> int:
+    """HTTP status of an empty POST over TLS verified against ``ca``."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_only_the_fleet_api_is_public_behind_the_proxy(tmp_path):
+    deployment = deploy.Deployment(tmp_path, tls=True)
+    runs = tmp_path / "runs"
+    try:
+        deployment.start_superlink()
+        deployment.start_proxy()  # nginx with docker/nginx/fleet.conf.template, as in docker/compose.yml
+        public = f"https://127.0.0.1:{deployment.proxy_port}"
+        ca = deployment.certs["ca"]
+        # the Control and Runtime APIs are not forwarded: the proxy answers 404 itself
+        assert _post(f"{public}/v1/control/list-runs", ca) == 404
+        assert _post(f"{public}/v1/runtime/get-nodes", ca) == 404
+        assert _post(f"{public}/v1/fleet/get-run", ca) == 415  # forwarded: the SuperLink wants a protobuf body
+        deployment.write_connection("public", deployment.proxy_port)
+        stranger, stranger_pub = deploy.make_node_key(tmp_path / "keys", "stranger")
+        refused = deployment.flwr(["supernode", "register", str(stranger_pub), "public", "--name", "stranger"])
+        assert refused.returncode != 0 and "404" in refused.stdout + refused.stderr
+        assert deployment.flwr(["ls", "public"]).returncode != 0
+        assert deployment.flwr(["ls", deploy.CONNECTION]).returncode == 0  # the operator's side still has it
+        # registered sites train through the public port; site 1 as docs/hospital-node.md shows a site: its key made
+        # with ssh-keygen, its ClientApps in a separate flower-superexec (--isolation process), only the messages it needs
+        key, pub = deploy.make_node_key(tmp_path / "keys", "site-0")
+        deployment.register(pub, "site-0")
+        deployment.start_supernode(0, deploy.node_config(0, 2), key)
+        site_key = tmp_path / "keys" / "site_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(site_key)], check=True, timeout=30)
+        deployment.register(site_key.with_suffix(".pub"), "site-1")
+        deployment.start_supernode(1, f'{deploy.node_config(1, 2)} messages="query,train"', site_key, isolation="process")
+        config = f'num-server-rounds=1 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
+        done = deploy.run_app(deployment, config, timeout_s=900)
+    finally:
+        deployment.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in next(runs.glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 2 and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    access = (tmp_path / "nginx" / "access.log").read_text()
+    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in access and '"POST /v1/control/register-node HTTP/1.1" 404' in access
+
+
+def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losing_a_round(tmp_path):
+    deployment = deploy.Deployment(tmp_path, tls=True)
+    runs, resumed = tmp_path / "runs", tmp_path / "resumed"
+    try:
+        deployment.start_superlink()
+        for index in range(2):
+            key, pub = deploy.make_node_key(tmp_path / "keys", f"site-{index}")
+            deployment.register(pub, f"site-{index}")
+            deployment.start_supernode(index, deploy.node_config(index, 2), key)
+        config = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
+        first = deployment.start(
+            "flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config]
+        )
+        assert _checkpoint_round(runs, 1, timeout_s=600) == 1, "round 1 never finished"
+        deployment.restart_superlink()  # between rounds 1 and 2: the ServerApp it ran goes with it
+        deploy._stop(first, 30)
+        run_dir = next(runs.glob("*/checkpoint")).parent
+        assert not (run_dir / "summary.json").exists()
+        # the same nodes are accepted again (their keys are in state.db), and the run goes on from round 1
+        again = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{resumed}" resume-from="{run_dir}" {SMALL}'
+        done = deploy.run_app(deployment, again, timeout_s=900)
+    finally:
+        deployment.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in next(resumed.glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["clients"] == 2
+    assert (tmp_path / "superlink.log").read_text().count("Starting Flower SuperLink") >= 2

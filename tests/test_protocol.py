@@ -2,10 +2,17 @@
 
 import pytest
 
-from client_app.client_app import ROUTINES
-from fedpipe_core.codec import UpdateError
+from client_app.local_round import ROUTINES
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.protocol import MODES, ProtocolError, TrainInstruction, TrainReply, profile_from_config, profile_to_config
+from fedpipe_core.protocol import (
+    MODES,
+    ProtocolError,
+    TrainInstruction,
+    TrainReply,
+    UpdateError,
+    profile_from_config,
+    profile_to_config,
+)
 from fedpipe_core.strategies import STRATEGIES
 
 

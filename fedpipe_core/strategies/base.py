@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from fedpipe_core.aggregate import ClientUpdate, lowrank_norm
-from fedpipe_core.codec import UpdateError, decode_factors
+from fedpipe_core.codec import decode_factors
 from fedpipe_core.cost import lora_params, peak_memory, step_flops
 from fedpipe_core.local import adapter_scaling
 from fedpipe_core.plan import Plan, choose_precision
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.protocol import TrainInstruction, TrainReply
+from fedpipe_core.protocol import TrainInstruction, TrainReply, UpdateError
 from fedpipe_core.search import SearchSpace, round_budget_s
 from fedpipe_core.strategies.peer_rules import capability_rank
 from fedpipe_core.task import Task

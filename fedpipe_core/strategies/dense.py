@@ -14,10 +14,11 @@ from abc import abstractmethod
 import torch
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_delta, aggregate_dense, svd_truncate
-from fedpipe_core.codec import UpdateError, decode_delta, encode_dense
+from fedpipe_core.codec import decode_delta, encode_dense
 from fedpipe_core.cost import full_params, full_peak_memory, full_step_flops
 from fedpipe_core.lora import Factors
 from fedpipe_core.plan import Plan
+from fedpipe_core.protocol import UpdateError
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.factors import truncated_payload
 

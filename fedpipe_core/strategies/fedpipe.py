@@ -13,9 +13,9 @@ from fedpipe_core.aggregate import (
     to_dense,
     truncate_with_feedback,
 )
-from fedpipe_core.codec import UpdateError, decode_factors, encode_delta, encode_dense, encode_factors
+from fedpipe_core.codec import decode_factors, encode_delta, encode_dense, encode_factors
 from fedpipe_core.plan import Plan
-from fedpipe_core.protocol import TrainReply
+from fedpipe_core.protocol import TrainReply, UpdateError
 from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
 from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
 

@@ -1,0 +1,132 @@
+"""A TRAIN message's local round: the node's data, base and state, the mode's routine, the reply.
+
+Imported by the ClientApp only when a TRAIN message arrives (torch, transformers and peft load here), so
+that a QUERY is answered without them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import Context, Message
+
+from fedpipe_core.codec import decode_delta
+from fedpipe_core.config import RunConfig
+from fedpipe_core.data import Example
+from fedpipe_core.device import resolve_device
+from fedpipe_core.local import ClientRound, RoundSeeds, round_seeds, run_client_round, run_full_round
+from fedpipe_core.profile import ClientProfile
+from fedpipe_core.protocol import TrainInstruction, TrainReply
+from fedpipe_core.state import node_base, node_state_dir, save_importance
+from fedpipe_core.task import Task, client_examples, load_task, node_profile, site_examples
+from fedpipe_flower.messages import Arrays, read_instruction, train_reply
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    if "data-path" in node:  # a site with its own data file: one whole "partition"
+        return int(node.get("partition-id", 0)), 1
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("node config needs 'data-path', or 'partition-id' and 'num-partitions'")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def _examples(task: Task, context: Context) -> list[Example]:
+    """The node's own data file when its node config names one, else its partition of the run's data."""
+    if "data-path" in context.node_config:
+        return site_examples(task, str(context.node_config["data-path"]))
+    return client_examples(task, *_partition(context))
+
+
+def _device(context: Context) -> torch.device:
+    """The node's accelerator: node config ``device`` (``auto`` by default: CUDA when present, else CPU)."""
+    return resolve_device(str(context.node_config.get("device", "auto")))
+
+
+def _adapters_round(
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
+) -> tuple[ClientRound, int]:
+    """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
+    fedpipe = order.mode == "fedpipe"
+    start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
+    directory = node_state_dir(task, context.run_id, context.node_id)
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
+    out = run_client_round(
+        task,
+        device=_device(context),
+        model=model,
+        examples=examples,
+        ranks=order.ranks,
+        seed=seeds.data,
+        init_seed=seeds.init,
+        importance_history=state.importance,
+        initial_factors=None if fedpipe else payload,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+    )
+    save_importance(directory, state, out.importance_history)
+    return out, end
+
+
+def _full_round(
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
+) -> tuple[ClientRound, int]:
+    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
+    out = run_full_round(
+        task,
+        device=_device(context),
+        examples=examples,
+        modules=list(order.ranks),
+        base_delta=decode_delta(payload, task.shapes),
+        seed=seeds.data,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+    )
+    return out, 0
+
+
+ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
+    "fedpipe": _adapters_round,
+    "factors": _adapters_round,
+    "ft": _full_round,
+}
+"""The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
+
+
+def profile(context: Context) -> ClientProfile:
+    """This node's profile when it is not declared: simulated for the run's model, or measured here."""
+    task = load_task(RunConfig.from_mapping(context.run_config))
+    return node_profile(task, context.node_config, _partition(context)[0])
+
+
+def train(msg: Message, context: Context, entered: float, startup_s: float) -> Message:
+    """One local round; the instruction says which modules, which ranks and which ΔW to merge.
+
+    ``entered`` is when the handler was entered (``time.perf_counter()``) and ``startup_s`` how long the
+    process took to get there; ``setup-s`` is what this handler spent besides local training.
+    """
+    task = load_task(RunConfig.from_mapping(context.run_config))
+    partition_id, _ = _partition(context)
+    examples = _examples(task, context)
+    order, payload = read_instruction(msg)
+    unknown = sorted(set(order.ranks) - set(task.shapes))
+    if unknown:
+        raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
+    seeds = round_seeds(task.config, order.server_round, partition_id)
+    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seeds)
+    report = TrainReply(
+        num_examples=out.num_examples,
+        train_loss=out.result.mean_loss,
+        steps=out.result.steps,
+        state_version=version,
+        profile=profile(context),
+        train_s=out.train_s,
+        setup_s=time.perf_counter() - entered - out.train_s,
+        startup_s=startup_s,
+        importance=out.importance,
+        model_bytes=out.model_bytes,
+        peak_bytes=out.peak_bytes,
+    )
+    return train_reply(msg, out.arrays, report)
