@@ -36,7 +36,8 @@ def _partition(context: Context) -> tuple[int, int]:
 def _examples(task: Task, context: Context) -> list[Example]:
     """The node's own data file when its node config names one, else its partition of the run's data."""
     if "data-path" in context.node_config:
-        return site_examples(task, str(context.node_config["data-path"]))
+        node = context.node_config
+        return site_examples(task, str(node["data-path"]), str(node.get("prompt-field", "")), str(node.get("response-field", "")))
     return client_examples(task, *_partition(context))
 
 

@@ -44,8 +44,10 @@ class RunConfig:
     """`num-server-rounds`: federated rounds."""
     seed: int = 42
     """`seed`: training: adapter initialisation, batch order, random weight picks (the testbed has its own seed)."""
-    output_dir: str = "runs"
-    """`output-dir`: results root: `<output-dir>/<run-id>/` (see [Results contract](#results-contract))."""
+    output_dir: str = ""
+    """`output-dir`: results root: `<output-dir>/<run-id>/` (see [Results contract](#results-contract)); empty:
+    `$FEDPIPE_OUTPUT_DIR`, else `$XDG_DATA_HOME/fedpipe/runs` (`~/.local/share/fedpipe/runs`), whatever the working
+    directory of the SuperLink."""
     resume_from: str = ""
     """`resume-from`: a previous run directory: continue it from its last checkpoint (same model, task, strategy,
     adapters, seed)."""
@@ -57,8 +59,13 @@ class RunConfig:
     task: str = "e2e"
     """`data.task`: `e2e` (NLG, five metrics) or `alpaca` (instruction tuning, perplexity)."""
     data_path: str = ""
-    """`data.path`: your own data: E2E `mr,ref` CSV, or Alpaca `alpaca_data.json` / seed-task JSONL; empty = the shipped
-    sample."""
+    """`data.path`: your own data: E2E `mr,ref` CSV, or Alpaca `alpaca_data.json` / seed-task JSONL; with
+    `data.prompt-field` also any JSONL, CSV or `save_to_disk` dataset directory; empty = the shipped sample."""
+    prompt_field: str = ""
+    """`data.prompt-field`: the field of your rows that goes into the task's prompt template (the E2E meaning
+    representation, the Alpaca instruction); with `data.response-field`; empty = the task's own format."""
+    response_field: str = ""
+    """`data.response-field`: the field of your rows the model learns to write (with `data.prompt-field`)."""
     partitioner: str = "iid"
     """`data.partitioner`: client partitions (flwr-datasets): `iid` or `dirichlet` (skewed by restaurant for E2E, by
     task for Alpaca)."""

@@ -7,7 +7,9 @@ train into validation or test. Client partitions come from flwr-datasets partiti
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -51,17 +53,96 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def load_examples(task: str, data_path: str = "", where: str = "run config 'data.path'") -> list[Example]:
+@dataclass(frozen=True)
+class Fields:
+    """Which fields of a user's rows hold the prompt input and the response (``data.prompt-field``,
+    ``data.response-field``); empty: the task's own format (E2E ``mr,ref``, Alpaca records)."""
+
+    prompt: str = ""
+    response: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.prompt or self.response)
+
+
+def load_examples(
+    task: str, data_path: str = "", where: str = "run config 'data.path'", fields: Fields = Fields()
+) -> list[Example]:
     """Load every example of ``task`` from ``data_path`` (built-in sample when empty).
 
-    ``where`` names the setting the path came from in error messages.
+    With ``fields``, the file is rows of a JSONL or CSV file, or a dataset saved with ``datasets``'
+    ``save_to_disk`` (a directory), read through the task's prompt template. ``where`` names the
+    setting the path came from in error messages.
     """
     path = Path(data_path).expanduser() if data_path else BUILTIN_DATA[task]
-    if not path.is_file():
+    if fields:
+        examples = _load_fields(task, path, where, fields)
+    elif not path.is_file():
         raise ConfigError(f"{where}: {str(path)!r} does not exist or is not a file")
-    examples = _load_e2e(path, where) if task == "e2e" else _load_alpaca(path, where)
+    else:
+        examples = _load_e2e(path, where) if task == "e2e" else _load_alpaca(path, where)
     if not examples:
         raise ConfigError(f"{where}: {str(path)!r} holds no usable {task} example")
+    return examples
+
+
+def _read_rows(path: Path, where: str) -> list[dict]:
+    """Rows of a JSONL or CSV file, or of a ``save_to_disk`` dataset directory (its ``train`` split if it has several)."""
+    if path.is_dir():
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{where}: {str(path)!r} is a directory but not a dataset saved with save_to_disk ({exc})") from exc
+        if isinstance(saved, datasets.DatasetDict):
+            if "train" not in saved:
+                raise ConfigError(f"{where}: {str(path)!r} has splits {sorted(saved)}, none named 'train'")
+            saved = saved["train"]
+        return [dict(row) for row in saved]
+    if not path.is_file():
+        raise ConfigError(f"{where}: {str(path)!r} does not exist or is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{where}: {str(path)!r} line {line}: not UTF-8 text ({exc.reason})") from exc
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: {str(path)!r} line {number}: not a JSON object ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: {str(path)!r} line {number}: not a JSON object")
+            rows.append(row)
+        return rows
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    raise ConfigError(
+        f"{where}: {str(path)!r}: with data.prompt-field / data.response-field the data is .jsonl, .csv or a save_to_disk dir"
+    )
+
+
+def _load_fields(task: str, path: Path, where: str, fields: Fields) -> list[Example]:
+    """Examples from rows with a prompt field and a response field; any row that cannot be used stops the load."""
+    if not (fields.prompt and fields.response):
+        raise ConfigError(
+            f"{where}: {str(path)!r}: data.prompt-field and data.response-field go together "
+            f"(got {fields.prompt!r}, {fields.response!r})"
+        )
+    examples = []
+    for number, row in enumerate(_read_rows(path, where), start=1):
+        missing = [f for f in (fields.prompt, fields.response) if f not in row]
+        if missing:
+            raise ConfigError(f"{where}: {str(path)!r} row {number}: no field {missing[0]!r} (it has {sorted(row)[:6]})")
+        text, response = str(row[fields.prompt] or "").strip(), str(row[fields.response] or "").strip()
+        if not text or not response:
+            empty = fields.prompt if not text else fields.response
+            raise ConfigError(f"{where}: {str(path)!r} row {number}: field {empty!r} is empty")
+        if task == "e2e":
+            examples.append(Example(e2e_prompt(text), " " + response, text, text))
+        else:
+            examples.append(Example(alpaca_prompt(text, ""), response, text, text))
     return examples
 
 

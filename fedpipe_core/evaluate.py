@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ def evaluate_loss(
     examples: list[Example],
     max_len: int,
     batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
 ) -> LossResult:
-    """PPL = exp(mean token cross-entropy over the target tokens only)."""
+    """PPL = exp(mean token cross-entropy over the target tokens only); ``progress`` gets each batch's size."""
     if not examples:
         raise ValueError("evaluate_loss: no example to evaluate")
     model.eval()
@@ -51,6 +53,8 @@ def evaluate_loss(
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         )
         count += int((labels != IGNORE_INDEX).sum())
+        if progress is not None:
+            progress(len(ordered[start : start + batch_size]))
     loss = total / count
     return LossResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count)
 
@@ -62,8 +66,11 @@ def generate(
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int = 16,
+    one_line: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy continuations, cut at the first newline (E2E references are one line)."""
+    """Greedy continuations in batches, cut at the first newline with ``one_line`` (E2E references are one line);
+    ``progress`` gets each batch's size."""
     model.eval()
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -82,7 +89,9 @@ def generate(
                     eos_token_id=tokenizer.eos_token_id,
                 )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs.extend(t.strip().split("\n")[0].strip() for t in texts)
+            outputs.extend(t.strip().split("\n")[0].strip() if one_line else t.strip() for t in texts)
+            if progress is not None:
+                progress(len(chunk))
     finally:
         tokenizer.padding_side = side
     return outputs
@@ -126,24 +135,39 @@ def score_test(
     examples: list[Example] | None = None,
     max_examples: int | None = None,
     max_groups: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, float]:
     """Final scores on the test split (or ``examples``): PPL always; for E2E also the five generation metrics.
 
     PPL is over ``max_examples`` examples spread over the groups (:func:`spread`), generation over
     ``max_groups`` meaning representations evenly spaced (:func:`pick_groups`); 0 means all, and the
-    defaults are the run config's ``eval.examples`` and ``eval.test-groups``.
+    defaults are the run config's ``eval.examples`` and ``eval.test-groups``. ``progress(stage, done, total)``
+    follows the two stages (``perplexity``, ``generation``) batch by batch.
     """
     cfg = task.config
     examples = task.splits["test"] if examples is None else examples
     model = global_model(task, delta)
     scored = spread(examples, cfg.eval_examples if max_examples is None else max_examples)
-    loss = evaluate_loss(model, task.tokenizer, scored, cfg.max_seq_len)
+    loss = evaluate_loss(model, task.tokenizer, scored, cfg.max_seq_len, progress=_stage(progress, "perplexity", len(scored)))
     scores: dict[str, float] = {"ppl": loss.ppl, "scored_examples": float(len(scored))}
     if cfg.task == "e2e":
         refs = references_by_group(examples)
         groups = pick_groups(list(refs), cfg.test_groups if max_groups is None else max_groups)
         prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
-        hyps = generate(model, task.tokenizer, prompts, cfg.max_new_tokens)
+        hyps = generate(model, task.tokenizer, prompts, cfg.max_new_tokens, progress=_stage(progress, "generation", len(prompts)))
         scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
         scores["scored_groups"] = float(len(groups))
     return scores
+
+
+def _stage(progress: Callable[[str, int, int], None] | None, stage: str, total: int) -> Callable[[int], None] | None:
+    """A per-batch counter that reports ``(stage, done, total)``."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def step(count: int) -> None:
+        done[0] += count
+        progress(stage, done[0], total)
+
+    return step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ from fedpipe_core.config import ConfigError, RunConfig
 DELTA_FILE = "delta.safetensors"
 RUN_EXTRAS = ("run-id", "checkpoint", "target-modules")
 """What config.json records besides the run config."""
+
+
+def output_root(configured: str) -> Path:
+    """Where runs go: the run config's ``output-dir``, else ``$FEDPIPE_OUTPUT_DIR``, else the per-user data directory
+    ``$XDG_DATA_HOME/fedpipe/runs`` (``~/.local/share/fedpipe/runs``); absolute, so it never depends on the directory
+    a background SuperLink happened to start in (a relative ``output-dir`` is taken from the ServerApp's)."""
+    if configured.strip():
+        return Path(configured).expanduser().resolve()
+    if os.environ.get("FEDPIPE_OUTPUT_DIR", "").strip():
+        return Path(os.environ["FEDPIPE_OUTPUT_DIR"]).expanduser().resolve()
+    data_home = os.environ.get("XDG_DATA_HOME", "").strip() or str(Path.home() / ".local" / "share")
+    return (Path(data_home).expanduser() / "fedpipe" / "runs").resolve()
 
 
 def _clean(value: Any) -> Any:

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedpipe_core import quiet
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.cost import ModelSpec, model_spec, peak_memory
-from fedpipe_core.data import Example, load_examples, partition, split_examples
+from fedpipe_core.data import Example, Fields, load_examples, partition, split_examples
 from fedpipe_core.device import measure
 from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
@@ -54,7 +54,9 @@ def load_task(config: RunConfig) -> Task:
     targets = tuple(resolve_target_modules(model, config.lora_target_modules))
     shapes = {m: module_shape(model, m) for m in targets}
     spec = model_spec(model, list(targets))
-    splits = split_examples(load_examples(config.task, config.data_path))
+    splits = split_examples(
+        load_examples(config.task, config.data_path, fields=Fields(config.prompt_field, config.response_field))
+    )
     if config.max_train_examples:
         splits["train"] = splits["train"][: config.max_train_examples]
     for name in ("train", "validation"):
@@ -71,12 +73,18 @@ def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[
 
 
 @functools.lru_cache(maxsize=4)
-def site_examples(task: Task, data_path: str) -> list[Example]:
-    """Every example of a site's own data file (node config ``data-path``), all used for training.
+def site_examples(task: Task, data_path: str, prompt_field: str = "", response_field: str = "") -> list[Example]:
+    """Every example of a site's own data (node config ``data-path``), all used for training.
 
-    The file never leaves the node; a missing or malformed one raises ConfigError naming it.
+    Its fields are the node config's ``prompt-field`` / ``response-field`` when given (a site's own format),
+    else the run config's. The data never leaves the node; a missing or malformed file raises ConfigError
+    naming it, its row and the problem, before any training.
     """
-    return load_examples(task.config.task, data_path, where="node config 'data-path'")
+    cfg = task.config
+    fields = (
+        Fields(prompt_field, response_field) if prompt_field or response_field else Fields(cfg.prompt_field, cfg.response_field)
+    )
+    return load_examples(cfg.task, data_path, where="node config 'data-path'", fields=fields)
 
 
 def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:

@@ -148,9 +148,10 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
-    todo = [] if report_only else [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
+    missing = [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
+    todo = [] if report_only else missing
     failures: dict[str, str] = {}
-    console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(todo)} already finished")
+    console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(missing)} already finished")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(suite.name, total=len(todo))

@@ -1,29 +1,45 @@
-"""``fedpipe-eval RUN_DIR --data FILE.csv [--limit N]``: score a saved run on any E2E-format file.
+"""``fedpipe-eval RUN_DIR --data FILE.csv [--limit N] [--seed S]``: score a saved run on any E2E-format file.
 
-Loads the run's base model and global ΔW, scores every example of the file for perplexity and
-greedy generations for N meaning representations evenly spaced over the file (all by default) with BLEU, NIST,
-METEOR, ROUGE-L and CIDEr, and prints the result as one JSON object on the last line.
+Loads the run's base model and global ΔW and scores the file's meaning representations: perplexity
+over their references and greedy generations (batched) scored with BLEU, NIST, METEOR, ROUGE-L and
+CIDEr. ``--limit N`` caps both at a seeded random sample of N meaning representations (``--seed``),
+not the alphabetically first. A progress bar follows each stage; the result is one JSON object on
+the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from fedpipe_core.config import ConfigError
-from fedpipe_core.data import load_examples
+from fedpipe_core.data import Example, load_examples
 from fedpipe_core.evaluate import score_test
 from fedpipe_core.results import load_run
 from fedpipe_core.task import load_task
 
 
+def sample_groups(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """The examples of ``limit`` meaning representations drawn at random with ``seed`` (all when None)."""
+    groups = sorted({e.group for e in examples})
+    if limit is None or limit >= len(groups):
+        return examples
+    chosen = set(random.Random(seed).sample(groups, limit))
+    return [e for e in examples if e.group in chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpipe-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run's directory (runs/<run-id>)")
+    parser.add_argument("run_dir", type=Path, help="a finished run's directory (<output-dir>/<run-id>)")
     parser.add_argument("--data", required=True, help="E2E-format file: CSV with columns mr,ref (or the JSONL form)")
-    parser.add_argument("--limit", type=int, default=None, help="score generations for N MRs, evenly spaced (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="score N meaning representations drawn at random (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--base", action="store_true", help="score the base model instead of base + ΔW")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -32,13 +48,22 @@ def main(argv: list[str] | None = None) -> int:
         config, delta = load_run(args.run_dir)
         if config.task != "e2e":
             raise ConfigError(f"run {str(args.run_dir)!r} is a {config.task!r} run; fedpipe-eval scores E2E runs")
-        examples = load_examples("e2e", args.data)
+        examples = sample_groups(load_examples("e2e", args.data), args.limit, args.seed)
         task = load_task(config)
-        scores = score_test(task, {} if args.base else delta, examples=examples, max_examples=0, max_groups=args.limit or 0)
     except ConfigError as exc:
         print(f"fedpipe-eval: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": str(args.run_dir), "data": args.data, **scores}))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        stages: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in stages:
+                stages[stage] = bar.add_task(stage, total=total)
+            bar.update(stages[stage], completed=done)
+
+        scores = score_test(task, {} if args.base else delta, examples=examples, max_examples=0, max_groups=0, progress=progress)
+    print(json.dumps({"run": str(args.run_dir), "data": args.data, "seed": args.seed, **scores}))
     return 0
 
 

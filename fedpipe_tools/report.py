@@ -28,16 +28,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedpipe_tools.run_report import read_jsonl, write_run_report
+
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
-RANK_PLOTS = ("fedpipe", "legend")
 CENTRALIZED = "centralized"
 """The setting of the reference row: one client with all the training data, the same total steps."""
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Point(NamedTuple):
@@ -219,9 +214,8 @@ def write_report(
     (out / f"{suite}.md").write_text(markdown(suite, results, targets))
     plot_loss(suite, results, out / f"{suite}-eval-loss-vs-sim-time.png")
     plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
-    for (strategy, setting), path_ in runs.items():
-        if strategy in RANK_PLOTS:
-            plot_ranks(path_, out / f"{suite}-ranks-{strategy}-{setting}.png", f"{suite}: {strategy} / {setting}")
+    for (strategy, setting), path_ in runs.items():  # each row's first seed as a run report: plans, bytes, node time
+        write_run_report(path_, out / "runs" / f"{suite}--{strategy}--{setting}")
     return merged[suite]
 
 
@@ -279,6 +273,7 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
         lines += [f"- {strategy} / {setting}: {_fmt(gap, 4)}" for (strategy, setting), gap in gaps]
     lines += [
         "",
+        f"Each row's first run in detail (plans, bytes, node time): `runs/{suite}--<strategy>--<setting>/report.md`.",
         "Mean ± sample standard deviation over the seeds; time and bytes to target over the seeds that reached it.",
         "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.",
         "",
@@ -309,26 +304,6 @@ def plot_bytes(suite: str, runs: dict[tuple[str, str], Path], path: Path) -> Non
             label=f"{strategy} / {setting}",
         )
     ax.set(xlabel="round", ylabel="MB up + down", title=f"{suite}: bytes per round", yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_ranks(run: Path, path: Path, title: str) -> None:
-    """Per client: Σ of its adapter ranks per round (from plans.jsonl)."""
-    plans = read_jsonl(run / "plans.jsonl")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for index, node in enumerate(sorted({p["node_id"] for p in plans})):
-        rows = sorted((p for p in plans if p["node_id"] == node), key=lambda p: p["round"])
-        tflops = rows[0]["profile"]["flops"] / 1e12
-        ax.plot(
-            [p["round"] for p in rows],
-            [sum(p["ranks"].values()) for p in rows],
-            marker="o",
-            label=f"client {index} ({tflops:.1f} TFLOPS)",
-        )
-    ax.set(xlabel="round", ylabel="Σ adapter rank", title=f"{title}: per-client ranks")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

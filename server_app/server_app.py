@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.evaluate import score_test
 from fedpipe_core.model import default_cache_dir
-from fedpipe_core.results import RunWriter
+from fedpipe_core.results import RunWriter, output_root
 from fedpipe_core.state import remove_run_states
 from fedpipe_core.strategies import strategy_class
 from fedpipe_core.task import load_task
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_mapping(context.run_config)
         cls = strategy_class(config.strategy)
         task = load_task(config)
-        writer = RunWriter(Path(config.output_dir).expanduser().resolve(), str(context.run_id))
+        writer = RunWriter(output_root(config.output_dir), str(context.run_id))
         adapter = FlowerAdapter(cls(task), plan_log=writer.dir / "plans.jsonl")
         recorder = RunRecorder(writer, adapter)
         if config.resume_from:
@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     log(
         INFO,
-        "FedPipe: run %s, strategy %s, model %s, task %s -> %s",
+        "FedPipe: run %s, strategy %s, model %s, task %s; results in %s",
         context.run_id,
         config.strategy,
         config.model,
@@ -75,3 +75,4 @@ def main(grid: Grid, context: Context) -> None:
     summary.update(recorder.summary())
     writer.write_summary(summary)
     log(INFO, "FedPipe: summary %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != "base"})
+    log(INFO, "FedPipe: run %s finished; its results are in %s", context.run_id, writer.dir)

@@ -1,5 +1,6 @@
-"""Stand-ins for Flower's Grid and node replies, for driving strategies inside one process."""
+"""Stand-ins for Flower's Grid and node replies, for driving strategies inside one process, and a finished run."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -8,6 +9,7 @@ from peft import PeftModel
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_padded
 from fedpipe_core.lora import Factors, lora_layers
+from fedpipe_core.results import RunWriter
 from fedpipe_flower.messages import to_record
 
 
@@ -78,3 +80,20 @@ def fedavg_factors(updates: list[ClientUpdate]) -> Factors:
 def lora_scaling(peft_model: PeftModel) -> dict[str, float]:
     """alpha / r of every adapted module."""
     return {name: float(layer.scaling["default"]) for name, layer in lora_layers(peft_model).items()}
+
+
+def finished_run(task, root: Path, rank: int = 3, modules: int = 3) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A finished run's directory (config.json, delta.safetensors) whose ΔW has rank ``rank`` on the first
+    ``modules`` targets, each 5% of its weight's norm."""
+    generator = torch.Generator().manual_seed(0)
+    base = task.base_model()
+    delta = {}
+    for name in task.targets[:modules]:
+        weight = base.get_submodule(name).weight.detach()
+        out_features, in_features = weight.shape
+        change = torch.randn(out_features, rank, generator=generator) @ torch.randn(rank, in_features, generator=generator)
+        delta[name] = change * (0.05 * weight.norm() / change.norm())
+    writer = RunWriter(root / "runs", "1")
+    writer.write_config(task.config)
+    writer.save_delta(delta)
+    return writer.dir, delta

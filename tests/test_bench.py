@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -129,8 +128,9 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
     assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
     table = (out / "demo.md").read_text()
     assert "| lora-fedavg | hetero | 1 | 20.00 |" in table and "6.00" in table
-    for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "demo-ranks-fedpipe-hetero.png"):
+    for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "runs/demo--fedpipe--hetero/plans.png"):
         assert (out / name).stat().st_size > 5000
+    assert "![plans](plans.png)" in (out / "runs" / "demo--lora-fedavg--hetero" / "report.md").read_text()
     write_report("other", {("fedpipe", "x"): runs[("fedpipe", "hetero")]}, out, target=2.5)
     merged = json.loads((out / "results.json").read_text())
     assert set(merged) == {"demo", "other"} and merged["other"]["fedpipe/x"]["sim_time_to_target_s"] == pytest.approx(0.5)
@@ -157,11 +157,9 @@ def test_smoke_suite_runs_for_real_writes_the_report_and_resumes(tmp_path):
             assert row["clients_per_round"] == [2] and row["bleu"] is not None
             assert 0 < row["final_eval_loss"] < row["base_eval_loss"] and row["wall_s"] > 0  # must learn
         assert (tmp_path / "bench" / "report" / "smoke.md").is_file()
-        assert (tmp_path / "bench" / "report" / "smoke-ranks-fedpipe-hetero.png").is_file()
-        started = time.time()
+        assert (tmp_path / "bench" / "report" / "runs" / "smoke--fedpipe--hetero" / "plans.png").is_file()
         again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert again.returncode == 0 and "2 already finished" in again.stdout
-        assert time.time() - started < 60
+        assert again.returncode == 0 and "2 already finished" in again.stdout and "done in" not in again.stdout
     finally:
         subprocess.run(["pkill", "-f", str(tmp_path / "flwr-home")], check=False)
 

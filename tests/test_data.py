@@ -1,6 +1,7 @@
 """Data: group-wise splits, partitions that cover without overlap, target-only labels, loaders."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -145,3 +146,58 @@ def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
         _examples(task, SimpleNamespace(node_config={"data-path": str(broken)}))
     with pytest.raises(ValueError, match="node config needs"):
         _partition(SimpleNamespace(node_config={}))
+
+
+def test_own_data_with_named_fields_in_jsonl_csv_and_save_to_disk(tmp_path):
+    import datasets
+
+    from fedpipe_core.data import Fields, alpaca_prompt, e2e_prompt
+
+    rows = [
+        {"q": "name[Aromi], food[Thai]", "a": "Aromi serves Thai food.", "id": 1},
+        {"q": "name[Aromi], food[Thai]", "a": "Thai food at Aromi.", "id": 2},
+        {"q": "name[Cotto]", "a": "Cotto.", "id": 3},
+    ]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("q,a,id\n" + "".join(f'"{r["q"]}","{r["a"]}",{r["id"]}\n' for r in rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved-dict"))
+    fields = Fields("q", "a")
+    for source in (jsonl, csv_file, tmp_path / "saved", tmp_path / "saved-dict"):
+        examples = load_examples("e2e", str(source), fields=fields)
+        assert [e.prompt for e in examples] == [e2e_prompt(r["q"]) for r in rows], source
+        assert [e.target for e in examples] == [" " + r["a"] for r in rows] and examples[0].group == examples[1].group
+    alpaca = load_examples("alpaca", str(jsonl), fields=fields)
+    assert alpaca[2].prompt == alpaca_prompt("name[Cotto]", "") and alpaca[2].target == "Cotto."
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fields", "fragment"),
+    [
+        ("a.jsonl", '{"q": "x", "a": "y"}\n{"q": "x"}\n', ("q", "a"), "row 2: no field 'a'"),
+        ("a.jsonl", '{"q": "x", "a": "y"}\n{"q": "", "a": "y"}\n', ("q", "a"), "row 2: field 'q' is empty"),
+        ("a.jsonl", '{"q": "x", "a": "y"}\nnot json\n', ("q", "a"), "line 2: not a JSON object"),
+        ("a.csv", b"q,a\nx,y\n\xff\xfe,z\n", ("q", "a"), "line 3: not UTF-8 text"),
+        ("a.csv", "q,a\nx,y\n", ("q", ""), "go together"),
+        ("a.txt", "x\n", ("q", "a"), ".jsonl, .csv or a save_to_disk dir"),
+    ],
+)
+def test_own_data_that_cannot_be_read_whole_stops_with_file_row_and_problem(tmp_path, name, content, fields, fragment):
+    from fedpipe_core.data import Fields
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as error:
+        load_examples("e2e", str(path), fields=Fields(*fields))
+    assert str(path) in str(error.value)
+
+
+def test_a_site_names_its_own_fields_in_its_node_config(task, tmp_path):
+    from fedpipe_core.task import site_examples
+
+    path = tmp_path / "site.jsonl"
+    path.write_text(json.dumps({"question": "name[Zizzi]", "answer": "Zizzi is a place."}) + "\n")
+    (example,) = site_examples(task, str(path), "question", "answer")
+    assert example.group == "name[Zizzi]" and example.target == " Zizzi is a place."

@@ -46,7 +46,8 @@ def test_tls_federation_with_registered_nodes_runs_two_rounds(tmp_path):
     assert {p["profile"]["source"] for p in plans} == {"declared"}  # each node's own --node-config profile
     assert len({p["profile"]["flops"] for p in plans}) == 3
     for row in rows[1:]:  # a fresh ClientApp process per message: it reports its start-up and its state restore
-        assert row["client_startup_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
+        assert row["client_startup_s"] > 0 and row["client_setup_s"] > 0 and row["client_train_s"] > 0
+    assert rows[1]["client_query_s"] > 0 and "client_query_s" not in rows[2]  # profiled once, in round 1
     print(
         f"deployment wall time: {result['wall_s']:.1f} s; per round and node: "
         + "; ".join(

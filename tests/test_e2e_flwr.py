@@ -110,8 +110,9 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     config = json.loads((run / "config.json").read_text())
     assert config["strategy.name"] == "fedpipe"
     for row in rows[1:]:  # each node's own timing: its training, and the state restore around it
-        assert row["client_train_s"] > 0 and 0 < row["client_setup_s"] < row["client_train_s"]
-        assert 0 < row["client_overhead_ratio"] < 10
+        assert row["client_train_s"] > 0 and row["client_setup_s"] > 0
+        ratio = max((row["client_setup_s"] + row["client_startup_s"]) / row["client_train_s"], 0.0)
+        assert row["client_overhead_ratio"] >= ratio * (1 - 1e-9)  # the worst node's, at least the mean node's
     from fedpipe_core.model import default_cache_dir
 
     assert not (default_cache_dir() / "node-state" / str(config["run-id"])).exists()  # removed when the run ended

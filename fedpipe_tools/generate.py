@@ -1,0 +1,62 @@
+"""``fedpipe-generate RUN_DIR [INPUT ...] [--file FILE]``: what a finished run's model writes for your inputs.
+
+Each input is what the run's task puts into its prompt template, the same template as in training:
+an E2E meaning representation (``name[The Eagle], food[French]``) or an Alpaca instruction. The
+model is the run's base + global ΔW (``--base``: the base alone, to compare), decoding is greedy.
+Prints one ``input -> output`` pair per input, then one JSON list on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedpipe_core.config import ConfigError
+from fedpipe_core.data import alpaca_prompt, e2e_prompt
+from fedpipe_core.evaluate import generate, global_model
+from fedpipe_core.results import load_run
+from fedpipe_core.task import load_task
+
+
+def prompt_for(task_name: str, text: str) -> str:
+    """The training prompt of ``task_name`` around one user input."""
+    return e2e_prompt(text) if task_name == "e2e" else alpaca_prompt(text, "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedpipe-generate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run's directory (<output-dir>/<run-id>)")
+    parser.add_argument("inputs", nargs="*", help="inputs: E2E meaning representations or Alpaca instructions")
+    parser.add_argument("--file", type=Path, help="more inputs, one per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per input (default 64)")
+    parser.add_argument("--base", action="store_true", help="the base model alone, without the run's ΔW")
+    args = parser.parse_args(argv)
+    inputs = list(args.inputs)
+    if args.file is not None:
+        try:
+            inputs += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--file {str(args.file)!r}: {exc}")
+    if not inputs:
+        parser.error("give at least one input (arguments or --file)")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    try:
+        config, delta = load_run(args.run_dir)
+        task = load_task(config)
+    except ConfigError as exc:
+        print(f"fedpipe-generate: {exc}", file=sys.stderr)
+        return 2
+    model = global_model(task, {} if args.base else delta)
+    prompts = [prompt_for(config.task, text) for text in inputs]
+    outputs = generate(model, task.tokenizer, prompts, args.max_new_tokens, one_line=config.task == "e2e")
+    for text, output in zip(inputs, outputs):
+        print(f"{text} -> {output}")
+    print(json.dumps([{"input": text, "output": output} for text, output in zip(inputs, outputs)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

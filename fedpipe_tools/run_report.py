@@ -1,0 +1,176 @@
+"""``fedpipe-report RUN_DIR [--out DIR]``: one run as a markdown page with PNG plots.
+
+Reads the run's results contract (``metrics.jsonl``, ``plans.jsonl``, ``summary.json``) and writes
+``report.md`` with: eval loss per round and against simulated time, bytes up and down per round,
+each node's plan per round (precision, batch, the rank of every module as a heatmap) and each
+round's node timing (training, setup, process start-up). The benchmark's report
+(:mod:`fedpipe_tools.report`) writes one of these for each of its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file ([] when there is none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Eval loss per round and against simulated time (round 0: the base model)."""
+    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(9, 3.8))
+    by_round.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], marker="o")
+    by_round.set(xlabel="round", ylabel="eval loss")
+    by_time.plot([r.get("sim_time_s") or 0.0 for r in rows], [r["eval_loss"] for r in rows], marker="o")
+    by_time.set(xlabel="simulated time (s)")
+    fig.suptitle(f"{title}: eval loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """MB sent to the nodes and received from them, per round."""
+    trained = [r for r in rows if r["round"] > 0]
+    rounds = [r["round"] for r in trained]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar([x - 0.2 for x in rounds], [r["bytes_down"] / 1e6 for r in trained], width=0.4, label="down (to nodes)")
+    ax.bar([x + 0.2 for x in rounds], [r["bytes_up"] / 1e6 for r in trained], width=0.4, label="up (from nodes)")
+    ax.set(xlabel="round", ylabel="MB", title=f"{title}: bytes per round", xticks=rounds)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_plans(plans: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Per node, the rank of every module (rows) in every round (columns); precision and batch on top."""
+    nodes = sorted({p["node_id"] for p in plans})
+    modules = sorted({m for p in plans for m in p["ranks"]}, key=_module_order)
+    rounds = sorted({p["round"] for p in plans})
+    fig, axes = plt.subplots(1, len(nodes), figsize=(2.4 * len(nodes) + 1.5, 0.12 * len(modules) + 2.5), squeeze=False)
+    image = None
+    for ax, node in zip(axes[0], nodes):
+        mine = {p["round"]: p for p in plans if p["node_id"] == node}
+        grid = [[mine[r]["ranks"].get(m, 0) if r in mine else 0 for r in rounds] for m in modules]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+        labels = [
+            f"{r}\n{mine[r].get('precision', '?')}\nb{mine[r].get('batch_size', '?')}" if r in mine else str(r) for r in rounds
+        ]
+        ax.set_xticks(range(len(rounds)), labels, fontsize=7)
+        ax.set_yticks([])
+        flops = (next(iter(mine.values()))["profile"]["flops"] / 1e12) if mine else 0.0
+        ax.set_title(f"node …{str(node)[-4:]}\n{flops:.1f} TFLOPS", fontsize=8)
+    axes[0][0].set_yticks(range(len(modules)), [_short(m) for m in modules], fontsize=5)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="rank (0: not trained)")
+    fig.suptitle(f"{title}: plans (round, precision, batch)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_timing(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Mean seconds per node and round: local training, setup, process start-up (stacked)."""
+    timed = [r for r in rows if r["round"] > 0 and "client_train_s" in r]
+    rounds = [r["round"] for r in timed]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bottom = [0.0] * len(timed)
+    for key, label in (("client_train_s", "training"), ("client_setup_s", "setup"), ("client_startup_s", "process start-up")):
+        values = [r.get(key) or 0.0 for r in timed]
+        ax.bar(rounds, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(xlabel="round", ylabel="s per node (mean)", title=f"{title}: node time", xticks=rounds)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _module_order(name: str) -> tuple[int, str]:
+    digits = [int(part) for part in name.split(".") if part.isdigit()]
+    return (digits[0] if digits else -1, name)
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), "")
+    return f"{layer}.{parts[-1]}" if layer else parts[-1]
+
+
+def write_run_report(run: Path, out: Path) -> Path:
+    """``out/report.md`` and its plots for the run in ``run``; returns the markdown file."""
+    rows = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["round"])
+    if not rows:
+        raise ValueError(f"{str(run)!r} has no metrics.jsonl rows (not a run directory, or it has not evaluated a round)")
+    plans = [p for p in read_jsonl(run / "plans.jsonl") if p.get("ranks")]  # a node left out trains no module
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    title = f"run {config.get('run-id', run.name)} ({config.get('strategy.name', '?')})"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_loss(rows, out / "eval-loss.png", title)
+    plot_bytes(rows, out / "bytes.png", title)
+    plot_timing(rows, out / "node-time.png", title)
+    if plans:
+        plot_plans(plans, out / "plans.png", title)
+    lines = [f"# {title}", "", f"Run directory: `{run.resolve()}`", ""]
+    if summary:
+        scores = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        lines += [
+            "| " + " | ".join(scores) + " |",
+            "|" + "---|" * len(scores),
+            "| " + " | ".join(_fmt(v) for v in scores.values()) + " |",
+            "",
+        ]
+    else:
+        lines += ["No summary.json yet: the run has not finished.", ""]
+    lines += ["| round | eval loss | clients | MB up | MB down | sim s | node train s | node setup s | node start-up s |"]
+    lines += ["|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {r['eval_loss']:.4f} | {r.get('clients', 0)} | {r.get('bytes_up', 0) / 1e6:.2f} "
+            f"| {r.get('bytes_down', 0) / 1e6:.2f} | {_fmt(r.get('sim_time_s'))} | {_fmt(r.get('client_train_s'))} "
+            f"| {_fmt(r.get('client_setup_s'))} | {_fmt(r.get('client_startup_s'))} |"
+        )
+    lines += ["", "![eval loss](eval-loss.png)", "", "![bytes](bytes.png)", "", "![node time](node-time.png)", ""]
+    if plans:
+        lines += ["Each node's plan per round: the rank of every module (0: not trained), its base precision and batch.", ""]
+        lines += ["![plans](plans.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedpipe-report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run's directory (<output-dir>/<run-id>), finished or not")
+    parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_run_report(args.run_dir, args.out or args.run_dir / "report")
+    except (OSError, ValueError) as exc:
+        print(f"fedpipe-report: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""fedpipe-report: one run's page, its table's numbers and its plots."""
+
+from __future__ import annotations
+
+import json
+
+from fedpipe_tools.run_report import main as report_main
+
+
+def _run(tmp_path, finished: bool = True):
+    run = tmp_path / "123"
+    run.mkdir()
+    rows = [{"round": 0, "eval_loss": 2.9, "sim_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": 0}]
+    for r, loss in ((1, 2.4), (2, 2.1)):
+        rows.append(
+            {
+                "round": r,
+                "eval_loss": loss,
+                "sim_time_s": 0.07 * r,
+                "bytes_up": 3_000_000,
+                "bytes_down": 1_500_000 * (r - 1),
+                "clients": 2,
+                "client_train_s": 10.0,
+                "client_setup_s": 2.0,
+                "client_startup_s": 4.0 if r == 1 else 0.0,
+            }
+        )
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(3) for p in "qv"]
+    plans = [
+        {
+            "round": r,
+            "node_id": 1000 + n,
+            "profile": {"flops": 9e12 * (n + 1)},
+            "precision": "nf4" if n == 0 else "fp32",
+            "batch_size": 3 + 5 * n,
+            "ranks": {m: 2 * (n + 1) for m in modules[n * 2 :]},
+        }
+        for r in (1, 2)
+        for n in (0, 1)
+    ]
+    (run / "plans.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plans))
+    (run / "config.json").write_text(json.dumps({"run-id": 123, "strategy.name": "fedpipe"}))
+    if finished:
+        (run / "summary.json").write_text(json.dumps({"bleu": 41.5, "ppl": 6.2, "base": {"bleu": 0.2}}))
+    return run
+
+
+def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
+    run = _run(tmp_path)
+    assert report_main([str(run)]) == 0
+    page = (run / "report" / "report.md").read_text()
+    assert capsys.readouterr().out.strip() == str(run / "report" / "report.md")
+    assert "# run 123 (fedpipe)" in page and "| bleu | ppl |" in page and "| 41.5 | 6.2 |" in page
+    assert "| 1 | 2.4000 | 2 | 3.00 | 0.00 | 0.07 | 10 | 2 | 4 |" in page
+    assert "| 2 | 2.1000 | 2 | 3.00 | 1.50 | 0.14 | 10 | 2 | 0 |" in page
+    for name in ("eval-loss.png", "bytes.png", "node-time.png", "plans.png"):
+        assert (run / "report" / name).stat().st_size > 5000, name
+
+
+def test_an_unfinished_run_gets_a_report_and_a_non_run_an_error(tmp_path, capsys):
+    run = _run(tmp_path, finished=False)
+    assert report_main([str(run), "--out", str(tmp_path / "page")]) == 0
+    assert "has not finished" in (tmp_path / "page" / "report.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert report_main([str(tmp_path / "empty")]) == 2
+    assert "no metrics.jsonl rows" in capsys.readouterr().err
