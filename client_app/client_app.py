@@ -9,7 +9,6 @@ types this site answers; any other is refused with an error reply before anythin
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import psutil
 from flwr.app import Context, Error, Message
@@ -17,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from fedpipe_core.profile import ClientProfile, declared, device_compute_bytes
+from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_flower.messages import profile_reply
 
 MESSAGE_TYPES = ("query", "train")
@@ -45,9 +44,9 @@ app = ClientApp(mods=[accepted_messages])
 
 def _profile(context: Context) -> ClientProfile:
     """Declared in the node config (cheap), else simulated or measured (loads the training stack)."""
-    profile = declared(context.node_config)
+    profile = declared_on_device(context.node_config)
     if profile is not None:
-        return replace(profile, compute_bytes=device_compute_bytes(str(context.node_config.get("device", "auto"))))
+        return profile
     from client_app import local_round
 
     return local_round.profile(context)

@@ -17,7 +17,7 @@ import ctypes
 import importlib.metadata
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 MEMORY_RANGE = (0.45, 0.9)
@@ -76,6 +76,14 @@ def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
     if memory_gb <= 0 or tflops <= 0:
         raise ValueError(f"node config 'memory-gb'={memory_gb} and 'tflops'={tflops} must be > 0")
     return ClientProfile(memory_gb * 2**30, tflops * 1e12, "declared")
+
+
+def declared_on_device(node_config: Mapping[str, Any]) -> ClientProfile | None:
+    """The node config's declared profile (:func:`declared`) with the compute bytes of its ``device``, else None."""
+    profile = declared(node_config)
+    if profile is None:
+        return None
+    return replace(profile, compute_bytes=device_compute_bytes(str(node_config.get("device", "auto"))))
 
 
 def simulated(

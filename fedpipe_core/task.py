@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,7 +20,7 @@ from fedpipe_core.device import measure
 from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
 from fedpipe_core.model import load_model, load_tokenizer, resolve_checkpoint
-from fedpipe_core.profile import MEMORY_RANGE, ClientProfile, declared, device_compute_bytes, simulated
+from fedpipe_core.profile import MEMORY_RANGE, ClientProfile, declared_on_device, simulated
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,9 +89,9 @@ def site_examples(task: Task, data_path: str, prompt_field: str = "", response_f
 
 def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:
     """Declared in node config, else simulated (run config ``sim.profile``), else measured here (on its ``device``)."""
-    profile = declared(node_config)
+    profile = declared_on_device(node_config)
     if profile is not None:
-        return replace(profile, compute_bytes=device_compute_bytes(str(node_config.get("device", "auto"))))
+        return profile
     cfg = task.config
     if cfg.profile == "simulated":
         weights = 4.0 * (task.spec.linear_params + task.spec.other_params)

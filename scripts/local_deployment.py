@@ -321,6 +321,14 @@ class Deployment:
             self.start(f"superexec-{index}", runner)
         return node
 
+    def join(self, index: int, node_config: str, key: Path | None = None, isolation: str = "subprocess") -> subprocess.Popen:
+        """A site joins: with TLS its key pair (made here unless ``key`` is given) is registered, then its SuperNode starts."""
+        if self.tls:
+            if key is None:
+                key, _ = make_node_key(self.workdir / "keys", f"site-{index}")
+            self.register(Path(f"{key}.pub"), f"site-{index}")
+        return self.start_supernode(index, node_config, key if self.tls else None, isolation)
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process started here (whole process group), newest first; kill what does not stop."""
         for _, proc in reversed(self.processes):
@@ -373,11 +381,7 @@ def deploy_and_run(
         if proxy:
             deployment.start_proxy()
         for index in range(supernodes):
-            key = None
-            if tls:
-                key, public = make_node_key(workdir / "keys", f"supernode-{index}")
-                deployment.register(public, f"node-{index}")
-            deployment.start_supernode(index, node_config(index, supernodes), key)
+            deployment.join(index, node_config(index, supernodes))
         runs = workdir / "runs"
         config = f'num-server-rounds={rounds} output-dir="{runs}" strategy.min-train-nodes={supernodes} {extra_config}'.strip()
         done = run_app(deployment, config, timeout_s)

@@ -174,13 +174,10 @@ def test_only_the_fleet_api_is_public_behind_the_proxy(tmp_path):
         assert deployment.flwr(["ls", deploy.CONNECTION]).returncode == 0  # the operator's side still has it
         # registered sites train through the public port; site 1 as docs/hospital-node.md shows a site: its key made
         # with ssh-keygen, its ClientApps in a separate flower-superexec (--isolation process), only the messages it needs
-        key, pub = deploy.make_node_key(tmp_path / "keys", "site-0")
-        deployment.register(pub, "site-0")
-        deployment.start_supernode(0, deploy.node_config(0, 2), key)
+        deployment.join(0, deploy.node_config(0, 2))
         site_key = tmp_path / "keys" / "site_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(site_key)], check=True, timeout=30)
-        deployment.register(site_key.with_suffix(".pub"), "site-1")
-        deployment.start_supernode(1, f'{deploy.node_config(1, 2)} messages="query,train"', site_key, isolation="process")
+        deployment.join(1, f'{deploy.node_config(1, 2)} messages="query,train"', site_key, isolation="process")
         config = f'num-server-rounds=1 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
         done = deploy.run_app(deployment, config, timeout_s=900)
     finally:
@@ -198,9 +195,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losin
     try:
         deployment.start_superlink()
         for index in range(2):
-            key, pub = deploy.make_node_key(tmp_path / "keys", f"site-{index}")
-            deployment.register(pub, f"site-{index}")
-            deployment.start_supernode(index, deploy.node_config(index, 2), key)
+            deployment.join(index, deploy.node_config(index, 2))
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
         first = deployment.start(
             "flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config]
