@@ -16,7 +16,10 @@ the compute dtype (2 bytes on a GPU, 4 on the CPU) for every block the backward 
 through (34 · s · b · d + 5 · heads · s² · b per layer in 16-bit units, Korthikanti et al.: it
 counts more than a frozen linear keeps, which the transients of the backward pass make up for;
 measured peaks agree within ±20%, see benchmarks/memory.py); and the FP32 logits with their
-gradient.
+gradient. On a GPU (2-byte compute dtype, autocast) three casts are kept as well: the logits in
+the compute dtype beside their FP32 copy, the LM head's weight cast for the backward pass and, for
+an FP32 base, every block linear's weight cast in the blocks the backward pass goes through (a
+stored FP16/NF8/NF4 layer dequantizes again in its backward instead of keeping a copy).
 """
 
 from __future__ import annotations
@@ -122,6 +125,10 @@ def memory_terms(spec: ModelSpec, batch: int, seq: int, precision: str, compute_
     base = spec.linear_params * bytes_per_param(precision) + spec.other_params * FP32
     logits = 2 * batch * seq * spec.vocab * FP32
     per_block = (34 * seq * batch * spec.hidden + 5 * spec.heads * seq * seq * batch) * compute_bytes / 2
+    if compute_bytes < FP32:  # autocast's kept casts
+        logits += (batch * seq * spec.vocab + spec.head_params) * compute_bytes
+        if precision == "fp32":
+            per_block += spec.layer_linear_params * compute_bytes
     return LinearCost(idle=base + logits, fixed=base + logits, per_block=per_block, per_param=4 * FP32)
 
 

@@ -4,10 +4,10 @@
 a GPU that supports it, else FP16 (with loss scaling), and FP32 on the CPU; adapters and their
 optimizer state stay FP32 everywhere.
 
-Peak memory of a round is measured, not modelled: on CUDA the allocator's peak
-(``max_memory_allocated``); on the CPU its counterpart, the bytes allocated and not yet freed
-(glibc's ``mallinfo2``), sampled every 20 ms while the round runs, above their level when the
-round began, plus the bytes of the model as it is held. Resident memory would overstate it: the
+Peak memory of a round is measured, not modelled: the model's bytes as it is held plus the peak,
+above its level when the round began, of the bytes allocated and not yet freed: on CUDA the
+allocator's (``max_memory_allocated``), on the CPU glibc's (``mallinfo2``), sampled every 20 ms
+while the round runs. Resident memory would overstate it: the
 C heap keeps freed temporaries (the FP16/NF8 layers dequantize one weight per call) and a first
 call maps library code in. Without glibc, non-file-backed resident memory is sampled instead.
 """
@@ -109,8 +109,6 @@ class PeakMemory:
         self.interval_s = interval_s
         self.increase_bytes = 0
         """Peak above the level at entry (CUDA and CPU: allocated bytes)."""
-        self.cuda_peak_bytes = 0
-        """CUDA only: the allocator's absolute peak during the block (model included)."""
         self._start = 0
         self._peak = 0
         self._stop = threading.Event()
@@ -136,8 +134,7 @@ class PeakMemory:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            self.increase_bytes = max(0, self.cuda_peak_bytes - self._start)
+            self.increase_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
             return
         self._stop.set()
         if self._thread is not None:
@@ -146,8 +143,9 @@ class PeakMemory:
         self.increase_bytes = max(0, self._peak - self._start)
 
     def peak_bytes(self, model_bytes: int) -> int:
-        """The round's peak in the cost model's terms: CUDA's absolute peak, or the model's bytes plus the CPU increase."""
-        return self.cuda_peak_bytes if self.device.type == "cuda" else model_bytes + self.increase_bytes
+        """The round's peak in the cost model's terms: the model's bytes plus the increase above the level at entry
+        (on CUDA too, so that what else the process holds on the GPU is not counted as the round's)."""
+        return model_bytes + self.increase_bytes
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:

@@ -20,7 +20,7 @@ from fedpipe_core.data import Example
 from fedpipe_core.device import PeakMemory
 from fedpipe_core.importance import ImportanceTracker
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
-from fedpipe_core.qlinear import stored_bytes
+from fedpipe_core.qlinear import place, stored_bytes
 from fedpipe_core.task import Task
 from fedpipe_core.train import TrainResult, train_local
 
@@ -88,7 +88,7 @@ def run_client_round(
     ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A."""
     cfg = task.config
     device = device or torch.device("cpu")
-    model = model.to(device)
+    model = place(model, device)
     model_bytes = stored_bytes(model)
     with PeakMemory(device) as peak:
         peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed if init_seed is None else init_seed)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpipe_core.device import compute_dtype
 from fedpipe_core.quantize import BLOCKSIZE, QuantizedWeight
 
 
@@ -66,7 +67,7 @@ class _FrozenMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantized(), None
+        return grad @ ctx.layer.dequantized().to(grad.dtype), None
 
 
 def nf4_linear(
@@ -92,6 +93,17 @@ def stored_linear(stored: QuantizedWeight, bias: torch.Tensor | None, compute_dt
     if stored.precision in ("nf8", "fp16"):
         return StoredLinear(stored, bias, compute_dtype)
     raise ValueError(f"precision {stored.precision!r} is held by the model's own layer")
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device``, its stored layers computing in the device's dtype (BF16/FP16 on a GPU, FP32
+    on the CPU): on a GPU they neither up-cast their input to FP32 nor dequantize their weight to FP32."""
+    model = model.to(device)
+    dtype = compute_dtype(device)
+    for module in model.modules():
+        if isinstance(module, (StoredLinear, bnb.nn.Linear4bit)):
+            module.compute_dtype = dtype
+    return model
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
