@@ -3,8 +3,11 @@
 Each run is ``flwr run <app> --run-config ...`` with the suite's settings, once per training seed
 (``seeds``; the testbed, ``sim.testbed-seed``, stays fixed); its results land in
 ``<out>/<suite>/runs/<strategy>--<setting>--seed<seed>/<run-id>/``. A run whose
-``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. When every run
-has finished (or failed, logged in ``<out>/<suite>/failures.json``) the report is written.
+``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. A run whose whole
+configuration (run config and number of clients) already ran under ``<out>`` in another suite is
+linked from there (``reused.json`` names it) rather than run again: the same seeds give the same
+numbers. When every run has finished (or failed, logged in ``<out>/<suite>/failures.json``) the
+report is written.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError, RunConfig, key_of
+from fedpipe_core.results import RUN_EXTRAS
 from fedpipe_core.strategies import strategy_class
-from fedpipe_tools.report import write_report
+from fedpipe_tools.report import Target, write_report
+from fedpipe_tools.run_report import read_jsonl
 
 console = Console()
 
@@ -45,6 +50,8 @@ class Suite:
     description: str = ""
     seeds: tuple[int, ...] = (42,)
     """Training seeds: every run is repeated once per seed."""
+    targets: tuple[Target, ...] = ()
+    """Fixed before the runs: bounds on fedpipe's figures ÷ a peer's, judged in the report."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def supernodes_of(self, setting: str) -> int:
@@ -83,12 +90,16 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
                 target_eval_loss=spec.get("target-eval-loss"),
                 description=str(spec.get("description", "")),
                 seeds=tuple(int(s) for s in spec.get("seeds", [42])),
+                targets=tuple(Target.parse(t) for t in spec.get("targets", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"suite {name!r}: malformed ({exc!r}); needs 'settings' and 'strategies' or 'runs'") from exc
         unknown = sorted({t for _, t in suites[name].runs} - set(settings))
         if unknown:
             raise ConfigError(f"suite {name!r}: runs name unknown settings {unknown}")
+        for target in suites[name].targets:
+            if ("fedpipe", target.setting) not in suites[name].runs or (target.peer, target.setting) not in suites[name].runs:
+                raise ConfigError(f"suite {name!r}: target '{target}' compares rows the suite does not run")
     return suites
 
 
@@ -108,6 +119,50 @@ def finished(directory: Path) -> Path | None:
     """The run directory with a summary.json under ``directory``, if any."""
     done = sorted(directory.glob("*/summary.json"))
     return done[-1].parent if done else None
+
+
+RUN_SPECIFIC = ("output-dir", *RUN_EXTRAS)
+"""config.json entries that name a run rather than decide its numbers."""
+
+
+def run_identity(config: dict[str, Any], supernodes: int) -> str:
+    """What decides a run's numbers: its whole run config but the entries that name it, and its number of clients."""
+    decisive = {k: v for k, v in config.items() if k not in RUN_SPECIFIC}
+    return json.dumps({**decisive, "supernodes": supernodes}, sort_keys=True, default=str)
+
+
+def finished_identities(out_root: Path) -> dict[str, Path]:
+    """Every finished run under ``out_root`` (any suite) by :func:`run_identity`; its clients are those it planned for.
+    An option a run predates counts at its default (an option is added with the default that keeps earlier behaviour)."""
+    found: dict[str, Path] = {}
+    defaults = RunConfig().to_mapping()
+    for summary in sorted(out_root.glob("*/runs/*/*/summary.json")):
+        run = summary.parent
+        if run.parent.is_symlink() or (run.parent / "reused.json").is_file():
+            continue
+        try:
+            config = {**defaults, **json.loads((run / "config.json").read_text())}
+            nodes = {p["node_id"] for p in read_jsonl(run / "plans.jsonl") if p.get("round") == 1}
+        except (OSError, ValueError, KeyError):
+            continue  # a run this version cannot read is run again, not reused
+        found.setdefault(run_identity(config, len(nodes)), run)
+    return found
+
+
+def reuse(suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, known: dict[str, Path]) -> Path | None:
+    """Link a finished run of the same configuration (another suite's row; same seeds give the same numbers,
+    tests/test_determinism.py) as this one's, instead of running it again; None where there is none."""
+    out = run_dir(suite_dir, strategy, setting, seed)
+    config = RunConfig.from_mapping(suite.config_of(strategy, setting, out.resolve(), seed)).to_mapping()
+    source = known.get(run_identity(config, suite.supernodes_of(setting)))
+    if source is None:
+        return None
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / source.name).symlink_to(source.resolve(), target_is_directory=True)
+    (out / "reused.json").write_text(json.dumps({"reused": str(source.resolve())}, indent=2) + "\n")
+    return source
 
 
 def run_one(
@@ -144,14 +199,20 @@ def run_one(
 
 
 def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0, report_only: bool = False) -> Path:
-    """Run what is missing of ``suite`` (nothing with ``report_only``), then write its report."""
+    """Link what is missing of ``suite`` and already ran elsewhere, run the rest (nothing with ``report_only``),
+    then write its report."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
     missing = [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
-    todo = [] if report_only else missing
-    failures: dict[str, str] = {}
     console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(missing)} already finished")
+    known = finished_identities(out_root) if missing else {}
+    for strategy, setting, seed in missing:
+        source = reuse(suite, strategy, setting, seed, suite_dir, known)
+        if source is not None:
+            console.print(f"{strategy} / {setting} / seed {seed}: the same configuration already ran, reused {source}")
+    todo = [] if report_only else [r for r in missing if finished(run_dir(suite_dir, *r)) is None]
+    failures: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(suite.name, total=len(todo))
@@ -170,7 +231,7 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
     runs = {(s, t): [finished(run_dir(suite_dir, s, t, seed)) for seed in suite.seeds] for s, t in suite.runs}
     done = {key: [p for p in paths if p is not None] for key, paths in runs.items()}
-    write_report(suite.name, {k: v for k, v in done.items() if v}, out_root / "report", suite.target_eval_loss)
+    write_report(suite.name, {k: v for k, v in done.items() if v}, out_root / "report", suite.target_eval_loss, suite.targets)
     return suite_dir
 
 
@@ -182,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where runs and report/ go (default: ./bench)")
     parser.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (default: .)")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per run")
-    parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs finished so far (and those of the same configuration in other suites)",
+    )
     args = parser.parse_args(argv)
     try:
         suites = load_suites(args.suites_file)

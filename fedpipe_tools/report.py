@@ -12,13 +12,19 @@ the target has null there.
 Quality at equal cost: within a setting, the eval loss of every run at the simulated time (and at
 the total client steps) where the shortest run of the setting ended, interpolated linearly between
 rounds the same way.
+
+Targets: a suite may fix, before any run, bounds on FedPipe's figure ÷ a peer's in one setting
+(means over the seeds, e.g. BLEU ≥ 1.0 × LoRA-FedAvg's); the report says of each whether it was
+met, not met, or cannot be read yet (a row missing, or a figure no seed reached).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import statistics
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,6 +89,58 @@ EQUAL_COST = {"time": "eval_loss_at_equal_time", "steps": "eval_loss_at_equal_st
 
 SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
 TO_TARGET = ("sim_time_to_target_s", "bytes_to_target", *EQUAL_COST.values())
+
+
+COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+class Target(NamedTuple):
+    """A target fixed in a suite before its runs: fedpipe's ``metric`` ÷ ``peer``'s, in ``setting``, ``op`` ``bound``."""
+
+    metric: str
+    setting: str
+    peer: str
+    op: str
+    bound: float
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> Target:
+        """From a suite's ``{metric, setting, peer, op, bound}``; a bad one is refused with what is wrong."""
+        missing = sorted({"metric", "setting", "peer", "op", "bound"} - set(spec))
+        if missing:
+            raise ValueError(f"target {dict(spec)} lacks {missing}")
+        metric, op = str(spec["metric"]), str(spec["op"])
+        if metric not in (*SEEDED, *TO_TARGET):
+            raise ValueError(f"target metric {metric!r} is not a report figure ({', '.join((*SEEDED, *TO_TARGET))})")
+        if op not in COMPARISONS:
+            raise ValueError(f"target op {op!r} is not one of {', '.join(COMPARISONS)}")
+        return cls(metric, str(spec["setting"]), str(spec["peer"]), op, float(spec["bound"]))
+
+    def __str__(self) -> str:
+        return f"fedpipe ÷ {self.peer} {self.metric} in {self.setting} {self.op} {self.bound:g}"
+
+
+def verdicts(results: dict[tuple[str, str], dict[str, Any]], targets: tuple[Target, ...]) -> list[dict[str, Any]]:
+    """Each target with the measured ratio and ``met`` (None where it cannot be read yet, with the reason)."""
+    out = []
+    for target in targets:
+        mine, peer = results.get(("fedpipe", target.setting)), results.get((target.peer, target.setting))
+        verdict: dict[str, Any] = {"target": str(target), "ratio": None, "met": None, "why": None}
+        if mine is None or peer is None:
+            verdict["why"] = f"no finished run of {'fedpipe' if mine is None else target.peer} / {target.setting} yet"
+        elif mine.get(target.metric) is None or not peer.get(target.metric):
+            who = "fedpipe" if mine.get(target.metric) is None else target.peer
+            verdict["why"] = f"{target.metric} of {who} / {target.setting} is unknown (no seed reached it) or 0"
+        else:
+            verdict["ratio"] = mine[target.metric] / peer[target.metric]
+            verdict["met"] = COMPARISONS[target.op](verdict["ratio"], target.bound)
+            verdict["why"] = f"seeds: fedpipe {mine['seeds']}, {target.peer} {peer['seeds']}"
+            if target.metric in TO_TARGET:
+                verdict["why"] += (
+                    f"; reached the target: fedpipe {mine['reached_target']}, {target.peer} {peer['reached_target']}"
+                )
+        out.append(verdict)
+    return out
 
 
 def untrained_reason(run: Path, summary: dict[str, Any]) -> str | None:
@@ -171,9 +229,14 @@ def equal_costs(seeded: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[str
 
 
 def write_report(
-    suite: str, runs: dict[tuple[str, str], Path | list[Path]], out: Path, target: float | None = None
+    suite: str,
+    runs: dict[tuple[str, str], Path | list[Path]],
+    out: Path,
+    target: float | None = None,
+    goals: tuple[Target, ...] = (),
 ) -> dict[str, Any]:
-    """Summarize finished runs (one or one per seed), merge them into ``out/results.json``, write the table and plots."""
+    """Summarize finished runs (one or one per seed), merge them into ``out/results.json``, write the table, the
+    verdict on each of ``goals`` (also ``out/<suite>-targets.json``) and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     seeded = {key: [summarize(p) for p in ([paths] if isinstance(paths, Path) else paths)] for key, paths in sorted(runs.items())}
     targets = targets_by_setting({key: over_seeds(rows) for key, rows in seeded.items()}, target)
@@ -211,7 +274,10 @@ def write_report(
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged[suite] = {f"{s}/{t}": {k: v for k, v in row.items() if not k.startswith("_")} for (s, t), row in results.items()}
     path.write_text(json.dumps(merged, indent=2) + "\n")
-    (out / f"{suite}.md").write_text(markdown(suite, results, targets))
+    judged = verdicts(results, goals)
+    if goals:
+        (out / f"{suite}-targets.json").write_text(json.dumps(judged, indent=2) + "\n")
+    (out / f"{suite}.md").write_text(markdown(suite, results, targets, judged))
     plot_loss(suite, results, out / f"{suite}-eval-loss-vs-sim-time.png")
     plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
     for (strategy, setting), path_ in runs.items():  # each row's first seed as a run report: plans, bytes, node time
@@ -239,8 +305,14 @@ def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
-def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets: dict[str, float | None]) -> str:
-    """The suite's table: metrics, eval loss at equal cost, trainable params, bytes, time to target and ratios to fedpipe."""
+def markdown(
+    suite: str,
+    results: dict[tuple[str, str], dict[str, Any]],
+    targets: dict[str, float | None],
+    judged: Sequence[dict[str, Any]] = (),
+) -> str:
+    """The suite's table (metrics, eval loss at equal cost, trainable params, bytes, time to target and ratios to
+    fedpipe), the gaps to the centralized reference and the verdict on each fixed target."""
     lines = [f"# Benchmark `{suite}`", ""]
     for setting, target in targets.items():
         row = next(r for (_, s), r in results.items() if s == setting)
@@ -271,6 +343,11 @@ def markdown(suite: str, results: dict[tuple[str, str], dict[str, Any]], targets
     if any(gap is not None for _, gap in gaps):
         lines += ["", f"Eval loss above the `{CENTRALIZED}` reference (one client, all the data, the same total steps):", ""]
         lines += [f"- {strategy} / {setting}: {_fmt(gap, 4)}" for (strategy, setting), gap in gaps]
+    if judged:
+        lines += ["", "Targets, fixed in the suite before the runs (means over the seeds):", ""]
+        for v in judged:
+            state = "pending" if v["met"] is None else ("**met**" if v["met"] else "**not met**")
+            lines.append(f"- {v['target']}: {_fmt(v['ratio'], 2)} → {state} ({v['why']})")
     lines += [
         "",
         f"Each row's first run in detail (plans, bytes, node time): `runs/{suite}--<strategy>--<setting>/report.md`.",

@@ -7,13 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from fedpipe_core.config import ConfigError
-from fedpipe_tools.bench import load_suites
-from fedpipe_tools.report import Point, loss_at, to_target, write_report
+from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
+from fedpipe_tools.report import Point, Target, loss_at, to_target, write_report
 
 ROOT = Path(__file__).parents[1]
 
@@ -59,6 +60,13 @@ def test_malformed_suites_are_refused(tmp_path):
     bad.write_text("x:\n  strategies: [nope]\n  settings: {a: {}}\n")
     with pytest.raises(ConfigError, match="'strategy.name'"):
         load_suites(bad)["x"].config_of("nope", "a", tmp_path)
+    target = "{metric: %s, setting: a, peer: %s, op: '>=', bound: 1}"
+    bad.write_text("x:\n  strategies: [fedpipe, legend]\n  settings: {a: {}}\n  targets: [" + target % ("blue", "legend") + "]\n")
+    with pytest.raises(ConfigError, match="target metric 'blue' is not a report figure"):
+        load_suites(bad)
+    bad.write_text("x:\n  strategies: [fedpipe]\n  settings: {a: {}}\n  targets: [" + target % ("bleu", "legend") + "]\n")
+    with pytest.raises(ConfigError, match="compares rows the suite does not run"):
+        load_suites(bad)
 
 
 def test_time_and_bytes_to_target_interpolate_the_crossing():
@@ -219,3 +227,51 @@ def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
     table = (tmp_path / "report" / "equal.md").read_text()
     assert "equal cost = where its shortest run ended: 2.0000 simulated s, 8 client steps" in table
     assert "| lora-fedavg | hetero | 1 | 20.00 | — | — | — | — | 5.00 | 2.0000 | 2.6667 | 2.0000 |" in table
+
+
+def test_targets_fixed_before_the_runs_are_judged_on_the_means(tmp_path):
+    runs = {
+        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0),
+        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0),
+    }
+    goals = tuple(
+        Target.parse({"metric": m, "setting": "hetero", "peer": peer, "op": op, "bound": bound})
+        for m, peer, op, bound in (
+            ("bleu", "lora-fedavg", ">=", 1.0),  # 30 / 20 = 1.5: met
+            ("sim_time_to_target_s", "lora-fedavg", "<=", 0.1),  # 1.0 / 6.0 = 0.167: not met
+            ("sim_time_to_target_s", "legend", "<", 1.0),  # no legend run: pending
+        )
+    )
+    write_report("goals", runs, tmp_path / "report", target=2.0, goals=goals)
+    judged = json.loads((tmp_path / "report" / "goals-targets.json").read_text())
+    assert [v["met"] for v in judged] == [True, False, None]
+    assert judged[0]["ratio"] == pytest.approx(1.5) and judged[1]["ratio"] == pytest.approx(1.0 / 6.0)
+    assert "no finished run of legend / hetero" in judged[2]["why"]
+    table = (tmp_path / "report" / "goals.md").read_text()
+    assert "- fedpipe ÷ lora-fedavg bleu in hetero >= 1: 1.50 → **met**" in table
+    assert "- fedpipe ÷ lora-fedavg sim_time_to_target_s in hetero <= 0.1: 0.17 → **not met**" in table
+    assert "- fedpipe ÷ legend sim_time_to_target_s in hetero < 1: — → pending" in table
+
+
+def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_again(tmp_path):
+    suites = tmp_path / "suites.yaml"
+    row = "  strategies: [fedpipe]\n  supernodes: 2\n  seeds: [1]\n  run-config: {train.local-steps: 4}\n"
+    suites.write_text(
+        "main:\n" + row + "  settings: {hetero: {}}\n"
+        "ablation:\n" + row + "  settings: {same: {train.lr: 0.001}, other: {train.lr: 0.003}}\n  runs: [[fedpipe, same]]\n"
+    )
+    loaded, out = load_suites(suites), tmp_path / "bench"
+    first = _fake_run(run_dir(out / "main", "fedpipe", "hetero", 1), [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0)
+    config = RunConfig.from_mapping(loaded["main"].config_of("fedpipe", "hetero", first.parent, 1)).to_mapping()
+    del config["data.prompt-field"]  # a run from before that option: it ran at the default
+    (first / "config.json").write_text(json.dumps({**config, "run-id": 1, "checkpoint": "/x"}))
+    known = finished_identities(out)
+    ablation = loaded["ablation"]
+    assert reuse(ablation, "fedpipe", "other", 1, out / "ablation", known) is None  # another lr: it runs
+    assert reuse(replace(ablation, supernodes=3), "fedpipe", "same", 1, out / "ablation", known) is None  # other clients
+    run_suite(ablation, out, app=tmp_path)  # would fail on flwr run if it ran anything
+    linked = run_dir(out / "ablation", "fedpipe", "same", 1)
+    assert (linked / "1").resolve() == first.resolve()
+    assert json.loads((linked / "reused.json").read_text())["reused"] == str(first.resolve())
+    assert json.loads((out / "report" / "results.json").read_text())["ablation"]["fedpipe/same"]["bleu"] == 30.0
+    assert set(finished_identities(out).values()) == {first}  # a link is never itself a source
