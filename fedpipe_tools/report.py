@@ -34,6 +34,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedpipe_core.strategies import strategy_class
 from fedpipe_tools.run_report import read_jsonl, write_run_report
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
@@ -343,6 +344,10 @@ def markdown(
     if any(gap is not None for _, gap in gaps):
         lines += ["", f"Eval loss above the `{CENTRALIZED}` reference (one client, all the data, the same total steps):", ""]
         lines += [f"- {strategy} / {setting}: {_fmt(gap, 4)}" for (strategy, setting), gap in gaps]
+    omissions = {strategy: strategy_class(strategy).missing for strategy, _ in results}
+    if any(omissions.values()):
+        lines += ["", "Left out of a method's paper in this implementation:", ""]
+        lines += [f"- {strategy}: {text}" for strategy, text in omissions.items() if text]
     if judged:
         lines += ["", "Targets, fixed in the suite before the runs (means over the seeds):", ""]
         for v in judged:

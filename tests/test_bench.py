@@ -136,6 +136,7 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
     assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
     table = (out / "demo.md").read_text()
     assert "| lora-fedavg | hetero | 1 | 20.00 |" in table and "6.00" in table
+    assert "- fedadapter: bottleneck adapters" in table and "- lora-fedavg:" not in table  # what a method leaves out
     for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "runs/demo--fedpipe--hetero/plans.png"):
         assert (out / name).stat().st_size > 5000
     assert "![plans](plans.png)" in (out / "runs" / "demo--lora-fedavg--hetero" / "report.md").read_text()

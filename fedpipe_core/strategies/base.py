@@ -55,6 +55,8 @@ class Strategy(ABC):
     name: ClassVar[str] = "base"
     mode: ClassVar[str] = "factors"
     """How a node trains (:data:`fedpipe_core.protocol.MODES`)."""
+    missing: ClassVar[str] = ""
+    """What of the method's paper this implementation leaves out (the benchmark report lists it beside the row)."""
 
     def __init__(self, task: Task) -> None:
         self.task = task

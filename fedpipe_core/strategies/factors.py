@@ -99,13 +99,13 @@ class LoRAFedAvg(FactorStrategy):
 
 
 class HetLoRA(FactorStrategy):
-    """HetLoRA: rank by device capability, truncated dispatch, sparsity-weighted zero-padding aggregation.
-
-    Not implemented: HetLoRA's local rank self-pruning (a client shrinking its own rank during
-    training with a regulariser on the highest components); ranks here change only with capability.
-    """
+    """HetLoRA: rank by device capability, truncated dispatch, sparsity-weighted zero-padding aggregation."""
 
     name = "hetlora"
+    missing = (
+        "local rank self-pruning (a client shrinking its own rank during training with a regulariser on the highest "
+        "components); ranks change only with capability"
+    )
     weighting = staticmethod(norm_weights)
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
@@ -150,6 +150,10 @@ class FedAdapter(FactorStrategy):
     """
 
     name = "fedadapter"
+    missing = (
+        "bottleneck adapters (LoRA components of growing rank stand in for them) and the search for the configuration "
+        "on trial groups of clients (a fixed shallow-to-deep, narrow-to-wide schedule instead)"
+    )
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
         cfg = self.task.config
