@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedpipe_core.lora import attach_lora, lora_factors
-from fedpipe_core.qlinear import StoredLinear, effective_weight, stored_bytes, stored_linear
+from fedpipe_core.qlinear import StoredLinear, effective_weight, place, stored_bytes, stored_linear
 from fedpipe_core.quantize import quantize
 
 
@@ -59,3 +59,16 @@ def test_peft_trains_fp32_adapters_on_a_stored_layer_and_nothing_else(precision)
     ((A, B),) = lora_factors(peft_model).values()
     expected = F.linear(x, stored.dequantize()) + 2.0 * x @ A.T @ B.T  # scaling alpha / r = 8 / 4
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "nf8", "nf4"])
+def test_a_stored_layer_backpropagates_under_16_bit_autocast_and_place_sets_its_compute_dtype(precision):
+    weight, bias = _weight_and_bias()
+    stored = quantize(weight, precision)
+    layer = stored_linear(stored, bias)  # built as a node builds it: FP32 compute, before it knows its device
+    x = torch.randn(4, weight.shape[1], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a GPU round runs under, here on the CPU
+        out = layer(x)
+    out.float().sum().backward()
+    torch.testing.assert_close(x.grad, stored.dequantize().sum(0).expand_as(x), rtol=2e-2, atol=2e-2)
+    assert place(layer, torch.device("cpu")).compute_dtype == torch.float32
