@@ -88,7 +88,17 @@ EQUAL_COST = {"time": "eval_loss_at_equal_time", "steps": "eval_loss_at_equal_st
 """Axis of the curve -> the figure: eval loss where the setting's shortest run ended on that axis."""
 
 
-SEEDED = (*METRICS, "trainable_params", "bytes_up", "bytes_down", "wall_s", "sim_time_s", "base_eval_loss", "final_eval_loss")
+SEEDED = (
+    *METRICS,
+    "trainable_params",
+    "bytes_up",
+    "bytes_down",
+    "wall_s",
+    "sim_time_s",
+    "base_eval_loss",
+    "final_eval_loss",
+    "peak_memory_bytes",
+)
 TO_TARGET = ("sim_time_to_target_s", "bytes_to_target", *EQUAL_COST.values())
 
 
@@ -175,12 +185,21 @@ def summarize(run: Path) -> dict[str, Any]:
         "bytes_down": summary.get("total_bytes_down"),
         "wall_s": summary.get("wall_s"),
         "sim_time_s": summary.get("sim_time_s"),
+        "peak_memory_bytes": peak_memory(rows),
         "base_eval_loss": points[0].loss if points else None,
         "final_eval_loss": points[-1].loss if points else None,
         "clients_per_round": [r.get("clients", 0) for r in sorted(rows, key=lambda r: r["round"]) if r["round"] > 0],
         "run_dir": str(run),
         "_curve": points,
     }
+
+
+def peak_memory(rows: list[dict[str, Any]]) -> float | None:
+    """The largest measured peak memory of any client in any round (``node_memory`` of metrics.jsonl)."""
+    peaks = [
+        n["measured_peak_bytes"] for r in rows for n in (r.get("node_memory") or {}).values() if n.get("measured_peak_bytes")
+    ]
+    return float(max(peaks)) if peaks else None
 
 
 def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,6 +294,9 @@ def write_report(
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged[suite] = {f"{s}/{t}": {k: v for k, v in row.items() if not k.startswith("_")} for (s, t), row in results.items()}
     path.write_text(json.dumps(merged, indent=2) + "\n")
+    ablations = {name: rows for name, rows in merged.items() if name.startswith(ABLATION)}
+    if ablations:
+        (out / "ablations.md").write_text(ablation_table(ablations))
     judged = verdicts(results, goals)
     if goals:
         (out / f"{suite}-targets.json").write_text(json.dumps(judged, indent=2) + "\n")
@@ -284,6 +306,36 @@ def write_report(
     for (strategy, setting), path_ in runs.items():  # each row's first seed as a run report: plans, bytes, node time
         write_run_report(path_, out / "runs" / f"{suite}--{strategy}--{setting}")
     return merged[suite]
+
+
+ABLATION = "ablation-"
+"""Suites whose names start so are gathered in one table, ``ablations.md``."""
+
+
+def ablation_table(suites: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Every ablation suite's rows (from results.json) in one table: quality, cost to the target, memory."""
+    columns = (
+        "ablation | strategy | setting | seeds | BLEU | eval loss | loss @ equal sim s | loss @ equal steps "
+        "| sim s to target (reached) | MB to target | trainable params | peak MB (largest client)"
+    )
+    lines = ["# Ablations", "", f"| {columns} |", "|" + "---|" * len(columns.split("|"))]
+    for suite, rows in sorted(suites.items()):
+        for key, r in rows.items():
+            head = [suite[len(ABLATION) :], *key.split("/", 1), str(r["seeds"])]
+            if r.get("not_applicable"):
+                lines.append("| " + " | ".join([*head, f"N/A ({r['not_applicable']})"]) + " |")
+                continue
+            cells = [
+                _pm(r, "bleu", 2),
+                *(_pm(r, k, 4) for k in ("final_eval_loss", "eval_loss_at_equal_time", "eval_loss_at_equal_steps")),
+                f"{_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']})",
+                _fmt(_mb(r["bytes_to_target"]), 2),
+                _fmt(r["trainable_params"], 0),
+                _fmt(_mb(r.get("peak_memory_bytes")), 0),
+            ]
+            lines.append("| " + " | ".join([*head, *cells]) + " |")
+    lines += ["", "Mean ± sample standard deviation over the seeds; each suite's own table: `<suite>.md`.", ""]
+    return "\n".join(lines)
 
 
 def _mb(num_bytes: float | None) -> float | None:

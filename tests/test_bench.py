@@ -276,3 +276,23 @@ def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_aga
     assert json.loads((linked / "reused.json").read_text())["reused"] == str(first.resolve())
     assert json.loads((out / "report" / "results.json").read_text())["ablation"]["fedpipe/same"]["bleu"] == 30.0
     assert set(finished_identities(out).values()) == {first}  # a link is never itself a source
+
+
+def test_ablation_suites_are_gathered_in_one_table_with_the_largest_client_peak(tmp_path):
+    run = _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    memory = {"7": {"measured_peak_bytes": 3e8}, "8": {"measured_peak_bytes": 5e8}}
+    rows[1]["node_memory"], rows[2]["node_memory"] = memory, {"7": {"measured_peak_bytes": 4e8}}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0)
+    out = tmp_path / "report"
+    write_report("e2e", {("fedpipe", "hetero"): run}, out, target=2.0)
+    assert not (out / "ablations.md").exists()  # no ablation suite yet
+    write_report("ablation-precision", {("fedpipe", "nf4"): run}, out, target=2.0)
+    write_report("ablation-lr", {("lora-fedavg", "lr-3e-3"): other}, out, target=2.0)
+    table = (out / "ablations.md").read_text()
+    assert "| lr | lora-fedavg | lr-3e-3 | 1 | 20.00 | 2.0000 |" in table
+    assert "| precision | fedpipe | nf4 | 1 | 30.00 | 1.5000 |" in table and table.count("\n| ") == 3  # header + 2 rows
+    assert json.loads((out / "results.json").read_text())["ablation-precision"]["fedpipe/nf4"]["peak_memory_bytes"] == 5e8
+    (precision,) = [line for line in table.splitlines() if line.startswith("| precision ")]
+    assert precision.endswith("| 500 |")  # MB, the largest client in any round; "—" where no peak was recorded
