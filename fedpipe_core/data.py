@@ -53,6 +53,11 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def task_prompt(task: str, text: str) -> str:
+    """The training prompt of ``task`` around one input: an E2E meaning representation or an Alpaca instruction."""
+    return e2e_prompt(text) if task == "e2e" else alpaca_prompt(text, "")
+
+
 @dataclass(frozen=True)
 class Fields:
     """Which fields of a user's rows hold the prompt input and the response (``data.prompt-field``,
@@ -100,10 +105,11 @@ def _read_rows(path: Path, where: str) -> list[dict]:
         return [dict(row) for row in saved]
     if not path.is_file():
         raise ConfigError(f"{where}: {str(path)!r} does not exist or is not a file")
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{where}: {str(path)!r} line {line}: not UTF-8 text ({exc.reason})") from exc
     if path.suffix == ".jsonl":
         rows = []
@@ -139,10 +145,8 @@ def _load_fields(task: str, path: Path, where: str, fields: Fields) -> list[Exam
         if not text or not response:
             empty = fields.prompt if not text else fields.response
             raise ConfigError(f"{where}: {str(path)!r} row {number}: field {empty!r} is empty")
-        if task == "e2e":
-            examples.append(Example(e2e_prompt(text), " " + response, text, text))
-        else:
-            examples.append(Example(alpaca_prompt(text, ""), response, text, text))
+        target = " " + response if task == "e2e" else response  # E2E references follow "Reference:" after a space
+        examples.append(Example(task_prompt(task, text), target, text, text))
     return examples
 
 

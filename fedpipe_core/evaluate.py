@@ -44,7 +44,8 @@ def evaluate_loss(
     total, count = 0.0, 0
     ordered = sorted(examples, key=lambda e: len(e.prompt) + len(e.target))  # similar lengths share a batch: less padding
     for start in range(0, len(ordered), batch_size):
-        inputs = {k: v.to(device) for k, v in collate(tokenizer, ordered[start : start + batch_size], max_len).items()}
+        batch = ordered[start : start + batch_size]
+        inputs = {k: v.to(device) for k, v in collate(tokenizer, batch, max_len).items()}
         with autocast(device):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"][:, 1:]
@@ -54,7 +55,7 @@ def evaluate_loss(
         )
         count += int((labels != IGNORE_INDEX).sum())
         if progress is not None:
-            progress(len(ordered[start : start + batch_size]))
+            progress(len(batch))
     loss = total / count
     return LossResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count)
 

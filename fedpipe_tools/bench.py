@@ -138,7 +138,7 @@ def finished_identities(out_root: Path) -> dict[str, Path]:
     defaults = RunConfig().to_mapping()
     for summary in sorted(out_root.glob("*/runs/*/*/summary.json")):
         run = summary.parent
-        if run.parent.is_symlink() or (run.parent / "reused.json").is_file():
+        if run.is_symlink():  # a linked run: its source is found under its own suite
             continue
         try:
             config = {**defaults, **json.loads((run / "config.json").read_text())}
@@ -207,11 +207,14 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
     missing = [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
     console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(missing)} already finished")
     known = finished_identities(out_root) if missing else {}
+    unlinked = []
     for strategy, setting, seed in missing:
         source = reuse(suite, strategy, setting, seed, suite_dir, known)
-        if source is not None:
+        if source is None:
+            unlinked.append((strategy, setting, seed))
+        else:
             console.print(f"{strategy} / {setting} / seed {seed}: the same configuration already ran, reused {source}")
-    todo = [] if report_only else [r for r in missing if finished(run_dir(suite_dir, *r)) is None]
+    todo = [] if report_only else unlinked
     failures: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

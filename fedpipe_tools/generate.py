@@ -14,15 +14,10 @@ import sys
 from pathlib import Path
 
 from fedpipe_core.config import ConfigError
-from fedpipe_core.data import alpaca_prompt, e2e_prompt
+from fedpipe_core.data import task_prompt
 from fedpipe_core.evaluate import generate, global_model
 from fedpipe_core.results import load_run
 from fedpipe_core.task import load_task
-
-
-def prompt_for(task_name: str, text: str) -> str:
-    """The training prompt of ``task_name`` around one user input."""
-    return e2e_prompt(text) if task_name == "e2e" else alpaca_prompt(text, "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpipe-generate: {exc}", file=sys.stderr)
         return 2
     model = global_model(task, {} if args.base else delta)
-    prompts = [prompt_for(config.task, text) for text in inputs]
+    prompts = [task_prompt(config.task, text) for text in inputs]
     outputs = generate(model, task.tokenizer, prompts, args.max_new_tokens, one_line=config.task == "e2e")
     for text, output in zip(inputs, outputs):
         print(f"{text} -> {output}")

@@ -328,7 +328,7 @@ def ablation_table(suites: dict[str, dict[str, dict[str, Any]]]) -> str:
             cells = [
                 _pm(r, "bleu", 2),
                 *(_pm(r, k, 4) for k in ("final_eval_loss", "eval_loss_at_equal_time", "eval_loss_at_equal_steps")),
-                f"{_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']})",
+                _reached(r),
                 _fmt(_mb(r["bytes_to_target"]), 2),
                 _fmt(r["trainable_params"], 0),
                 _fmt(_mb(r.get("peak_memory_bytes")), 0),
@@ -356,6 +356,11 @@ def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
     if mean is None or row.get("seeds", 1) < 2 or std is None:
         return _fmt(mean, digits)
     return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
+
+
+def _reached(row: dict[str, Any]) -> str:
+    """Time to target with how many seeds reached it: ``mean ± std (reached/seeds)``."""
+    return f"{_pm(row, 'sim_time_to_target_s', 4)} ({row['reached_target']}/{row['seeds']})"
 
 
 def markdown(
@@ -389,7 +394,7 @@ def markdown(
             f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "
             f"| {_pm(r, 'eval_loss_at_equal_time', 4)} | {_pm(r, 'eval_loss_at_equal_steps', 4)} "
             f"| {_fmt(r['trainable_params'], 0)} | {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} "
-            f"| {_pm(r, 'sim_time_to_target_s', 4)} ({r['reached_target']}/{r['seeds']}) | {_fmt(_mb(r['bytes_to_target']), 2)} "
+            f"| {_reached(r)} | {_fmt(_mb(r['bytes_to_target']), 2)} "
             f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
         )
     gaps = [(key, r["final_eval_loss_gap_to_centralized"]) for key, r in results.items() if key[1] != CENTRALIZED]
