@@ -198,9 +198,16 @@ def run_one(
     return finished(out) is not None, log[-2000:] if isinstance(log, str) else ""
 
 
-def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0, report_only: bool = False) -> Path:
-    """Link what is missing of ``suite`` and already ran elsewhere, run the rest (nothing with ``report_only``),
-    then write its report."""
+def run_suite(
+    suite: Suite,
+    out_root: Path,
+    app: Path,
+    timeout_s: float = 3600.0,
+    report_only: bool = False,
+    seeds: tuple[int, ...] | None = None,
+) -> Path:
+    """Link what is missing of ``suite`` and already ran elsewhere, run the rest of ``seeds`` (every seed of the
+    suite by default; nothing with ``report_only``), then write its report over every seed finished so far."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
@@ -214,7 +221,7 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
             unlinked.append((strategy, setting, seed))
         else:
             console.print(f"{strategy} / {setting} / seed {seed}: the same configuration already ran, reused {source}")
-    todo = [] if report_only else unlinked
+    todo = [] if report_only else [run for run in unlinked if seeds is None or run[2] in seeds]
     failures: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -238,6 +245,18 @@ def run_suite(suite: Suite, out_root: Path, app: Path, timeout_s: float = 3600.0
     return suite_dir
 
 
+def _seeds(text: str, suite: Suite) -> tuple[int, ...]:
+    """``--seeds``: a comma-separated subset of the suite's training seeds."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--seeds {text!r}: not comma-separated integers") from exc
+    unknown = sorted(set(seeds) - set(suite.seeds))
+    if unknown:
+        raise ConfigError(f"--seeds {text!r}: suite {suite.name!r} has no seed {unknown} (its seeds: {list(suite.seeds)})")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpipe-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", help="suite name (see --list)")
@@ -251,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the report from the runs finished so far (and those of the same configuration in other suites)",
     )
+    parser.add_argument(
+        "--seeds",
+        help="run only these of the suite's training seeds now, comma-separated (e.g. 1: a first seed of every row "
+        "before the rest); the report covers every seed finished so far",
+    )
     args = parser.parse_args(argv)
     try:
         suites = load_suites(args.suites_file)
@@ -263,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.suite not in suites:
             raise ConfigError(f"unknown suite {args.suite!r} (known: {', '.join(suites)})")
         suite = suites[args.suite]
+        seeds = _seeds(args.seeds, suite) if args.seeds is not None else None
         for strategy, setting in suite.runs:
             suite.config_of(strategy, setting, args.out)
         if not (args.app / "pyproject.toml").is_file():
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]fedpipe-bench: {exc}[/]")
         return 2
-    suite_dir = run_suite(suite, args.out.resolve(), args.app.resolve(), args.timeout_s, args.report_only)
+    suite_dir = run_suite(suite, args.out.resolve(), args.app.resolve(), args.timeout_s, args.report_only, seeds)
     failures = json.loads((suite_dir / "failures.json").read_text())
     console.print(f"report: {args.out / 'report'}" + (f"  ([red]{len(failures)} failed runs[/])" if failures else ""))
     return 1 if failures else 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_tools import bench
 from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
 from fedpipe_tools.report import Point, Target, loss_at, to_target, write_report
 
@@ -296,3 +297,27 @@ def test_ablation_suites_are_gathered_in_one_table_with_the_largest_client_peak(
     assert json.loads((out / "results.json").read_text())["ablation-precision"]["fedpipe/nf4"]["peak_memory_bytes"] == 5e8
     (precision,) = [line for line in table.splitlines() if line.startswith("| precision ")]
     assert precision.endswith("| 500 |")  # MB, the largest client in any round; "—" where no peak was recorded
+
+
+def test_seeds_runs_a_subset_now_and_refuses_a_seed_the_suite_lacks(tmp_path, monkeypatch, capsys):
+    suites = tmp_path / "suites.yaml"
+    suites.write_text("s:\n  strategies: [fedpipe, lora-fedavg]\n  seeds: [1, 2, 3]\n  settings: {hetero: {}}\n")
+    out = tmp_path / "bench"
+    _fake_run(run_dir(out / "s", "fedpipe", "hetero", 1), [3.0, 2.0], [0.0, 1.0], 4.0, 30.0)
+    ran: list[tuple[str, str, int]] = []
+
+    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s):
+        ran.append((strategy, setting, seed))
+        return False, "not run"
+
+    monkeypatch.setattr(bench, "run_one", record)
+    (tmp_path / "pyproject.toml").write_text("")
+    args = ["--suite", "s", "--suites-file", str(suites), "--out", str(out), "--app", str(tmp_path)]
+    assert bench.main([*args, "--seeds", "1,2"]) == 1  # the one seed-2 run "failed"
+    assert ran == [("fedpipe", "hetero", 2), ("lora-fedavg", "hetero", 1), ("lora-fedavg", "hetero", 2)]
+    assert json.loads((out / "report" / "results.json").read_text())["s"]["fedpipe/hetero"]["seeds"] == 1
+    ran.clear()
+    for bad in ("4", "1,x"):
+        assert bench.main([*args, "--seeds", bad]) == 2
+        assert "--seeds" in capsys.readouterr().out
+    assert ran == []
