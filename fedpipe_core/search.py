@@ -138,7 +138,9 @@ def exact(
 
     x[m, r] picks rank r for weight m (at most one per weight); z[l] = 1 when the backward pass
     reaches block l, forced by any pick in a block at or below l. Step FLOPs and peak memory
-    are both linear in x and z.
+    are both linear in x and z. The importances are divided by the largest (the argmax is the
+    same): measured ones can be ~1e-9, below CBC's absolute tolerances, which then stops at
+    an empty incumbent.
     """
     flops = flops_terms(spec, batch, space.seq)
     mem = memory_terms(spec, batch, space.seq, budget.precision, budget.compute_bytes)
@@ -146,7 +148,9 @@ def exact(
     modules = sorted(importance)
     x = {(m, r): problem.add_variable(f"x_{i}_{r}", cat="Binary") for i, m in enumerate(modules) for r in space.ranks}
     z = {layer: problem.add_variable(f"z_{layer}", cat="Binary") for layer in range(spec.num_layers)}
-    problem += pulp.lpSum(importance[m] * r * x[m, r] for m, r in x)
+    top = max(importance.values(), default=0.0)
+    scale = 1.0 / top if top > 0 else 1.0
+    problem += pulp.lpSum(importance[m] * scale * r * x[m, r] for m, r in x)
     for m in modules:
         problem += pulp.lpSum(x[m, r] for r in space.ranks) <= 1
         layer = spec.modules[m][0]

@@ -122,6 +122,20 @@ def test_greedy_stays_in_budget_and_within_5_percent_of_the_milp(spec_and_model,
     assert min(ratios) >= 0.95, ratios  # its time (≤ 50 ms for 120 weights) is printed by fedpipe-automation
 
 
+def test_the_milp_plan_does_not_depend_on_the_scale_of_the_importances(spec_and_model):
+    spec, candidates = spec_and_model
+    pool = [c for c in candidates if c.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    sub = type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}})
+    space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
+    budget = Budget(0.9 * 4 * step_flops(sub, {m: 8 for m in pool}, 8, 64))
+    rng = random.Random("scale")
+    importance = {m: rng.random() for m in pool}
+    plan = exact(sub, importance, 8, space, budget)
+    assert len(plan) > len(pool) // 2
+    for scale in (1e-9, 1e-12):  # measured importances after a round are this small
+        assert exact(sub, {m: v * scale for m, v in importance.items()}, 8, space, budget) == plan
+
+
 def test_equal_clients_with_ample_budget_train_every_candidate_at_the_top_rank(spec_and_model):
     spec, candidates = spec_and_model
     space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
