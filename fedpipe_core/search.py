@@ -12,6 +12,7 @@ the same constraints, so their ratio measures the greedy's gap.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from fedpipe_core.cost import (
 from fedpipe_core.plan import Plan, choose_precision
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.quantize import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -217,8 +220,14 @@ def plan_client(
     solver = exact if method == "exact" else greedy
     ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act))
     elapsed = time.perf_counter() - started
-    if not ranks:
-        ranks = cheapest  # a slow node still takes part with the least work there is; it stretches the round
+    if not ranks:  # a slow node still takes part with the least work there is; it stretches the round
+        log.warning(
+            "%s search: no (weight, rank) plan fits the round budget of %.3g FLOPs at batch %d; training the cheapest adapter",
+            method,
+            budget,
+            batch,
+        )
+        ranks = cheapest
     return Plan(
         batch_size=batch,
         precision=precision,

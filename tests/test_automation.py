@@ -144,7 +144,7 @@ def test_equal_clients_with_ample_budget_train_every_candidate_at_the_top_rank(s
     assert greedy(spec, dict.fromkeys(candidates, 1.0), 8, space, Budget(budget)) == everything
 
 
-def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model):
+def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model, caplog):
     spec, candidates = spec_and_model
     pool = candidates[-8:]
     importance = {m: float(i + 1) for i, m in enumerate(pool)}
@@ -156,7 +156,9 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model):
     assert choose_precision(spec, small, {pool[-1]: 2}, 8, 64) == "nf4"
     none = plan_client(spec, ClientProfile(1e6, 1e13, "declared"), importance, 8, 10.0, space)
     assert not none.feasible and "cannot hold the NF4 base" in none.reason
+    assert "cheapest adapter" not in caplog.text
     slow = plan_client(spec, ClientProfile(4 * fp32_need, 1.0, "declared"), importance, 8, 10.0, space)
+    assert "greedy search: no (weight, rank) plan fits" in caplog.text  # the fallback is said, not silent
     top = max(pool, key=lambda m: (spec.modules[m][0], m))
     assert slow.feasible and slow.ranks == {top: 2}  # no budget at all: the cheapest adapter, never dropped
     assert slow.step_flops * space.local_steps > slow.flops_budget
