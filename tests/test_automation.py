@@ -97,11 +97,15 @@ def test_batch_sizes_follow_flops_share():
     assert batch_sizes([10.0, 10.0], 1, 16) == [16, 16]
 
 
+def _attention_only(spec, candidates):
+    """The model spec, the same spec with only the Wq, Wk, Wv, Wo candidates, and those candidates."""
+    pool = [c for c in candidates if c.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    return spec, type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}}), pool
+
+
 @pytest.mark.parametrize("shape", ["uniform", "depth-heavy"])
 def test_greedy_stays_in_budget_and_within_5_percent_of_the_milp(spec_and_model, shape):
-    spec, candidates = spec_and_model
-    pool = [c for c in candidates if c.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
-    sub = type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}})
+    spec, sub, pool = _attention_only(*spec_and_model)
     space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
     full = 4 * step_flops(sub, {m: 8 for m in pool}, 8, 64)
     rng = random.Random(f"{shape}:1")
@@ -123,9 +127,7 @@ def test_greedy_stays_in_budget_and_within_5_percent_of_the_milp(spec_and_model,
 
 
 def test_the_milp_plan_does_not_depend_on_the_scale_of_the_importances(spec_and_model):
-    spec, candidates = spec_and_model
-    pool = [c for c in candidates if c.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
-    sub = type(spec)(**{**spec.__dict__, "modules": {m: spec.modules[m] for m in pool}})
+    spec, sub, pool = _attention_only(*spec_and_model)
     space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
     budget = Budget(0.9 * 4 * step_flops(sub, {m: 8 for m in pool}, 8, 64))
     rng = random.Random("scale")

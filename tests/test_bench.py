@@ -313,7 +313,7 @@ def test_seeds_runs_a_subset_now_and_refuses_a_seed_the_suite_lacks(tmp_path, mo
     monkeypatch.setattr(bench, "run_one", record)
     (tmp_path / "pyproject.toml").write_text("")
     args = ["--suite", "s", "--suites-file", str(suites), "--out", str(out), "--app", str(tmp_path)]
-    assert bench.main([*args, "--seeds", "1,2"]) == 1  # the one seed-2 run "failed"
+    assert bench.main([*args, "--seeds", "1,2"]) == 1  # the runs it attempted "failed" (not run)
     assert ran == [("fedpipe", "hetero", 2), ("lora-fedavg", "hetero", 1), ("lora-fedavg", "hetero", 2)]
     assert json.loads((out / "report" / "results.json").read_text())["s"]["fedpipe/hetero"]["seeds"] == 1
     ran.clear()
