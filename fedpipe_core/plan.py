@@ -23,6 +23,8 @@ class Plan:
     search_s: float = 0.0
     local_steps: int = 0
     """Local steps this round (set by the strategy; fewer than the run config's under a deadline)."""
+    over_budget: bool = False
+    """No (weight, rank) plan fit the FLOPS budget: the node trains the cheapest adapter and stretches the round."""
 
     @property
     def feasible(self) -> bool:

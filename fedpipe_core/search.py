@@ -220,7 +220,8 @@ def plan_client(
     solver = exact if method == "exact" else greedy
     ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act))
     elapsed = time.perf_counter() - started
-    if not ranks:  # a slow node still takes part with the least work there is; it stretches the round
+    over_budget = not ranks
+    if over_budget:  # a slow node still takes part with the least work there is; it stretches the round
         log.warning(
             "%s search: no (weight, rank) plan fits the round budget of %.3g FLOPs at batch %d; training the cheapest adapter",
             method,
@@ -236,4 +237,5 @@ def plan_client(
         step_flops=step_flops(spec, ranks, batch, space.seq),
         memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision, act),
         search_s=elapsed,
+        over_budget=over_budget,
     )

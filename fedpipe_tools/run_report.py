@@ -147,6 +147,13 @@ def write_run_report(run: Path, out: Path) -> Path:
     if plans:
         lines += ["Each node's plan per round: the rank of every module (0: not trained), its base precision and batch.", ""]
         lines += ["![plans](plans.png)", ""]
+        over = [f"round {p['round']} node …{str(p['node_id'])[-4:]}" for p in plans if p.get("over_budget")]
+        lines += [
+            "Plans over the node's FLOPS budget (no plan fit; it trained the cheapest adapter and stretched the round): "
+            + ("; ".join(over) if over else "none")
+            + ".",
+            "",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -202,7 +202,7 @@ class FlowerAdapter(FlowerStrategy):
         return sum(self.strategy.trainable_params(plan) for plan in last) / len(last) if last else 0.0
 
     def _log_plans(self, server_round: int, plans: dict[int, Plan]) -> None:
-        """Append each node's plan to plans.jsonl (round, node, profile, precision, batch, ranks, predictions)."""
+        """Append each node's plan to plans.jsonl (round, node, profile, precision, batch, ranks, predictions, fallback)."""
         if self.plan_log is None:
             return
         with open(self.plan_log, "a") as handle:
@@ -221,5 +221,6 @@ class FlowerAdapter(FlowerStrategy):
                     "predicted_memory_bytes": plan.memory_bytes,
                     "search_s": plan.search_s,
                     "left_out": plan.reason or None,
+                    "over_budget": plan.over_budget,
                 }
                 handle.write(json.dumps(row) + "\n")

@@ -153,7 +153,7 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model, capl
     space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
     fp32_need = peak_memory(spec, {pool[-1]: 2}, 8, 64, "fp32")
     rich = plan_client(spec, ClientProfile(4 * fp32_need, 1e13, "declared"), importance, 8, 10.0, space)
-    assert rich.precision == "fp32" and rich.feasible and rich.memory_bytes <= 4 * fp32_need
+    assert rich.precision == "fp32" and rich.feasible and rich.memory_bytes <= 4 * fp32_need and not rich.over_budget
     small = ClientProfile(peak_memory(spec, {pool[-1]: 2}, 8, 64, "nf4") * 1.01, 1e13, "declared")
     assert choose_precision(spec, small, {pool[-1]: 2}, 8, 64) == "nf4"
     none = plan_client(spec, ClientProfile(1e6, 1e13, "declared"), importance, 8, 10.0, space)
@@ -163,6 +163,7 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model, capl
     assert "greedy search: no (weight, rank) plan fits" in caplog.text  # the fallback is said, not silent
     top = max(pool, key=lambda m: (spec.modules[m][0], m))
     assert slow.feasible and slow.ranks == {top: 2}  # no budget at all: the cheapest adapter, never dropped
+    assert slow.over_budget  # and the plan says so (plans.jsonl's over_budget)
     assert slow.step_flops * space.local_steps > slow.flops_budget
 
 

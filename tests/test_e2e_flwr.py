@@ -100,6 +100,7 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     assert sorted({p["round"] for p in plans}) == [1, 2] and len(plans) == 6
     assert len({p["profile"]["memory_bytes"] for p in plans}) == 3  # heterogeneous simulated profiles
     for plan in plans:
+        assert isinstance(plan["over_budget"], bool)
         assert plan["left_out"] or (
             plan["precision"] in ("fp32", "fp16", "nf8", "nf4") and plan["ranks"] and 2 <= plan["batch_size"] <= 4
         )

@@ -35,6 +35,7 @@ def _run(tmp_path, finished: bool = True):
             "precision": "nf4" if n == 0 else "fp32",
             "batch_size": 3 + 5 * n,
             "ranks": {m: 2 * (n + 1) for m in modules[n * 2 :]},
+            "over_budget": r == 2 and n == 0,
         }
         for r in (1, 2)
         for n in (0, 1)
@@ -54,6 +55,7 @@ def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
     assert "# run 123 (fedpipe)" in page and "| bleu | ppl |" in page and "| 41.5 | 6.2 |" in page
     assert "| 1 | 2.4000 | 2 | 3.00 | 0.00 | 0.07 | 10 | 2 | 4 |" in page
     assert "| 2 | 2.1000 | 2 | 3.00 | 1.50 | 0.14 | 10 | 2 | 0 |" in page
+    assert "stretched the round): round 2 node …1000." in page
     for name in ("eval-loss.png", "bytes.png", "node-time.png", "plans.png"):
         assert (run / "report" / name).stat().st_size > 5000, name
 
