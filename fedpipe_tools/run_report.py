@@ -72,7 +72,7 @@ def plot_plans(plans: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xticks(range(len(rounds)), labels, fontsize=7)
         ax.set_yticks([])
         flops = (next(iter(mine.values()))["profile"]["flops"] / 1e12) if mine else 0.0
-        ax.set_title(f"node …{str(node)[-4:]}\n{flops:.1f} TFLOPS", fontsize=8)
+        ax.set_title(f"{_node(node)}\n{flops:.1f} TFLOPS", fontsize=8)
     axes[0][0].set_yticks(range(len(modules)), [_short(m) for m in modules], fontsize=5)
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="rank (0: not trained)")
@@ -101,6 +101,11 @@ def plot_timing(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def _module_order(name: str) -> tuple[int, str]:
     digits = [int(part) for part in name.split(".") if part.isdigit()]
     return (digits[0] if digits else -1, name)
+
+
+def _node(node_id: int) -> str:
+    """A node as the report names it: the last four digits of its id."""
+    return f"node …{str(node_id)[-4:]}"
 
 
 def _short(name: str) -> str:
@@ -147,7 +152,7 @@ def write_run_report(run: Path, out: Path) -> Path:
     if plans:
         lines += ["Each node's plan per round: the rank of every module (0: not trained), its base precision and batch.", ""]
         lines += ["![plans](plans.png)", ""]
-        over = [f"round {p['round']} node …{str(p['node_id'])[-4:]}" for p in plans if p.get("over_budget")]
+        over = [f"round {p['round']} {_node(p['node_id'])}" for p in plans if p.get("over_budget")]
         lines += [
             "Plans over the node's FLOPS budget (no plan fit; it trained the cheapest adapter and stretched the round): "
             + ("; ".join(over) if over else "none")
