@@ -3,7 +3,9 @@
 Each run is ``flwr run <app> --run-config ...`` with the suite's settings, once per training seed
 (``seeds``; the testbed, ``sim.testbed-seed``, stays fixed); its results land in
 ``<out>/<suite>/runs/<strategy>--<setting>--seed<seed>/<run-id>/``. A run whose
-``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. A run whose whole
+``summary.json`` exists is skipped, so a stopped benchmark resumes where it was. A row with no run
+here keeps its figures from the last report (``<out>/report/results.json``), marked carried; one
+carried with every seed is not run again (remove it from results.json to run it). A run whose whole
 configuration (run config and number of clients) already ran under ``<out>`` in another suite is
 linked from there (``reused.json`` names it) rather than run again: the same seeds give the same
 numbers. When every run has finished (or failed, logged in ``<out>/<suite>/failures.json``) the
@@ -160,8 +162,9 @@ def reuse(suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / source.name).symlink_to(source.resolve(), target_is_directory=True)
-    (out / "reused.json").write_text(json.dumps({"reused": str(source.resolve())}, indent=2) + "\n")
+    target = os.path.relpath(source.resolve(), out.resolve())  # relative: the link survives a move or a fresh clone
+    (out / source.name).symlink_to(target, target_is_directory=True)
+    (out / "reused.json").write_text(json.dumps({"reused": target}, indent=2) + "\n")
     return source
 
 
@@ -210,6 +213,7 @@ def run_suite(
     suite by default; nothing with ``report_only``), then write its report over every seed finished so far."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
+    reported = reported_rows(out_root / "report" / "results.json", suite)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
     missing = [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
     console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(missing)} already finished")
@@ -221,7 +225,11 @@ def run_suite(
             unlinked.append((strategy, setting, seed))
         else:
             console.print(f"{strategy} / {setting} / seed {seed}: the same configuration already ran, reused {source}")
-    todo = [] if report_only else [run for run in unlinked if seeds is None or run[2] in seeds]
+    carried = {key: row for key, row in reported.items() if not any(finished(run_dir(suite_dir, *key, n)) for n in suite.seeds)}
+    complete = {key for key, row in carried.items() if int(row.get("seeds", 0)) >= len(suite.seeds)}
+    for (strategy, setting), row in sorted(carried.items()):
+        console.print(f"{strategy} / {setting}: no run here, its {row.get('seeds')} seed(s) carried from the report")
+    todo = [] if report_only else [run for run in unlinked if (seeds is None or run[2] in seeds) and run[:2] not in complete]
     failures: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -241,8 +249,21 @@ def run_suite(
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
     runs = {(s, t): [finished(run_dir(suite_dir, s, t, seed)) for seed in suite.seeds] for s, t in suite.runs}
     done = {key: [p for p in paths if p is not None] for key, paths in runs.items()}
-    write_report(suite.name, {k: v for k, v in done.items() if v}, out_root / "report", suite.target_eval_loss, suite.targets)
+    done = {k: v for k, v in done.items() if v}
+    carried = {k: v for k, v in carried.items() if k not in done}
+    write_report(suite.name, done, out_root / "report", suite.target_eval_loss, suite.targets, carried)
     return suite_dir
+
+
+def reported_rows(path: Path, suite: Suite) -> dict[tuple[str, str], dict[str, Any]]:
+    """The suite's rows in an earlier report (``results.json``), for carrying a row whose runs are not on this machine
+    (a fresh clone holds the runs committed with the report; a row whose run records were lost keeps its figures)."""
+    try:
+        stored = json.loads(path.read_text()).get(suite.name, {}) if path.is_file() else {}
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); move it aside to write a fresh report") from exc
+    rows = {tuple(key.split("/", 1)): row for key, row in stored.items()}
+    return {(s, t): row for (s, t), row in rows.items() if (s, t) in suite.runs}  # type: ignore[misc]
 
 
 def _seeds(text: str, suite: Suite) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
@@ -236,16 +237,49 @@ def targets_by_setting(results: dict[tuple[str, str], dict[str, Any]], fixed: fl
     return out
 
 
-def equal_costs(seeded: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Per setting: the simulated time and client steps at which its shortest trained run ended."""
+EQUAL_AT = {"time": "equal_time_s", "steps": "equal_steps"}
+"""Where a report row records its setting's equal cost on each axis."""
+
+
+def equal_costs(
+    seeded: dict[tuple[str, str], list[dict[str, Any]]], carried: Mapping[tuple[str, str], dict[str, Any]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per setting: the simulated time and client steps at which its shortest trained run ended (a carried row
+    counts with the equal cost its report recorded)."""
+    ends = [(setting, end.time, end.steps) for (_, setting), rows in seeded.items() for row in rows if (end := _end(row))]
+    ends += [
+        (setting, row[EQUAL_AT["time"]], row[EQUAL_AT["steps"]])
+        for (_, setting), row in (carried or {}).items()
+        if row.get(EQUAL_AT["time"]) is not None and row.get(EQUAL_AT["steps"]) is not None
+    ]
     out: dict[str, dict[str, float]] = {}
-    for (_, setting), rows in seeded.items():
-        for row in rows:
-            if row["_curve"]:
-                end = row["_curve"][-1]
-                mine = out.setdefault(setting, {"time": end.time, "steps": end.steps})
-                mine["time"], mine["steps"] = min(mine["time"], end.time), min(mine["steps"], end.steps)
+    for setting, time, steps in ends:
+        mine = out.setdefault(setting, {"time": time, "steps": steps})
+        mine["time"], mine["steps"] = min(mine["time"], time), min(mine["steps"], steps)
     return out
+
+
+def _end(row: dict[str, Any]) -> Point | None:
+    return row["_curve"][-1] if row["_curve"] else None
+
+
+def over_seeded(seeded: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {key: over_seeds(rows) for key, rows in seeded.items()}
+
+
+def _stored(row: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A row as results.json keeps it: no private entries, run directories relative to the benchmark's output."""
+    kept = {k: v for k, v in row.items() if not k.startswith("_")}
+    if not row.get("carried"):
+        kept["run_dirs"] = [_relative(Path(p), root) for p in row["run_dirs"]]
+    return kept
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)))
+    except ValueError:
+        return str(path)
 
 
 def write_report(
@@ -254,12 +288,18 @@ def write_report(
     out: Path,
     target: float | None = None,
     goals: tuple[Target, ...] = (),
+    carried: Mapping[tuple[str, str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Summarize finished runs (one or one per seed), merge them into ``out/results.json``, write the table, the
-    verdict on each of ``goals`` (also ``out/<suite>-targets.json``) and the plots."""
+    verdict on each of ``goals`` (also ``out/<suite>-targets.json``) and the plots.
+
+    ``carried``: rows of an earlier report whose runs are not here, kept as they were (``carried: true``); the
+    ratios and gaps are recomputed from their means, their eval loss at equal cost is dropped where a run here
+    moves the setting's equal cost (it cannot be re-read without their curves)."""
     out.mkdir(parents=True, exist_ok=True)
+    kept = {key: {**row, "carried": True} for key, row in (carried or {}).items() if key not in runs}
     seeded = {key: [summarize(p) for p in ([paths] if isinstance(paths, Path) else paths)] for key, paths in sorted(runs.items())}
-    targets = targets_by_setting({key: over_seeds(rows) for key, rows in seeded.items()}, target)
+    targets = targets_by_setting({**over_seeded(seeded), **kept}, target)
     for (_, setting), rows in seeded.items():
         for row in rows:
             row["target_eval_loss"] = targets[setting]
@@ -267,16 +307,21 @@ def write_report(
             row["sim_time_to_target_s"], row["bytes_to_target"] = (
                 to_target(row["_curve"], targets[setting]) if known else (None, None)
             )
-    costs = equal_costs(seeded)
+    costs = equal_costs(seeded, kept)
     for (_, setting), rows in seeded.items():
         for row in rows:
             for axis, key in EQUAL_COST.items():
                 row[key] = loss_at(row["_curve"], axis, costs[setting][axis]) if row["_curve"] else None
-    results = {key: over_seeds(rows) for key, rows in seeded.items()}
+    for (_, setting), row in kept.items():
+        for axis, key in EQUAL_COST.items():
+            if costs.get(setting, {}).get(axis) != row.get(EQUAL_AT[axis]):
+                row[key] = row[f"{key}_std"] = None
+    fresh = over_seeded(seeded)
+    runs = {key: Path(row["run_dirs"][0]) for key, row in fresh.items()}
+    results = dict(sorted({**fresh, **kept}.items()))
     for (_, setting), row in results.items():
         row["equal_time_s"] = costs.get(setting, {}).get("time")
         row["equal_steps"] = costs.get(setting, {}).get("steps")
-    runs = {key: Path(row["run_dirs"][0]) for key, row in results.items()}
     for (_, setting), row in results.items():
         base = results.get(("fedpipe", setting))
         for key, ratio in (
@@ -292,7 +337,7 @@ def write_report(
             row[f"{key}_gap_to_centralized"] = mine - ref if mine is not None and ref is not None else None
     path = out / "results.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged[suite] = {f"{s}/{t}": {k: v for k, v in row.items() if not k.startswith("_")} for (s, t), row in results.items()}
+    merged[suite] = {f"{s}/{t}": _stored(row, out.parent) for (s, t), row in results.items()}
     path.write_text(json.dumps(merged, indent=2) + "\n")
     ablations = {name: rows for name, rows in merged.items() if name.startswith(ABLATION)}
     if ablations:
@@ -301,8 +346,9 @@ def write_report(
     if goals:
         (out / f"{suite}-targets.json").write_text(json.dumps(judged, indent=2) + "\n")
     (out / f"{suite}.md").write_text(markdown(suite, results, targets, judged))
-    plot_loss(suite, results, out / f"{suite}-eval-loss-vs-sim-time.png")
-    plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
+    if fresh:  # the plots show the rows whose runs are here (a carried row has no curve)
+        plot_loss(suite, fresh, out / f"{suite}-eval-loss-vs-sim-time.png")
+        plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
     for (strategy, setting), path_ in runs.items():  # each row's first seed as a run report: plans, bytes, node time
         write_run_report(path_, out / "runs" / f"{suite}--{strategy}--{setting}")
     return merged[suite]
@@ -321,7 +367,7 @@ def ablation_table(suites: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = ["# Ablations", "", f"| {columns} |", "|" + "---|" * len(columns.split("|"))]
     for suite, rows in sorted(suites.items()):
         for key, r in rows.items():
-            head = [suite[len(ABLATION) :], *key.split("/", 1), str(r["seeds"])]
+            head = [suite[len(ABLATION) :], *key.split("/", 1), _seeds(r)]
             if r.get("not_applicable"):
                 lines.append("| " + " | ".join([*head, f"N/A ({r['not_applicable']})"]) + " |")
                 continue
@@ -334,7 +380,10 @@ def ablation_table(suites: dict[str, dict[str, dict[str, Any]]]) -> str:
                 _fmt(_mb(r.get("peak_memory_bytes")), 0),
             ]
             lines.append("| " + " | ".join([*head, *cells]) + " |")
-    lines += ["", "Mean ± sample standard deviation over the seeds; each suite's own table: `<suite>.md`.", ""]
+    lines += ["", "Mean ± sample standard deviation over the seeds; each suite's own table: `<suite>.md`."]
+    if any(r.get("carried") for rows in suites.values() for r in rows.values()):
+        lines.append(CARRIED_NOTE)
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -363,6 +412,14 @@ def _reached(row: dict[str, Any]) -> str:
     return f"{_pm(row, 'sim_time_to_target_s', 4)} ({row['reached_target']}/{row['seeds']})"
 
 
+def _seeds(row: dict[str, Any]) -> str:
+    return f"{row['seeds']}{CARRIED_MARK if row.get('carried') else ''}"
+
+
+CARRIED_MARK = "†"
+CARRIED_NOTE = f"{CARRIED_MARK} carried from an earlier report: its runs are not in this benchmark's output."
+
+
 def markdown(
     suite: str,
     results: dict[tuple[str, str], dict[str, Any]],
@@ -387,10 +444,10 @@ def markdown(
     lines += ["", f"| {columns} |", "|" + "---|" * width]
     for (strategy, setting), r in results.items():
         if r["not_applicable"]:
-            lines.append(f"| {strategy} | {setting} | {r['seeds']} | N/A ({r['not_applicable']}) |" + " |" * (width - 4))
+            lines.append(f"| {strategy} | {setting} | {_seeds(r)} | N/A ({r['not_applicable']}) |" + " |" * (width - 4))
             continue
         lines.append(
-            f"| {strategy} | {setting} | {r['seeds']} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
+            f"| {strategy} | {setting} | {_seeds(r)} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
             f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "
             f"| {_pm(r, 'eval_loss_at_equal_time', 4)} | {_pm(r, 'eval_loss_at_equal_steps', 4)} "
             f"| {_fmt(r['trainable_params'], 0)} | {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} "
@@ -414,6 +471,7 @@ def markdown(
         "",
         f"Each row's first run in detail (plans, bytes, node time): `runs/{suite}--<strategy>--<setting>/report.md`.",
         "Mean ± sample standard deviation over the seeds; time and bytes to target over the seeds that reached it.",
+        *([CARRIED_NOTE] if any(r.get("carried") for r in results.values()) else []),
         "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.",
         "",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -273,10 +274,51 @@ def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_aga
     assert reuse(replace(ablation, supernodes=3), "fedpipe", "same", 1, out / "ablation", known) is None  # other clients
     run_suite(ablation, out, app=tmp_path)  # would fail on flwr run if it ran anything
     linked = run_dir(out / "ablation", "fedpipe", "same", 1)
-    assert (linked / "1").resolve() == first.resolve()
-    assert json.loads((linked / "reused.json").read_text())["reused"] == str(first.resolve())
-    assert json.loads((out / "report" / "results.json").read_text())["ablation"]["fedpipe/same"]["bleu"] == 30.0
+    assert (linked / "1").resolve() == first.resolve() and not os.readlink(linked / "1").startswith("/")  # relative
+    assert (linked / json.loads((linked / "reused.json").read_text())["reused"]).resolve() == first.resolve()
+    row = json.loads((out / "report" / "results.json").read_text())["ablation"]["fedpipe/same"]
+    assert row["bleu"] == 30.0 and row["run_dirs"] == ["ablation/runs/fedpipe--same--seed1/1"]  # relative to the output
     assert set(finished_identities(out).values()) == {first}  # a link is never itself a source
+
+
+def test_a_row_whose_runs_are_gone_is_carried_from_the_report_and_not_run_again(tmp_path, monkeypatch):
+    suites = tmp_path / "suites.yaml"
+    suites.write_text(
+        "main:\n  strategies: [fedpipe, lora-fedavg]\n  supernodes: 2\n  seeds: [1, 2]\n  target-eval-loss: 2.0\n"
+        "  settings: {hetero: {}}\n"
+    )
+    suite, out = load_suites(suites)["main"], tmp_path / "bench"
+    started: list[tuple[str, str, int]] = []
+
+    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s):
+        started.append((strategy, setting, seed))
+        return False, "not run"
+
+    monkeypatch.setattr(bench, "run_one", record)
+    for seed in (1, 2):
+        _fake_run(run_dir(out / "main", "fedpipe", "hetero", seed), [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0)
+        _fake_run(run_dir(out / "main", "lora-fedavg", "hetero", seed), [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0)
+    run_suite(suite, out, app=tmp_path)
+    results = out / "report" / "results.json"
+    before = json.loads(results.read_text())["main"]["lora-fedavg/hetero"]
+    assert before["eval_loss_at_equal_time"] == pytest.approx(2.5 + 0.5 / 3) and before["time_to_target_vs_fedpipe"] == 6.0
+    shutil.rmtree(out / "main" / "runs")  # the run records are lost; FedPipe runs again, ending sooner
+    for seed in (1, 2):
+        _fake_run(run_dir(out / "main", "fedpipe", "hetero", seed), [3.0, 2.0, 1.5], [0.0, 0.5, 1.0], 4.0, 30.0)
+    run_suite(suite, out, app=tmp_path)
+    assert started == []  # the report holds every seed of lora-fedavg: carried, not run
+    row = json.loads(results.read_text())["main"]["lora-fedavg/hetero"]
+    assert row["carried"] is True and row["bleu"] == 20.0 and row["seeds"] == 2
+    assert row["time_to_target_vs_fedpipe"] == pytest.approx(12.0)  # recomputed against the fresh FedPipe row
+    assert row["eval_loss_at_equal_time"] is None  # the equal time moved to 1.0 s: not re-readable without its curve
+    assert row["eval_loss_at_equal_steps"] == before["eval_loss_at_equal_steps"]  # equal steps did not move
+    table = (out / "report" / "main.md").read_text()
+    assert "| lora-fedavg | hetero | 2† |" in table and "| fedpipe | hetero | 2 |" in table and "† carried" in table
+    stored = json.loads(results.read_text())
+    stored["main"]["lora-fedavg/hetero"]["seeds"] = 1  # a row with a seed to go is run, every seed of it
+    results.write_text(json.dumps(stored))
+    run_suite(suite, out, app=tmp_path)
+    assert started == [("lora-fedavg", "hetero", 1), ("lora-fedavg", "hetero", 2)]
 
 
 def test_ablation_suites_are_gathered_in_one_table_with_the_largest_client_peak(tmp_path):
