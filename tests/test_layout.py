@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import ast
+import io
+import zipfile
 from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("fedpipe_core", "fedpipe_flower", "fedpipe_tools", "server_app", "client_app")
@@ -72,3 +77,11 @@ def test_no_import_cycle_between_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+def test_the_app_package_holds_the_apps_and_their_data_not_the_docs_or_benchmark_records():
+    """``flwr run .`` ships a FAB (10 MB at most): the code and the shipped data, never docs/ (the benchmark's run records)."""
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    assert {"server_app/server_app.py", "client_app/client_app.py", "fedpipe_core/datasets/e2e/devset.jsonl"} <= set(names)
+    assert not [n for n in names if n.startswith("docs/")] and any((ROOT / "docs").rglob("*.md"))
