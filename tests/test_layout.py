@@ -85,3 +85,5 @@ def test_the_app_package_holds_the_apps_and_their_data_not_the_docs_or_benchmark
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
     assert {"server_app/server_app.py", "client_app/client_app.py", "fedpipe_core/datasets/e2e/devset.jsonl"} <= set(names)
     assert not [n for n in names if n.startswith("docs/")] and any((ROOT / "docs").rglob("*.md"))
+    shipped = {str(f.relative_to(ROOT)) for f in (ROOT / "fedpipe_core" / "datasets").rglob("*") if f.is_file()}
+    assert shipped <= set(names)  # each dataset travels with its README and licence (DATA_LICENSE.md)
