@@ -171,6 +171,7 @@ class FlowerAdapter(FlowerStrategy):
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
             return None, None
+        updates = dict(sorted(updates.items()))  # node order, not arrival order: float sums depend on their order
         stats.clients = len(updates)
         stats.num_examples = sum(u.num_examples for u, _ in updates.values())
         stats.client_steps = sum(r.steps for _, r in updates.values())

@@ -122,3 +122,23 @@ def test_lora_fedavg_round_averages_factors(task):
     got = strategy.strategy.global_delta()[module]
     a, b = expected[module]
     torch.testing.assert_close(got, task.config.lora_alpha / task.config.lora_rank * to_dense((a, b)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy_cls", [FedPipe, LoRAFedAvg])
+def test_the_global_state_does_not_depend_on_the_order_replies_arrive_in(task, strategy_cls):
+    """Same seeds, same numbers: under load the clients answer in any order, the aggregate must not follow it."""
+    nodes = [11, 22, 33, 44, 55]
+    states = []
+    for order in (nodes, nodes[::-1], [33, 11, 55, 22, 44]):
+        strategy = FlowerAdapter(strategy_cls(task))
+        list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(nodes)))
+        ok = {"train-loss": 2.0, "state-version": 0}
+        replies = {
+            n: reply(n, encode_factors(client_factors(task, strategy.stats[1].ranks[n], n)), {**ok, "num-examples": 7 + n % 5})
+            for n in nodes
+        }
+        _, metrics = strategy.aggregate_train(1, [replies[n] for n in order])
+        states.append((metrics["train-loss"], strategy.strategy.global_delta()))
+    for loss, delta in states[1:]:
+        assert loss == states[0][0] and delta.keys() == states[0][1].keys()
+        assert all(torch.equal(delta[m], states[0][1][m]) for m in delta)  # bitwise
