@@ -225,7 +225,7 @@ def run_suite(
             unlinked.append((strategy, setting, seed))
         else:
             console.print(f"{strategy} / {setting} / seed {seed}: the same configuration already ran, reused {source}")
-    carried = {key: row for key, row in reported.items() if not any(finished(run_dir(suite_dir, *key, n)) for n in suite.seeds)}
+    carried = {key: row for key, row in reported.items() if all((*key, n) in unlinked for n in suite.seeds)}  # no run here
     complete = {key for key, row in carried.items() if int(row.get("seeds", 0)) >= len(suite.seeds)}
     for (strategy, setting), row in sorted(carried.items()):
         console.print(f"{strategy} / {setting}: no run here, its {row.get('seeds')} seed(s) carried from the report")
@@ -248,9 +248,7 @@ def run_suite(
             progress.advance(bar)
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
     runs = {(s, t): [finished(run_dir(suite_dir, s, t, seed)) for seed in suite.seeds] for s, t in suite.runs}
-    done = {key: [p for p in paths if p is not None] for key, paths in runs.items()}
-    done = {k: v for k, v in done.items() if v}
-    carried = {k: v for k, v in carried.items() if k not in done}
+    done = {key: [p for p in paths if p is not None] for key, paths in runs.items() if any(paths)}
     write_report(suite.name, done, out_root / "report", suite.target_eval_loss, suite.targets, carried)
     return suite_dir
 
@@ -262,8 +260,12 @@ def reported_rows(path: Path, suite: Suite) -> dict[tuple[str, str], dict[str, A
         stored = json.loads(path.read_text()).get(suite.name, {}) if path.is_file() else {}
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc}); move it aside to write a fresh report") from exc
-    rows = {tuple(key.split("/", 1)): row for key, row in stored.items()}
-    return {(s, t): row for (s, t), row in rows.items() if (s, t) in suite.runs}  # type: ignore[misc]
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, row in stored.items():
+        strategy, _, setting = key.partition("/")
+        if (strategy, setting) in suite.runs:
+            rows[(strategy, setting)] = row
+    return rows
 
 
 def _seeds(text: str, suite: Suite) -> tuple[int, ...]:
