@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ def write_run_report(run: Path, out: Path) -> Path:
     plot_timing(rows, out / "node-time.png", title)
     if plans:
         plot_plans(plans, out / "plans.png", title)
-    lines = [f"# {title}", "", f"Run directory: `{run.resolve()}`", ""]
+    where = Path(os.path.relpath(run.resolve(), out.resolve())).as_posix()  # a link that travels with the page
+    lines = [f"# {title}", "", f"Run directory: [`{where}`]({where})", ""]
     if summary:
         scores = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         lines += [

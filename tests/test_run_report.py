@@ -52,6 +52,7 @@ def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
     assert report_main([str(run)]) == 0
     page = (run / "report" / "report.md").read_text()
     assert capsys.readouterr().out.strip() == str(run / "report" / "report.md")
+    assert "Run directory: [`..`](..)" in page  # relative: the page names no machine's path
     assert "# run 123 (fedpipe)" in page and "| bleu | ppl |" in page and "| 41.5 | 6.2 |" in page
     assert "| 1 | 2.4000 | 2 | 3.00 | 0.00 | 0.07 | 10 | 2 | 4 |" in page
     assert "| 2 | 2.1000 | 2 | 3.00 | 1.50 | 0.14 | 10 | 2 | 0 |" in page
@@ -63,7 +64,8 @@ def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
 def test_an_unfinished_run_gets_a_report_and_a_non_run_an_error(tmp_path, capsys):
     run = _run(tmp_path, finished=False)
     assert report_main([str(run), "--out", str(tmp_path / "page")]) == 0
-    assert "has not finished" in (tmp_path / "page" / "report.md").read_text()
+    page = (tmp_path / "page" / "report.md").read_text()
+    assert "has not finished" in page and "Run directory: [`../123`](../123)" in page
     (tmp_path / "empty").mkdir()
     assert report_main([str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl rows" in capsys.readouterr().err
