@@ -52,6 +52,12 @@ def reply(node_id, arrays, metrics, error=None):
     )
 
 
+def factors(rank: int, out: int, fan_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random LoRA factors (A: rank × fan_in, B: out × rank) for one module, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
+
+
 def client_factors(task, ranks, seed):
     g = torch.Generator().manual_seed(seed)
     out = {}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from fakes import client_delta, fedavg_factors
+from fakes import client_delta, factors, fedavg_factors
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
@@ -25,11 +25,6 @@ from fedpipe_core.codec import (
 )
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}
-
-
-def factors(rank, out, fan_in, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
 
 
 def test_mixed_ranks_and_missing_modules_match_hand_computation():

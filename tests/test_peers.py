@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fakes import FakeGrid, client_factors, reply
+from fakes import FakeGrid, client_factors, factors, reply
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedpipe_core.aggregate import (
@@ -32,11 +32,6 @@ from fedpipe_core.strategies.base import deadline_steps
 from fedpipe_core.strategies.peer_rules import capability_rank, fedadapter_config, legend_ranks, rising_ranks
 from fedpipe_flower.messages import from_record
 from server_app.strategy import FlowerAdapter
-
-
-def factors(rank, out, fan_in, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
 
 
 def test_hetlora_zero_padding_with_norm_weights_by_hand():
