@@ -206,6 +206,10 @@ class Deployment:
         self.processes.append((name, proc))
         return proc
 
+    def start_run(self, run_config: str) -> subprocess.Popen:
+        """``flwr run`` in the background (log: ``flwr-run.log``), for a test that acts on the deployment mid-run."""
+        return self.start("flwr-run", run_command(run_config))
+
     def security(self) -> list[str]:
         return ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
 
@@ -356,8 +360,13 @@ def node_config(index: int, supernodes: int) -> str:
     return f"partition-id={index} num-partitions={supernodes} memory-gb={memory_gb:.2f} tflops={tflops:.1f}"
 
 
+def run_command(run_config: str) -> list[str]:
+    """``flwr run`` of the app on the deployment's connection, streaming the run's log."""
+    return ["flwr", "run", str(APP), CONNECTION, "--stream", "--run-config", run_config]
+
+
 def run_app(deployment: Deployment, run_config: str, timeout_s: float) -> subprocess.CompletedProcess:
-    cmd = ["flwr", "run", str(APP), CONNECTION, "--stream", "--run-config", run_config]
+    cmd = run_command(run_config)
     return subprocess.run(cmd, env=deployment.env, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 

@@ -111,9 +111,7 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
         for index in range(3):
             deployment.start_supernode(index, deploy.node_config(index, 3))
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 strategy.round-timeout-s=300 output-dir="{runs}" {SMALL}'
-        run = deployment.start(
-            "flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config]
-        )
+        run = deployment.start_run(config)
         victim = next(proc for name, proc in deployment.processes if name == "supernode-2")
         assert _log_has(tmp_path / "supernode-2.log", ("Receiving: train message",), 600), "node 2 never got a train message"
         os.killpg(victim.pid, signal.SIGKILL)  # mid-round: it received its train message and will never reply
@@ -197,9 +195,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losin
         for index in range(2):
             deployment.join(index, deploy.node_config(index, 2))
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
-        first = deployment.start(
-            "flwr-run", ["flwr", "run", str(deploy.APP), deploy.CONNECTION, "--stream", "--run-config", config]
-        )
+        first = deployment.start_run(config)
         assert _checkpoint_round(runs, 1, timeout_s=600) == 1, "round 1 never finished"
         deployment.restart_superlink()  # between rounds 1 and 2: the ServerApp it ran goes with it
         deploy._stop(first, 30)
