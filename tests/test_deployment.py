@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,21 +105,31 @@ def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
     assert all(proc.poll() is not None for _, proc in deployment.processes)
 
 
-def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
-    deployment = deploy.Deployment(tmp_path, tls=False)
-    runs = tmp_path / "runs"
+@contextmanager
+def _federation(tmp_path: Path, *, tls: bool, nodes: int, register: bool) -> Iterator[deploy.Deployment]:
+    """A SuperLink and ``nodes`` SuperNodes (registered by key when ``register``), all stopped on exit."""
+    deployment = deploy.Deployment(tmp_path, tls=tls)
     try:
         deployment.start_superlink()
-        for index in range(3):
-            deployment.start_supernode(index, deploy.node_config(index, 3))
+        for index in range(nodes):
+            if register:
+                deployment.join(index, deploy.node_config(index, nodes))
+            else:
+                deployment.start_supernode(index, deploy.node_config(index, nodes))
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
+    runs = tmp_path / "runs"
+    with _federation(tmp_path, tls=False, nodes=3, register=False) as deployment:
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 strategy.round-timeout-s=300 output-dir="{runs}" {SMALL}'
         run = deployment.start_run(config)
         victim = next(proc for name, proc in deployment.processes if name == "supernode-2")
         assert _log_has(tmp_path / "supernode-2.log", ("Receiving: train message",), 600), "node 2 never got a train message"
         os.killpg(victim.pid, signal.SIGKILL)  # mid-round: it received its train message and will never reply
         run.wait(timeout=900)
-    finally:
-        deployment.stop()
     summaries = list(runs.glob("*/summary.json"))
     assert run.returncode == 0 and summaries, (tmp_path / "flwr-run.log").read_text()[-3000:]
     rows = [json.loads(line) for line in (summaries[0].parent / "metrics.jsonl").read_text().splitlines()]
@@ -188,12 +200,8 @@ def test_only_the_fleet_api_is_public_behind_the_proxy(tmp_path):
 
 
 def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losing_a_round(tmp_path):
-    deployment = deploy.Deployment(tmp_path, tls=True)
     runs, resumed = tmp_path / "runs", tmp_path / "resumed"
-    try:
-        deployment.start_superlink()
-        for index in range(2):
-            deployment.join(index, deploy.node_config(index, 2))
+    with _federation(tmp_path, tls=True, nodes=2, register=True) as deployment:
         config = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
         first = deployment.start_run(config)
         assert _checkpoint_round(runs, 1, timeout_s=600) == 1, "round 1 never finished"
@@ -204,8 +212,6 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losin
         # the same nodes are accepted again (their keys are in state.db), and the run goes on from round 1
         again = f'num-server-rounds=2 strategy.min-train-nodes=2 output-dir="{resumed}" resume-from="{run_dir}" {SMALL}'
         done = deploy.run_app(deployment, again, timeout_s=900)
-    finally:
-        deployment.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in next(resumed.glob("*/metrics.jsonl")).read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["clients"] == 2
