@@ -70,10 +70,24 @@ def _log_has(path: Path, needles: tuple[str, ...], timeout_s: float) -> str | No
     return None
 
 
-def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
-    deployment = deploy.Deployment(tmp_path, tls=True)
+@contextmanager
+def _federation(tmp_path: Path, *, tls: bool, nodes: int = 0, register: bool = False) -> Iterator[deploy.Deployment]:
+    """A SuperLink and ``nodes`` SuperNodes (registered by key when ``register``), all stopped on exit."""
+    deployment = deploy.Deployment(tmp_path, tls=tls)
     try:
         deployment.start_superlink()
+        for index in range(nodes):
+            if register:
+                deployment.join(index, deploy.node_config(index, nodes))
+            else:
+                deployment.start_supernode(index, deploy.node_config(index, nodes))
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
+    with _federation(tmp_path, tls=True) as deployment:
         key, _ = deploy.make_node_key(tmp_path / "keys", "stranger")  # never registered
         deployment.start_supernode(0, "partition-id=0 num-partitions=1", key)
         refused = _log_has(tmp_path / "superlink.log", ('activate-node HTTP/1.1" 412', "No SuperNode found"), 60)
@@ -100,25 +114,7 @@ def test_unregistered_node_and_plaintext_clients_are_refused(tmp_path):
         # and a plain HTTP request gets no HTTP answer from the HTTPS port
         with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError, OSError)):
             urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/v1/fleet/get-run", data=b"{}", timeout=10)
-    finally:
-        deployment.stop()
     assert all(proc.poll() is not None for _, proc in deployment.processes)
-
-
-@contextmanager
-def _federation(tmp_path: Path, *, tls: bool, nodes: int, register: bool) -> Iterator[deploy.Deployment]:
-    """A SuperLink and ``nodes`` SuperNodes (registered by key when ``register``), all stopped on exit."""
-    deployment = deploy.Deployment(tmp_path, tls=tls)
-    try:
-        deployment.start_superlink()
-        for index in range(nodes):
-            if register:
-                deployment.join(index, deploy.node_config(index, nodes))
-            else:
-                deployment.start_supernode(index, deploy.node_config(index, nodes))
-        yield deployment
-    finally:
-        deployment.stop()
 
 
 def test_a_node_killed_mid_round_does_not_stop_the_run(tmp_path):
@@ -165,10 +161,8 @@ def _post(url: str, ca: Path) -> int:
 
 
 def test_only_the_fleet_api_is_public_behind_the_proxy(tmp_path):
-    deployment = deploy.Deployment(tmp_path, tls=True)
     runs = tmp_path / "runs"
-    try:
-        deployment.start_superlink()
+    with _federation(tmp_path, tls=True) as deployment:
         deployment.start_proxy()  # nginx with docker/nginx/fleet.conf.template, as in docker/compose.yml
         public = f"https://127.0.0.1:{deployment.proxy_port}"
         ca = deployment.certs["ca"]
@@ -190,8 +184,6 @@ def test_only_the_fleet_api_is_public_behind_the_proxy(tmp_path):
         deployment.join(1, f'{deploy.node_config(1, 2)} messages="query,train"', site_key, isolation="process")
         config = f'num-server-rounds=1 strategy.min-train-nodes=2 output-dir="{runs}" {SMALL}'
         done = deploy.run_app(deployment, config, timeout_s=900)
-    finally:
-        deployment.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in next(runs.glob("*/metrics.jsonl")).read_text().splitlines()]
     assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 2 and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
