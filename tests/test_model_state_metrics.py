@@ -4,12 +4,13 @@ import socket
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from fedpipe_core.aggregate import to_dense
 from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
 from fedpipe_core.metrics import e2e_scores
-from fedpipe_core.model import load_model, resolve_checkpoint
+from fedpipe_core.model import CACHE_FORMAT, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
 from fedpipe_core.qlinear import effective_weight, stored_bytes
 from fedpipe_core.quantize import quantize
 from fedpipe_core.state import StateMismatch, load_state, node_base, save_importance
@@ -30,6 +31,24 @@ def test_builtin_model_loads_offline_from_the_safetensors_cache(task, monkeypatc
     with torch.no_grad():
         copy.get_submodule(task.targets[0]).weight.add_(1.0)
     assert not torch.equal(copy.get_submodule(task.targets[0]).weight, model.get_submodule(task.targets[0]).weight)
+
+
+def test_the_cached_tokenizer_ends_examples_with_the_ggufs_eos_token(tmp_path):
+    """SmolLM2's GGUF declares BOS <|im_start|> (1), EOS and PAD <|im_end|> (2); a converter that
+    misnames EOS (transformers 5.17 gave <|im_start|>, no pad) is corrected from those ids."""
+    stale = tmp_path / "models" / "smollm2-135m"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"an older cache format")  # no marker: rebuilt
+    checkpoint = resolve_checkpoint("smollm2-135m", str(tmp_path))
+    assert checkpoint == stale and (checkpoint / f"fedpipe-cache-v{CACHE_FORMAT}").is_file()
+    assert (checkpoint / "model.safetensors").stat().st_size > 500 * 2**20
+    tokenizer = load_tokenizer(checkpoint)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert tokenizer.eos_token == "<|im_end|>"
+
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    name_special_tokens(tokenizer, GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
 
 
 def test_local_checkpoint_directories_and_errors(tmp_path):
