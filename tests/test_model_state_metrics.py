@@ -10,7 +10,7 @@ from fedpipe_core.aggregate import to_dense
 from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
 from fedpipe_core.metrics import e2e_scores
-from fedpipe_core.model import CACHE_FORMAT, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
+from fedpipe_core.model import CACHE_MARKER, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
 from fedpipe_core.qlinear import effective_weight, stored_bytes
 from fedpipe_core.quantize import quantize
 from fedpipe_core.state import StateMismatch, load_state, node_base, save_importance
@@ -40,7 +40,7 @@ def test_the_cached_tokenizer_ends_examples_with_the_ggufs_eos_token(tmp_path):
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"an older cache format")  # no marker: rebuilt
     checkpoint = resolve_checkpoint("smollm2-135m", str(tmp_path))
-    assert checkpoint == stale and (checkpoint / f"fedpipe-cache-v{CACHE_FORMAT}").is_file()
+    assert checkpoint == stale and (checkpoint / CACHE_MARKER).is_file()
     assert (checkpoint / "model.safetensors").stat().st_size > 500 * 2**20
     tokenizer = load_tokenizer(checkpoint)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
