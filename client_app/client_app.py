@@ -2,8 +2,9 @@
 
 Flower starts a fresh ClientApp process for every message, so this module imports only what a QUERY
 needs (Flower and the profile); a TRAIN message imports :mod:`client_app.local_round` (torch,
-transformers, peft) when it arrives. Node config ``messages`` (default ``query,train``) lists the message
-types this site answers; any other is refused with an error reply before anything is loaded.
+transformers, peft) when it arrives. Node config ``messages`` (default ``query,train,evaluate``) lists the message
+types this site answers; any other is refused with an error reply before anything is loaded (a site that
+leaves out ``evaluate`` refuses the final scoring on its test share).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flwr.common.constant import ErrorCode
 from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_flower.messages import profile_reply
 
-MESSAGE_TYPES = ("query", "train")
+MESSAGE_TYPES = ("query", "train", "evaluate")
 """What this ClientApp answers; a site narrows it with node config ``messages``."""
 _process = {"started": psutil.Process().create_time(), "messages": 0}
 
@@ -77,3 +78,12 @@ def train(msg: Message, context: Context) -> Message:
     from client_app import local_round  # the training stack, loaded for TRAIN messages only
 
     return local_round.train(msg, context, entered, startup)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """After the last round: this site's scores of the final model on its own held-out shares
+    (:func:`client_app.local_round.final_scores`)."""
+    from client_app import local_round
+
+    return local_round.final_scores(msg, context)

@@ -12,16 +12,25 @@ from collections.abc import Callable
 import torch
 from flwr.app import Context, Message
 
-from fedpipe_core.codec import decode_delta
+from fedpipe_core.codec import decode_delta, decode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import resolve_device
-from fedpipe_core.local import ClientRound, RoundSeeds, round_seeds, run_client_round, run_full_round
+from fedpipe_core.evaluate import evaluate_loss, global_model, score_model, spread
+from fedpipe_core.local import (
+    ClientRound,
+    RoundSeeds,
+    adapter_scaling,
+    round_seeds,
+    run_client_round,
+    run_full_round,
+)
+from fedpipe_core.metrics import meteor_missing
 from fedpipe_core.profile import ClientProfile
-from fedpipe_core.protocol import TrainInstruction, TrainReply
+from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
 from fedpipe_core.state import node_base, node_state_dir, save_importance
-from fedpipe_core.task import Task, client_examples, load_task, node_profile, site_examples
-from fedpipe_flower.messages import Arrays, read_instruction, train_reply
+from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
+from fedpipe_flower.messages import Arrays, final_reply, read_final, read_instruction, train_reply
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -33,12 +42,13 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
-def _examples(task: Task, context: Context) -> list[Example]:
-    """The node's own data file when its node config names one, else its partition of the run's data."""
+def node_data(task: Task, context: Context) -> NodeData:
+    """The node's own data file when its node config names one, else its partition of the run's data, split
+    into its training, validation and test shares (:class:`~fedpipe_core.task.NodeData`)."""
     if "data-path" in context.node_config:
         node = context.node_config
-        return site_examples(task, str(node["data-path"]), str(node.get("prompt-field", "")), str(node.get("response-field", "")))
-    return client_examples(task, *_partition(context))
+        return site_data(task, str(node["data-path"]), str(node.get("prompt-field", "")), str(node.get("response-field", "")))
+    return partition_data(task, *_partition(context))
 
 
 def _device(context: Context) -> torch.device:
@@ -47,7 +57,7 @@ def _device(context: Context) -> torch.device:
 
 
 def _adapters_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds
 ) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
     fedpipe = order.mode == "fedpipe"
@@ -58,7 +68,7 @@ def _adapters_round(
         task,
         device=_device(context),
         model=model,
-        examples=examples,
+        examples=data.train,
         ranks=order.ranks,
         seed=seeds.data,
         init_seed=seeds.init,
@@ -66,26 +76,33 @@ def _adapters_round(
         initial_factors=None if fedpipe else payload,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
+        evaluate_on=validation_share(task, data) if order.evaluate else None,
     )
     save_importance(directory, state, out.importance_history)
     return out, end
 
 
 def _full_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, examples: list[Example], seeds: RoundSeeds
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds
 ) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
     out = run_full_round(
         task,
         device=_device(context),
-        examples=examples,
+        examples=data.train,
         modules=list(order.ranks),
         base_delta=decode_delta(payload, task.shapes),
         seed=seeds.data,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
+        evaluate_on=validation_share(task, data) if order.evaluate else None,
     )
     return out, 0
+
+
+def validation_share(task: Task, data: NodeData) -> list[Example]:
+    """What a node evaluates a model on: ``eval.examples`` of its validation share, spread over its groups."""
+    return spread(data.validation, task.config.eval_examples)
 
 
 ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
@@ -110,13 +127,13 @@ def train(msg: Message, context: Context, entered: float, startup_s: float) -> M
     """
     task = load_task(RunConfig.from_mapping(context.run_config))
     partition_id, _ = _partition(context)
-    examples = _examples(task, context)
+    data = node_data(task, context)
     order, payload = read_instruction(msg)
     unknown = sorted(set(order.ranks) - set(task.shapes))
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
     seeds = round_seeds(task.config, order.server_round, partition_id)
-    out, version = ROUTINES[order.mode](task, context, order, payload, examples, seeds)
+    out, version = ROUTINES[order.mode](task, context, order, payload, data, seeds)
     report = TrainReply(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,
@@ -129,5 +146,50 @@ def train(msg: Message, context: Context, entered: float, startup_s: float) -> M
         importance=out.importance,
         model_bytes=out.model_bytes,
         peak_bytes=out.peak_bytes,
+        eval_loss=out.start_eval.loss if out.start_eval else None,
+        eval_examples=len(validation_share(task, data)) if out.start_eval else 0,
+        weight_norms=out.weight_norms,
     )
     return train_reply(msg, out.arrays, report)
+
+
+def final_scores(msg: Message, context: Context) -> Message:
+    """After the last round: score the final model (and the base, and the site's own local-only model) on this
+    site's held-out shares; only losses, scores, counts and the data's hash go back (:class:`FinalReply`)."""
+    task = load_task(RunConfig.from_mapping(context.run_config))
+    data = node_data(task, context)
+    order, payload = read_final(msg)
+    if not data.held_out:
+        return final_reply(msg, FinalReply(None, 0, 0, {}, data.data_hash, data.note))
+    delta = decode_delta(payload, task.shapes)
+    device = _device(context)
+    validation = validation_share(task, data)
+    federated = global_model(task, delta).to(device)
+    loss = evaluate_loss(federated, task.tokenizer, validation, task.config.max_seq_len)
+    scores = {"federated": score_model(task, federated, data.test)}
+    del federated
+    if order.base:
+        scores["base"] = score_model(task, task.base_model().to(device), data.test)
+    if order.local_baseline:
+        scores["local_only"] = score_model(task, local_only_model(task, data, order.local_steps, device), data.test)
+    note = meteor_missing() if task.config.task == "e2e" else ""
+    return final_reply(msg, FinalReply(loss.loss, len(validation), len(data.test), scores, data.data_hash, note))
+
+
+def local_only_model(task: Task, data: NodeData, steps: int, device: torch.device) -> torch.nn.Module:
+    """The site's model fine-tuned alone: rank ``lora.rank`` on every target, ``steps`` steps at ``train.batch-size``,
+    one optimizer throughout, on its training share only; base + its ΔW."""
+    cfg = task.config
+    out = run_client_round(
+        task,
+        device=device,
+        model=task.base_model(),
+        examples=data.train,
+        ranks=task.uniform_ranks(),
+        initial_factors=None,
+        seed=cfg.seed,
+        local_steps=steps,
+    )
+    scaling = adapter_scaling(cfg)
+    delta = {m: scaling * (B @ A) for m, (A, B) in decode_factors(out.arrays, task.shapes).items()}
+    return global_model(task, delta).to(device)

@@ -30,6 +30,7 @@ WEIGHT_SELECTIONS = ("importance", "random")
 BASE_PRECISIONS = ("auto", "fp32", "fp16", "nf8", "nf4")
 DISPATCHES = ("svd", "exact")
 LORA_INITS = ("per-client", "shared")
+EVAL_WHERE = ("server", "sites", "both")
 
 
 class ConfigError(ValueError):
@@ -119,7 +120,15 @@ class RunConfig:
     max_new_tokens: int = 40
     """`eval.max-new-tokens`: generation length."""
     eval_base_generation: bool = True
-    """`eval.base-generation`: also score the base model (summary's `base`)."""
+    """`eval.base-generation`: also score the base model (summary's `base`; with sites, each site's `base`)."""
+    eval_where: str = "server"
+    """`eval.where`: who evaluates: `server` (on the run's data, which the server holds), `sites` (each node on its own
+    held-out share; the server reads no data and no weight) or `both`."""
+    eval_every: int = 1
+    """`eval.every`: evaluate the global model every this many rounds (and always after the last)."""
+    eval_local_baseline: bool = False
+    """`eval.local-baseline`: with sites, each site also fine-tunes alone on its own training share (same LoRA settings, the
+    same local steps in total) and scores that model on its test share (summary's `sites[node].local_only`)."""
     search: str = "greedy"
     """`fedpipe.search`: configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)."""
     batch_min: int = 2
@@ -158,6 +167,8 @@ class RunConfig:
         check_choice("base_precision", self.base_precision, BASE_PRECISIONS)
         check_choice("dispatch", self.dispatch, DISPATCHES)
         check_choice("lora_init", self.lora_init, LORA_INITS)
+        check_choice("eval_where", self.eval_where, EVAL_WHERE)
+        _check_min("eval_every", self.eval_every, 1)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if self.round_deadline_s < 0:
             raise ConfigError(
@@ -195,6 +206,20 @@ class RunConfig:
             raise ConfigError(f"run config {key_of('weight_decay')!r}: must be >= 0, got {self.weight_decay!r}")
         if not self.model.strip():
             raise ConfigError(f"run config {key_of('model')!r}: must name a built-in model or a local checkpoint directory")
+
+    @property
+    def server_evaluates(self) -> bool:
+        """The server scores the global model on data it holds (``eval.where`` = server or both)."""
+        return self.eval_where != "sites"
+
+    @property
+    def sites_evaluate(self) -> bool:
+        """The nodes score the global model on their held-out shares (``eval.where`` = sites or both)."""
+        return self.eval_where != "server"
+
+    def evaluated(self, server_round: int) -> bool:
+        """Whether the global model after ``server_round`` is evaluated (round 0, every ``eval.every``-th, the last)."""
+        return server_round % self.eval_every == 0 or server_round == self.num_server_rounds
 
     def rank_candidates(self) -> tuple[int, ...]:
         """``lora.candidate-ranks`` as sorted distinct positive integers."""

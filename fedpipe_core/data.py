@@ -151,25 +151,48 @@ def _load_fields(task: str, path: Path, where: str, fields: Fields) -> list[Exam
 
 
 def _load_e2e(path: Path, where: str) -> list[Example]:
-    """E2E pairs from an ``mr,ref`` CSV (optionally gzipped) or a ``{mr, refs}`` JSONL."""
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            frame = pd.DataFrame([(r["mr"], ref) for r in rows for ref in r["refs"]], columns=["mr", "ref"])
-        else:
+    """E2E pairs from an ``mr,ref`` CSV (optionally gzipped) or a ``{mr, refs}`` JSONL; an empty file, a row with an
+    empty meaning representation or reference, or a malformed line stops the load, naming file and row."""
+    if path.suffix == ".jsonl":
+        pairs = _e2e_jsonl(path, where)
+    else:
+        try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
+        except pd.errors.EmptyDataError:
+            raise ConfigError(f"{where}: {str(path)!r} is empty (an E2E file is a CSV with columns mr,ref)") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"{where}: {str(path)!r} is not a readable E2E file ({exc})") from exc
+        missing = {"mr", "ref"} - set(frame.columns)
+        if missing:
+            raise ConfigError(
+                f"{where}: {str(path)!r} lacks column(s) {', '.join(sorted(missing))} (E2E format is a CSV with columns mr,ref)"
+            )
+        pairs = [(row + 2, mr, ref) for row, (mr, ref) in enumerate(zip(frame["mr"], frame["ref"]))]  # row 1: the header
+    for row, mr, ref in pairs:
+        if not mr.strip() or not ref.strip():
+            field = "mr" if not mr.strip() else "ref"
+            raise ConfigError(f"{where}: {str(path)!r} row {row}: {field!r} is empty")
+    return [Example(e2e_prompt(mr.strip()), " " + ref.strip(), mr.strip(), _restaurant(mr)) for _, mr, ref in pairs]
+
+
+def _e2e_jsonl(path: Path, where: str) -> list[tuple[int, str, str]]:
+    """(line, mr, reference) of every reference in a ``{"mr": ..., "refs": [...]}`` JSONL."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{where}: {str(path)!r} is not a readable E2E file ({exc})") from exc
-    missing = {"mr", "ref"} - set(frame.columns)
-    if missing:
-        raise ConfigError(
-            f"{where}: {str(path)!r} lacks column(s) {', '.join(sorted(missing))} (E2E format is a CSV with columns mr,ref)"
-        )
-    frame = frame[(frame["mr"].str.strip() != "") & (frame["ref"].str.strip() != "")]
-    return [
-        Example(e2e_prompt(mr.strip()), " " + ref.strip(), mr.strip(), _restaurant(mr))
-        for mr, ref in zip(frame["mr"], frame["ref"])
-    ]
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: {str(path)!r} line {number}: not a JSON object ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("mr"), str) or not isinstance(record.get("refs"), list):
+            raise ConfigError(f'{where}: {str(path)!r} line {number}: expected {{"mr": text, "refs": [text, ...]}}')
+        pairs += [(number, record["mr"], str(ref)) for ref in record["refs"]]
+    return pairs
 
 
 def _restaurant(mr: str) -> str:

@@ -138,7 +138,20 @@ def score_test(
     max_groups: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Final scores on the test split (or ``examples``): PPL always; for E2E also the five generation metrics.
+    """Final scores of base + ``delta`` on the test split (or ``examples``): see :func:`score_model`."""
+    examples = task.splits["test"] if examples is None else examples
+    return score_model(task, global_model(task, delta), examples, max_examples, max_groups, progress)
+
+
+def score_model(
+    task: Task,
+    model: PreTrainedModel,
+    examples: list[Example],
+    max_examples: int | None = None,
+    max_groups: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, float]:
+    """Final scores of ``model`` on ``examples``: PPL always; for E2E also the five generation metrics.
 
     PPL is over ``max_examples`` examples spread over the groups (:func:`spread`), generation over
     ``max_groups`` meaning representations evenly spaced (:func:`pick_groups`); 0 means all, and the
@@ -146,8 +159,6 @@ def score_test(
     follows the two stages (``perplexity``, ``generation``) batch by batch.
     """
     cfg = task.config
-    examples = task.splits["test"] if examples is None else examples
-    model = global_model(task, delta)
     scored = spread(examples, cfg.eval_examples if max_examples is None else max_examples)
     loss = evaluate_loss(model, task.tokenizer, scored, cfg.max_seq_len, progress=_stage(progress, "perplexity", len(scored)))
     scores: dict[str, float] = {"ppl": loss.ppl, "scored_examples": float(len(scored))}

@@ -5,6 +5,7 @@ Holds the one adapter-scaling rule every strategy shares (:func:`lora_alphas`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from fedpipe_core.codec import decode_factors, encode_dense, encode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import PeakMemory
+from fedpipe_core.evaluate import LossResult, evaluate_loss
 from fedpipe_core.importance import ImportanceTracker
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
-from fedpipe_core.qlinear import place, stored_bytes
+from fedpipe_core.qlinear import effective_weight, place, stored_bytes
 from fedpipe_core.task import Task
 from fedpipe_core.train import TrainResult, train_local
 
@@ -40,6 +42,10 @@ class ClientRound:
     """Bytes of the frozen model as the node holds it (its block linears at the plan's precision)."""
     peak_bytes: int = 0
     """Measured peak memory of the round (see :class:`~fedpipe_core.device.PeakMemory`)."""
+    start_eval: LossResult | None = None
+    """The loss of the model the round started from on ``evaluate_on`` (federated evaluation), when asked."""
+    weight_norms: dict[str, float] = field(default_factory=dict)
+    """‖W‖_F of each trained weight as the node held it at the round's start."""
 
 
 def adapter_scaling(config: RunConfig) -> float:
@@ -81,19 +87,23 @@ def run_client_round(
     local_steps: int | None = None,
     importance_history: dict[str, tuple[float, float]] | None = None,
     device: torch.device | None = None,
+    evaluate_on: list[Example] | None = None,
 ) -> ClientRound:
     """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
     ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
 
-    ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A."""
+    ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A. With
+    ``evaluate_on``, the model as sent (before any step) is evaluated on those examples first."""
     cfg = task.config
     device = device or torch.device("cpu")
     model = place(model, device)
     model_bytes = stored_bytes(model)
+    norms = held_norms(model, list(ranks))
     with PeakMemory(device) as peak:
         peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed if init_seed is None else init_seed)
         if initial_factors is not None:
             set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+        start_eval = _start_eval(task, peft_model, evaluate_on)
         tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
         started = time.perf_counter()
         result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
@@ -107,7 +117,26 @@ def run_client_round(
         train_s=train_s,
         model_bytes=model_bytes,
         peak_bytes=peak.peak_bytes(model_bytes),
+        start_eval=start_eval,
+        weight_norms=norms,
     )
+
+
+def held_norms(model: torch.nn.Module, modules: list[str]) -> dict[str, float]:
+    """‖W‖_F of each named weight as the model holds it (dequantized when stored at NF4/NF8/FP16)."""
+    return {m: float(effective_weight(model.get_submodule(m)).float().norm()) for m in modules}
+
+
+def _start_eval(task: Task, model: torch.nn.Module, examples: list[Example] | None) -> LossResult | None:
+    """Federated evaluation of the model a round starts from, before its first step; one that fails (out of
+    memory, say) is logged and reported as none, and the round's training goes on."""
+    if not examples:
+        return None
+    try:
+        return evaluate_loss(model, task.tokenizer, examples, task.config.max_seq_len)
+    except (RuntimeError, ValueError) as exc:
+        logging.getLogger(__name__).warning("federated evaluation failed, the round trains without it: %s", exc)
+        return None
 
 
 def run_full_round(
@@ -120,8 +149,10 @@ def run_full_round(
     batch_size: int | None = None,
     local_steps: int | None = None,
     device: torch.device | None = None,
+    evaluate_on: list[Example] | None = None,
 ) -> ClientRound:
-    """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before."""
+    """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before
+    (with ``evaluate_on``, base + the sent ΔW is evaluated on those examples first)."""
     device = device or torch.device("cpu")
     model = task.base_model()
     merge_delta(model, base_delta)
@@ -134,6 +165,7 @@ def run_full_round(
         weight.requires_grad_(True)
     model_bytes = stored_bytes(model)
     with PeakMemory(device) as peak:
+        start_eval = _start_eval(task, model, evaluate_on)
         started = time.perf_counter()
         result = _train(task, model, examples, seed, batch_size, local_steps, None)
         train_s = time.perf_counter() - started
@@ -149,6 +181,8 @@ def run_full_round(
         train_s=train_s,
         model_bytes=model_bytes,
         peak_bytes=peak.peak_bytes(model_bytes),
+        start_eval=start_eval,
+        weight_norms={m: float(before[m].norm()) for m in modules},
     )
 
 

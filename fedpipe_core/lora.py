@@ -7,6 +7,7 @@ and the adapter's update is ΔW = (alpha / r) · B · A. Merging adds ΔW into t
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -123,6 +124,22 @@ def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and "default" in module.lora_A
     }
+
+
+def fresh_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], seed: int) -> Factors:
+    """The (A, B) :func:`attach_lora` would draw for these modules (in the model's order), without a model:
+    peft's draws replayed (A's and B's layers built, then A Kaiming-uniform, B zero), so a server can start
+    global factors from the model's shapes alone."""
+    factors: Factors = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, rank in ranks.items():
+            out, fan_in = shapes[name]
+            A, B = nn.Linear(fan_in, rank, bias=False).weight, nn.Linear(rank, out, bias=False).weight
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+            factors[name] = (A.detach().clone(), B.detach().clone())
+    return factors
 
 
 def lora_factors(peft_model: PeftModel) -> Factors:

@@ -2,13 +2,16 @@
 
 BLEU (sacrebleu, 0-100), NIST (nltk, n=5), METEOR 1.5, ROUGE-L and CIDEr (pycocoevalcap, the
 scorers the official script wraps). Every hypothesis and reference is lower-cased and
-tokenised with sacrebleu's 13a tokenizer first, the same for all five metrics.
+tokenised with sacrebleu's 13a tokenizer first, the same for all five metrics. METEOR runs a Java
+program: on a machine without a Java runtime it is left out (:func:`meteor_missing` says why), the
+other four are scored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from collections.abc import Iterator, Mapping
 
 import sacrebleu
@@ -47,6 +50,13 @@ def _meteor() -> Iterator[Meteor]:
         process.wait()
 
 
+def meteor_missing() -> str:
+    """Why METEOR cannot be scored on this machine ('' when it can): it needs a Java runtime on the PATH."""
+    if shutil.which("java") is None:
+        return "METEOR not scored: no Java runtime ('java') on the PATH (install a JRE, e.g. Debian's default-jre-headless)"
+    return ""
+
+
 def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]]) -> dict[str, float]:
     """Score one hypothesis per MR against all references of that MR."""
     keys = sorted(hypotheses)
@@ -61,15 +71,11 @@ def e2e_scores(hypotheses: Mapping[str, str], references: Mapping[str, list[str]
     nist = _nist([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps])
     gts = {i: rs for i, rs in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
+    scores = {"bleu": float(bleu), "nist": float(nist)}
     with contextlib.redirect_stdout(io.StringIO()):
-        with _meteor() as meteor:
-            meteor_score, _ = meteor.compute_score(gts, res)
-        rouge_score, _ = Rouge().compute_score(gts, res)
-        cider_score, _ = Cider().compute_score(gts, res)
-    return {
-        "bleu": float(bleu),
-        "nist": float(nist),
-        "meteor": float(meteor_score),
-        "rouge_l": float(rouge_score),
-        "cider": float(cider_score),
-    }
+        if not meteor_missing():
+            with _meteor() as meteor:
+                scores["meteor"] = float(meteor.compute_score(gts, res)[0])
+        scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+        scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    return scores

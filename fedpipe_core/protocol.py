@@ -1,12 +1,16 @@
 """The messages between the ServerApp and the ClientApp: every key and its type, written once.
 
-A round has three kinds of message, each a small typed object here with the flat mapping the
+A run has three kinds of message, each a small typed object here with the flat mapping the
 transport carries (Flower's ConfigRecord / MetricRecord; arrays travel beside them as the
 ``{key: ndarray}`` dicts of :mod:`fedpipe_core.codec`):
 
 - the profile query (``QUERY``) and its :class:`ProfileReply`;
-- the :class:`TrainInstruction` a node is sent with its arrays (``config`` record);
-- the :class:`TrainReply` a node returns with its arrays (``metrics`` record).
+- the :class:`TrainInstruction` a node is sent with its arrays (``config`` record), and the
+  :class:`TrainReply` it returns with its arrays (``metrics`` record); with ``evaluate`` set, the reply
+  also carries the loss of the model the node started the round from on its validation share (the
+  previous round's global model: federated evaluation without a second message);
+- after the last round, the :class:`FinalInstruction` (``EVALUATE``, with the final ΔW) and the
+  :class:`FinalReply`: each site's scores and counts on its own test share, never a text.
 
 Reading a mapping validates it: a bad reply raises :class:`~fedpipe_core.codec.UpdateError` and a
 bad instruction :class:`ProtocolError`, each naming the key and the problem.
@@ -35,6 +39,10 @@ MODES = ("factors", "fedpipe", "ft")
 adapters (``fedpipe``, eqs 11-12); or fine-tune whole weights (``ft``)."""
 
 IMPORTANCE_PREFIX = "importance::"
+WEIGHT_NORM_PREFIX = "weight-norm::"
+MODELS = ("federated", "base", "local_only")
+"""The models a site scores after the last round: the final global one, the untrained base, and its own
+model fine-tuned alone (``eval.local-baseline``)."""
 PROFILE_QUERY: dict[str, str] = {"want": "profile"}
 
 
@@ -80,9 +88,13 @@ class TrainInstruction:
     state_from: int = 0
     state_to: int = 0
     """FedPipe: the ΔW rounds ``state_from + 1 .. state_to`` travel with this message."""
+    evaluate: bool = False
+    """Report the loss of the model this round starts from (the global model after round ``server_round - 1``)
+    on the node's validation share."""
 
-    def to_config(self) -> dict[str, int | str]:
+    def to_config(self) -> dict[str, int | str | bool]:
         return {
+            "evaluate": self.evaluate,
             "server-round": self.server_round,
             "mode": self.mode,
             "ranks": json.dumps(self.ranks),
@@ -106,6 +118,7 @@ class TrainInstruction:
                 precision=str(values["precision"]),
                 state_from=int(values.get("state-from", 0)),
                 state_to=int(values.get("state-to", 0)),
+                evaluate=bool(values.get("evaluate", False)),
             )
         except KeyError as exc:
             raise ProtocolError(f"train instruction lacks {exc.args[0]!r}") from None
@@ -134,9 +147,17 @@ class TrainReply:
     """Bytes of the frozen model as the node held it this round."""
     peak_bytes: int | None = None
     """Measured peak memory of the round (CUDA allocator peak, or model bytes + resident-memory increase on CPU)."""
+    eval_loss: float | None = None
+    """With ``evaluate``: the start model's loss on the node's validation share (None: it holds none out)."""
+    eval_examples: int = 0
+    weight_norms: dict[str, float] = field(default_factory=dict)
+    """‖W‖_F of each trained weight as the node holds it: the scale a server without weights judges updates by."""
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps}
+        if self.eval_loss is not None:
+            out |= {"eval-loss": self.eval_loss, "eval-examples": self.eval_examples}
+        out |= {f"{WEIGHT_NORM_PREFIX}{m}": v for m, v in self.weight_norms.items()}
         if self.state_version is not None:
             out["state-version"] = self.state_version
         if self.profile is not None:
@@ -185,11 +206,9 @@ class TrainReply:
             for k in ("model-bytes", "peak-memory-bytes")
             if k in values and isinstance(values[k], int) and values[k] >= 0
         }
-        importance = {
-            k.removeprefix(IMPORTANCE_PREFIX): float(v)
-            for k, v in values.items()
-            if k.startswith(IMPORTANCE_PREFIX) and math.isfinite(float(v))
-        }
+        importance = _prefixed(values, IMPORTANCE_PREFIX)
+        norms = {m: v for m, v in _prefixed(values, WEIGHT_NORM_PREFIX).items() if v > 0}
+        evaluation = read_evaluation(values, "eval-loss", "eval-examples")
         return cls(
             num_examples=num_examples,
             train_loss=train_loss,
@@ -202,6 +221,9 @@ class TrainReply:
             importance=importance,
             model_bytes=memory.get("model-bytes"),
             peak_bytes=memory.get("peak-memory-bytes"),
+            eval_loss=evaluation[0] if evaluation else None,
+            eval_examples=evaluation[1] if evaluation else 0,
+            weight_norms=norms,
         )
 
     def timing(self) -> dict[str, float] | None:
@@ -212,3 +234,102 @@ class TrainReply:
         if not (values["train-s"] > 0 and all(math.isfinite(v) and v >= 0 for v in values.values())):
             return None
         return values
+
+
+def _prefixed(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The finite numbers under keys ``prefix<name>``, by name."""
+    return {k.removeprefix(prefix): float(v) for k, v in values.items() if k.startswith(prefix) and math.isfinite(float(v))}
+
+
+def read_evaluation(values: Mapping[str, Any], loss_key: str, count_key: str) -> tuple[float, int] | None:
+    """(loss, examples) when both are reported and usable (a finite loss >= 0, a positive count), else None."""
+    if loss_key not in values or count_key not in values:
+        return None
+    loss, count = values[loss_key], values[count_key]
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return None
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not (math.isfinite(loss) and loss >= 0):
+        return None
+    return float(loss), count
+
+
+@dataclass(frozen=True)
+class FinalInstruction:
+    """After the last round: score the final model (sent as dense ΔW) on the site's held-out shares."""
+
+    server_round: int
+    base: bool = True
+    """Also score the untrained base (``eval.base-generation``)."""
+    local_baseline: bool = False
+    """Also fine-tune alone on the training share for ``local_steps`` steps and score that (``eval.local-baseline``)."""
+    local_steps: int = 0
+
+    def to_config(self) -> dict[str, int | bool]:
+        return {
+            "server-round": self.server_round,
+            "final": True,
+            "base": self.base,
+            "local-baseline": self.local_baseline,
+            "local-steps": self.local_steps,
+        }
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> FinalInstruction:
+        if not values.get("final"):
+            raise ProtocolError("evaluate instruction lacks 'final' (the only evaluation this app sends)")
+        try:
+            return cls(
+                int(values["server-round"]), bool(values["base"]), bool(values["local-baseline"]), int(values["local-steps"])
+            )
+        except KeyError as exc:
+            raise ProtocolError(f"evaluate instruction lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"evaluate instruction is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FinalReply:
+    """A site's scores: the final model's validation loss, and per model (:data:`MODELS`) its test scores; counts
+    and its data's hash, never a text."""
+
+    eval_loss: float | None
+    eval_examples: int
+    test_examples: int
+    scores: dict[str, dict[str, float]]
+    data_hash: str = ""
+    note: str = ""
+
+    def to_metrics(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {"test-examples": self.test_examples}
+        if self.eval_loss is not None:
+            out |= {"eval-loss": self.eval_loss, "eval-examples": self.eval_examples}
+        return out | {f"{model}::{metric}": value for model, scores in self.scores.items() for metric, value in scores.items()}
+
+    def to_config(self) -> dict[str, str]:
+        return {"data-hash": self.data_hash, "note": self.note}
+
+    @classmethod
+    def from_records(cls, metrics: Mapping[str, Any], config: Mapping[str, Any]) -> FinalReply:
+        """Read a site's final scores; UpdateError naming the key when they cannot be used."""
+        evaluation = read_evaluation(metrics, "eval-loss", "eval-examples")
+        scores: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            model, sep, metric = key.partition("::")
+            if not sep:
+                continue
+            if model not in MODELS:
+                raise UpdateError(f"final scores: unknown model {model!r} in {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UpdateError(f"final scores: {key!r} is not a finite number ({value!r})")
+            scores.setdefault(model, {})[metric] = float(value)
+        test_examples = metrics.get("test-examples", 0)
+        if not isinstance(test_examples, int) or test_examples < 0:
+            raise UpdateError(f"final scores: test-examples must be a count, got {test_examples!r}")
+        return cls(
+            evaluation[0] if evaluation else None,
+            evaluation[1] if evaluation else 0,
+            test_examples,
+            scores,
+            str(config.get("data-hash", "")),
+            str(config.get("note", "")),
+        )

@@ -3,7 +3,9 @@
 - ``config.json``: the run config (kebab-case keys) plus run id and strategy details;
 - ``metrics.jsonl``: one object per round (round, eval_loss, ppl, clients, bytes_up, bytes_down, wall_s, ...);
 - ``summary.json``: final metrics (bleu, nist, meteor, rouge_l, cider, ppl, trainable_params, bytes, wall_s);
-- ``delta.safetensors``: the global ΔW per adapted module, reloadable with :func:`load_run`.
+- ``delta.safetensors``: the final global ΔW per adapted module, reloadable with :func:`load_run`;
+- ``best/delta.safetensors`` and ``best/round.json``: the ΔW of the round with the lowest eval loss
+  (federated when the sites evaluate), ``load_run(..., which="best")``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from fedpipe_core.config import ConfigError, RunConfig
 
 DELTA_FILE = "delta.safetensors"
+BEST_DIR = "best"
+WHICH = ("best", "last")
 RUN_EXTRAS = ("run-id", "checkpoint", "target-modules")
 """What config.json records besides the run config."""
 
@@ -64,18 +68,32 @@ class RunWriter:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
 
-    def save_delta(self, delta: dict[str, torch.Tensor]) -> Path:
-        path = self.dir / DELTA_FILE
-        save_file({k: v.contiguous() for k, v in delta.items()}, str(path))
+    def save_delta(self, delta: dict[str, torch.Tensor], best: bool = False) -> Path:
+        """The final ΔW, or (``best``) that of the best round so far, written atomically."""
+        path = self.dir / BEST_DIR / DELTA_FILE if best else self.dir / DELTA_FILE
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp))
+        os.replace(tmp, path)
         return path
 
+    def note_best(self, server_round: int, loss: float) -> None:
+        (self.dir / BEST_DIR / "round.json").write_text(json.dumps({"round": server_round, "loss": loss}) + "\n")
 
-def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """The run config and global ΔW saved by a finished run."""
-    config_path, delta_path = run_dir / "config.json", run_dir / DELTA_FILE
-    for path in (config_path, delta_path):
+
+def delta_path(run_dir: Path, which: str = "last") -> Path:
+    """The ΔW file of a run's ``last`` (final) or ``best`` round."""
+    if which not in WHICH:
+        raise ConfigError(f"--which: {which!r} is not one of {', '.join(WHICH)}")
+    return run_dir / BEST_DIR / DELTA_FILE if which == "best" else run_dir / DELTA_FILE
+
+
+def load_run(run_dir: Path, which: str = "last") -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The run config and the global ΔW of its last (``which="last"``) or best round saved by a finished run."""
+    config_path, delta_file = run_dir / "config.json", delta_path(run_dir, which)
+    for path in (config_path, delta_file):
         if not path.is_file():
-            raise ConfigError(f"run directory {str(run_dir)!r} has no {path.name} (not a finished run?)")
+            raise ConfigError(f"run directory {str(run_dir)!r} has no {path.relative_to(run_dir)} (not a finished run?)")
     stored = json.loads(config_path.read_text())
     known = set(RunConfig().to_mapping())
     unknown = sorted(set(stored) - known - set(RUN_EXTRAS))
@@ -85,4 +103,4 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
             "it was written by another version of the app"
         )
     config = RunConfig.from_mapping({k: v for k, v in stored.items() if k in known})
-    return config, load_file(str(delta_path))
+    return config, load_file(str(delta_file))

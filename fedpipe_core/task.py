@@ -1,11 +1,14 @@
 """The task of a run: model checkpoint, tokenizer, target modules, data splits, and each node's data.
 
-Loaded once per process from the run config (cached); both apps and the strategies read it.
+Loaded once per process from the run config (cached); both apps and the strategies read it. Planning
+needs only the model's shapes (a meta skeleton): the run's data is read when :attr:`Task.splits` is
+first used, so a server that leaves evaluation to the sites (``eval.where = sites``) reads no dataset.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,21 @@ class Task:
     config: RunConfig
     checkpoint: Path
     tokenizer: PreTrainedTokenizerBase
-    splits: dict[str, list[Example]]
     targets: tuple[str, ...]
     shapes: dict[str, tuple[int, int]]
     spec: ModelSpec
+
+    @functools.cached_property
+    def splits(self) -> dict[str, list[Example]]:
+        """The run's data (``data.path``, else the packaged set) split by group; read on first use, checked then."""
+        cfg = self.config
+        splits = split_examples(load_examples(cfg.task, cfg.data_path, fields=Fields(cfg.prompt_field, cfg.response_field)))
+        if cfg.max_train_examples:
+            splits["train"] = splits["train"][: cfg.max_train_examples]
+        for name in ("train", "validation"):
+            if not splits[name]:
+                raise ConfigError(f"run config 'data.path': the {cfg.task} data has no {name} example after splitting by group")
+        return splits
 
     def base_model(self) -> PreTrainedModel:
         """A fresh copy of the frozen base model."""
@@ -46,7 +60,7 @@ class Task:
 
 @functools.lru_cache(maxsize=4)
 def load_task(config: RunConfig) -> Task:
-    """Resolve model, tokenizer, target modules and data splits; validates before training."""
+    """Resolve model, tokenizer and target modules from the model's shapes (no weight, no data is read)."""
     quiet()
     checkpoint = resolve_checkpoint(config.model, config.cache_dir)
     tokenizer = load_tokenizer(checkpoint)
@@ -54,15 +68,7 @@ def load_task(config: RunConfig) -> Task:
     targets = tuple(resolve_target_modules(model, config.lora_target_modules))
     shapes = {m: module_shape(model, m) for m in targets}
     spec = model_spec(model, list(targets))
-    splits = split_examples(
-        load_examples(config.task, config.data_path, fields=Fields(config.prompt_field, config.response_field))
-    )
-    if config.max_train_examples:
-        splits["train"] = splits["train"][: config.max_train_examples]
-    for name in ("train", "validation"):
-        if not splits[name]:
-            raise ConfigError(f"run config 'data.path': the {config.task} data has no {name} example after splitting by group")
-    return Task(config, checkpoint, tokenizer, splits, targets, shapes, spec)
+    return Task(config, checkpoint, tokenizer, targets, shapes, spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,7 +80,7 @@ def client_examples(task: Task, partition_id: int, num_partitions: int) -> list[
 
 @functools.lru_cache(maxsize=4)
 def site_examples(task: Task, data_path: str, prompt_field: str = "", response_field: str = "") -> list[Example]:
-    """Every example of a site's own data (node config ``data-path``), all used for training.
+    """Every example of a site's own data (node config ``data-path``); :func:`site_data` splits it.
 
     Its fields are the node config's ``prompt-field`` / ``response-field`` when given (a site's own format),
     else the run config's. The data never leaves the node; a missing or malformed file raises ConfigError
@@ -85,6 +91,68 @@ def site_examples(task: Task, data_path: str, prompt_field: str = "", response_f
         Fields(prompt_field, response_field) if prompt_field or response_field else Fields(cfg.prompt_field, cfg.response_field)
     )
     return load_examples(cfg.task, data_path, where="node config 'data-path'", fields=fields)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A node's own data, split by group with the task's rule (:func:`~fedpipe_core.data.split_of`): training,
+    validation and test shares, no group on two sides. ``held_out`` is False when the node has too few groups
+    for a validation and a test share: it then trains on all of it and evaluates nothing (``note`` says why)."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    data_hash: str
+    note: str = ""
+
+    @property
+    def held_out(self) -> bool:
+        return bool(self.validation and self.test)
+
+
+def site_data(task: Task, data_path: str, prompt_field: str = "", response_field: str = "") -> NodeData:
+    """A site's own data file (node config ``data-path``) split into its train / validation / test shares."""
+    examples = site_examples(task, data_path, prompt_field, response_field)
+    return held_out_shares(split_examples(examples), file_hash(data_path), f"node config 'data-path' {data_path!r}")
+
+
+def partition_data(task: Task, partition_id: int, num_partitions: int) -> NodeData:
+    """A simulated node's partition of each of the run's splits: it trains on its share of the training split
+    (the same as with server evaluation) and holds out its share of the validation and test splits."""
+    cfg = task.config
+    shares = {"train": client_examples(task, partition_id, num_partitions)}
+    for name in ("validation", "test"):
+        examples = task.splits[name]
+        shares[name] = (
+            partition(examples, num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.testbed_seed)
+            if len(examples) >= num_partitions
+            else []
+        )
+    digest = hashlib.sha256(f"{cfg.data_path or 'built-in ' + cfg.task}:{partition_id}/{num_partitions}".encode()).hexdigest()
+    return held_out_shares(shares, digest, f"partition {partition_id} of {num_partitions}")
+
+
+def held_out_shares(shares: dict[str, list[Example]], data_hash: str, where: str) -> NodeData:
+    """The shares as :class:`NodeData`; with no validation or no test group, everything is trained on."""
+    if shares["validation"] and shares["test"]:
+        return NodeData(shares["train"], shares["validation"], shares["test"], data_hash)
+    groups = len({e.group for share in shares.values() for e in share})
+    everything = [e for name in ("train", "validation", "test") for e in shares[name]]
+    note = f"{where}: {groups} group(s) leave no validation and test share; training on all of it, evaluating none"
+    return NodeData(everything, [], [], data_hash, note)
+
+
+def file_hash(data_path: str) -> str:
+    """SHA-256 of a data file (what ``sha256sum`` prints), or of a ``save_to_disk`` directory's files (name and
+    content, in path order)."""
+    path = Path(data_path).expanduser()
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def node_profile(task: Task, node_config: Mapping[str, object], partition_id: int) -> ClientProfile:

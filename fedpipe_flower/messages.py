@@ -16,6 +16,8 @@ from fedpipe_core.protocol import (
     METRICS,
     PROFILE,
     PROFILE_QUERY,
+    FinalInstruction,
+    FinalReply,
     TrainInstruction,
     TrainReply,
     UpdateError,
@@ -84,3 +86,28 @@ def read_train_reply(reply: Message) -> tuple[Arrays, TrainReply, int]:
         raise UpdateError(f"reply lacks its {ARRAYS!r} or {METRICS!r} record")
     record = content.array_records[ARRAYS]
     return from_record(record), TrainReply.from_metrics(content.metric_records[METRICS]), record.count_bytes()
+
+
+def final_message(node_id: int, arrays: ArrayRecord, instruction: FinalInstruction) -> Message:
+    """The EVALUATE message after the last round: the final ΔW and what to score."""
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instruction.to_config())})
+    return Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE, group_id="final")
+
+
+def read_final(msg: Message) -> tuple[FinalInstruction, Arrays]:
+    """An EVALUATE message's instruction and the final ΔW."""
+    return FinalInstruction.from_config(msg.content[CONFIG]), from_record(msg.content[ARRAYS])
+
+
+def final_reply(msg: Message, reply: FinalReply) -> Message:
+    content = RecordDict({METRICS: MetricRecord(reply.to_metrics()), CONFIG: ConfigRecord(reply.to_config())})
+    return Message(content, reply_to=msg)
+
+
+def read_final_reply(reply: Message) -> FinalReply:
+    """A site's final scores; UpdateError when they cannot be used."""
+    content = reply.content
+    if METRICS not in content.metric_records:
+        raise UpdateError(f"final reply lacks its {METRICS!r} record")
+    config = content.config_records.get(CONFIG, ConfigRecord({}))
+    return FinalReply.from_records(content.metric_records[METRICS], config)

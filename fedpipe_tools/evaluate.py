@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedpipe_core.config import ConfigError
 from fedpipe_core.data import Example, load_examples
 from fedpipe_core.evaluate import score_test
-from fedpipe_core.results import load_run
+from fedpipe_core.results import WHICH, load_run
 from fedpipe_core.task import load_task
 
 
@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="score N meaning representations drawn at random (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--base", action="store_true", help="score the base model instead of base + ΔW")
+    parser.add_argument("--which", choices=WHICH, default="last", help="the last round's model (default) or the best round's")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     try:
-        config, delta = load_run(args.run_dir)
+        config, delta = load_run(args.run_dir, args.which)
         if config.task != "e2e":
             raise ConfigError(f"run {str(args.run_dir)!r} is a {config.task!r} run; fedpipe-eval scores E2E runs")
         examples = sample_groups(load_examples("e2e", args.data), args.limit, args.seed)

@@ -4,7 +4,10 @@
 module's ΔW as its truncated SVD, at ``--rank`` or at the smallest rank whose relative Frobenius error
 is at most ``--max-error``; the rank and error per module are printed and kept in
 ``fedpipe_export.json``. ``merged`` writes base + ΔW with the tokenizer
-(``AutoModelForCausalLM.from_pretrained(DIR)``). Everything is read from local files.
+(``AutoModelForCausalLM.from_pretrained(DIR)``). ``--which best`` exports the round with the lowest eval
+loss instead of the last. Both write a model card (``README.md``: base model and source, prompt template,
+strategy, rounds, sites, per-site and federated scores, run config, site data hashes). Everything is read
+from local files.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from fedpipe_core.config import ConfigError
 from fedpipe_core.export import DEFAULT_MAX_ERROR, export_merged, export_peft
-from fedpipe_core.results import load_run
+from fedpipe_core.model_card import model_card
+from fedpipe_core.results import WHICH, load_run
 from fedpipe_core.task import load_task
 
 
@@ -32,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_ERROR,
         help=f"peft: largest relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F when the rank is chosen (default {DEFAULT_MAX_ERROR})",
     )
+    parser.add_argument("--which", choices=WHICH, default="last", help="the last round's model (default) or the best round's")
     args = parser.parse_args(argv)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {str(args.out)!r} exists and is not an empty directory")
     try:
-        config, delta = load_run(args.run_dir)
+        config, delta = load_run(args.run_dir, args.which)
         task = load_task(config)
         args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "README.md").write_text(model_card(args.run_dir, config, args.which, args.format))
         if args.format == "merged":
             export_merged(task, delta, args.out)
             print(f"merged model ({len(delta)} modules with ΔW) in {args.out}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from fedpipe_core.config import ConfigError
 from fedpipe_core.data import task_prompt
 from fedpipe_core.evaluate import generate, global_model
-from fedpipe_core.results import load_run
+from fedpipe_core.results import WHICH, load_run
 from fedpipe_core.task import load_task
 
 
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", type=Path, help="more inputs, one per line")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per input (default 64)")
     parser.add_argument("--base", action="store_true", help="the base model alone, without the run's ΔW")
-    args = parser.parse_args(argv)
+    parser.add_argument("--which", choices=WHICH, default="last", help="the last round's model (default) or the best round's")
+    args = parser.parse_intermixed_args(argv)  # inputs may come after the flags: RUN --base "input"
     inputs = list(args.inputs)
     if args.file is not None:
         try:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     try:
-        config, delta = load_run(args.run_dir)
+        config, delta = load_run(args.run_dir, args.which)
         task = load_task(config)
     except ConfigError as exc:
         print(f"fedpipe-generate: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """``fedpipe-report RUN_DIR [--out DIR]``: one run as a markdown page with PNG plots.
 
 Reads the run's results contract (``metrics.jsonl``, ``plans.jsonl``, ``summary.json``) and writes
-``report.md`` with: eval loss per round and against simulated time, bytes up and down per round,
+``report.md`` with: eval loss per round and against simulated time (the server's, the federated mean and
+each site's), each site's base / local-only / federated scores, bytes up and down per round,
 each node's plan per round (precision, batch, the rank of every module as a heatmap) and each
 round's node timing (training, setup, process start-up). The benchmark's report
 (:mod:`fedpipe_tools.report`) writes one of these for each of its rows.
@@ -29,17 +30,53 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[dict[str, Any], float]]]:
+    """The eval-loss curves a run has, by label: the server's, the sites' weighted mean, and each site's."""
+    curves: dict[str, list[tuple[dict[str, Any], float]]] = {}
+    for row in rows:
+        if row.get("eval_loss") is not None:
+            curves.setdefault("server (its validation split)", []).append((row, row["eval_loss"]))
+        if row.get("federated_eval_loss") is not None:
+            curves.setdefault("federated (sites' mean)", []).append((row, row["federated_eval_loss"]))
+        for node, value in (row.get("site_eval") or {}).items():
+            curves.setdefault(_node(node), []).append((row, value["loss"]))
+    return curves
+
+
 def plot_loss(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Eval loss per round and against simulated time (round 0: the base model)."""
+    """Eval loss per round and against simulated time (round 0: the base model): the server's, the federated
+    mean and each site's (dashed) where the sites evaluate."""
     fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(9, 3.8))
-    by_round.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], marker="o")
-    by_round.set(xlabel="round", ylabel="eval loss")
-    by_time.plot([r.get("sim_time_s") or 0.0 for r in rows], [r["eval_loss"] for r in rows], marker="o")
+    for label, points in loss_curves(rows).items():
+        style = {"linestyle": "--", "alpha": 0.7} if label.startswith("node") else {"linewidth": 2}
+        losses = [loss for _, loss in points]
+        by_round.plot([r["round"] for r, _ in points], losses, marker="o", label=label, **style)
+        by_time.plot([r.get("sim_time_s") or 0.0 for r, _ in points], losses, marker="o", **style)
+    by_round.set(xlabel="round (0: the base model)", ylabel="eval loss (nats per target token)")
+    by_round.legend(fontsize=7)
     by_time.set(xlabel="simulated time (s)")
     fig.suptitle(f"{title}: eval loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def site_table(summary: dict[str, Any]) -> list[str]:
+    """Per site: base, local-only and federated scores on its own test share (what joining bought it)."""
+    sites = summary.get("sites") or {}
+    if not sites:
+        return []
+    metrics = [m for m in ("ppl", "bleu", "nist", "meteor", "rouge_l", "cider") if any(m in s for s in sites.values())]
+    lines = ["Per site, on its own test share: the base model, the site's model fine-tuned alone, the federated one.", ""]
+    lines += ["| site | test examples | model | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
+    for node, site in sites.items():
+        for label, scores in (("base", site.get("base")), ("local only", site.get("local_only")), ("federated", site)):
+            if scores:
+                values = " | ".join(_fmt(scores.get(m)) for m in metrics)
+                lines.append(f"| {_node(node)} | {site.get('examples', 0)} | {label} | {values} |")
+        if site.get("note"):
+            lines.append(f"| {_node(node)} | 0 | — | {site['note']} |")
+    return [*lines, ""]
 
 
 def plot_bytes(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -104,7 +141,7 @@ def _module_order(name: str) -> tuple[int, str]:
     return (digits[0] if digits else -1, name)
 
 
-def _node(node_id: int) -> str:
+def _node(node_id: int | str) -> str:
     """A node as the report names it: the last four digits of its id."""
     return f"node …{str(node_id)[-4:]}"
 
@@ -134,6 +171,7 @@ def write_run_report(run: Path, out: Path) -> Path:
     lines = [f"# {title}", "", f"Run directory: [`{where}`]({where})", ""]
     if summary:
         scores = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        scores |= {f"federated {k}": v for k, v in (summary.get("federated") or {}).items() if isinstance(v, (int, float))}
         lines += [
             "| " + " | ".join(scores) + " |",
             "|" + "---|" * len(scores),
@@ -142,11 +180,16 @@ def write_run_report(run: Path, out: Path) -> Path:
         ]
     else:
         lines += ["No summary.json yet: the run has not finished.", ""]
-    lines += ["| round | eval loss | clients | MB up | MB down | sim s | node train s | node setup s | node start-up s |"]
-    lines += ["|" + "---|" * 9]
+    lines += site_table(summary)
+    lines += [
+        "| round | eval loss (server) | federated eval loss | clients | MB up | MB down | sim s | node train s "
+        "| node setup s | node start-up s |"
+    ]
+    lines += ["|" + "---|" * 10]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['eval_loss']:.4f} | {r.get('clients', 0)} | {r.get('bytes_up', 0) / 1e6:.2f} "
+            f"| {r['round']} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('federated_eval_loss'))} | {r.get('clients', 0)} "
+            f"| {r.get('bytes_up', 0) / 1e6:.2f} "
             f"| {r.get('bytes_down', 0) / 1e6:.2f} | {_fmt(r.get('sim_time_s'))} | {_fmt(r.get('client_train_s'))} "
             f"| {_fmt(r.get('client_setup_s'))} | {_fmt(r.get('client_startup_s'))} |"
         )

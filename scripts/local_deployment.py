@@ -10,6 +10,12 @@ Every process this script starts is stopped by PID when it ends.
 
     python scripts/local_deployment.py --supernodes 3 --rounds 2 --proxy --workdir /tmp/fedpipe-deploy
 
+With ``--site-data FILE`` (repeatable) each SuperNode is a site with its own data file (node config
+``data-path``; extra node-config entries may follow the path, ``'a.jsonl prompt-field="q" response-field="a"'``),
+and with ``--run-config 'eval.where="sites" data.path=""'`` the server holds no data. ``--weightless-server``
+gives the SuperLink (and the ServerApp it runs) a model cache with the model's config and tokenizer only,
+no weight file: a run that completes has read no weight tensor on the server.
+
 The same steps on real machines: README, "Deployment".
 """
 
@@ -185,6 +191,8 @@ class Deployment:
     certs: dict[str, Path] = field(default_factory=dict)
     proxy_port: int | None = None
     """The public port when the SuperNodes go through the proxy (:meth:`start_proxy`)."""
+    server_cache: Path | None = None
+    """The SuperLink's own ``FEDPIPE_CACHE_DIR`` (see :func:`weightless_cache`); None: the machine's."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -200,9 +208,9 @@ class Deployment:
         """Where SuperNodes connect: the proxy's public port if there is one, else the SuperLink itself."""
         return f"127.0.0.1:{self.proxy_port or self.port}"
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 - kept open for the process's lifetime
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append((name, proc))
         return proc
 
@@ -240,7 +248,8 @@ class Deployment:
     def start_superlink(self, timeout_s: float = 60.0) -> None:
         if self.tls and not self.certs:
             self.certs = make_certificates(self.workdir / "certs")
-        self.start("superlink", self.superlink_command())
+        env = {**self.env, "FEDPIPE_CACHE_DIR": str(self.server_cache)} if self.server_cache else None
+        self.start("superlink", self.superlink_command(), env)
         wait_port(self.port, timeout_s)
         self.write_connection()
 
@@ -356,8 +365,38 @@ def _stop(proc: subprocess.Popen, timeout_s: float) -> None:
 
 def node_config(index: int, supernodes: int) -> str:
     """Each node's partition and a declared profile (memory and TFLOPS differ per node)."""
+    return f"partition-id={index} num-partitions={supernodes} {declared_profile(index)}"
+
+
+def declared_profile(index: int) -> str:
+    """A node's declared memory and TFLOPS (they differ per node)."""
     memory_gb, tflops = 1.4 + 0.15 * index, 9.0 + 8.0 * index
-    return f"partition-id={index} num-partitions={supernodes} memory-gb={memory_gb:.2f} tflops={tflops:.1f}"
+    return f"memory-gb={memory_gb:.2f} tflops={tflops:.1f}"
+
+
+def site_config(index: int, site: str) -> str:
+    """A site's node config: its own data file (``FILE`` then any extra node-config entries) and its profile."""
+    path, _, extra = site.strip().partition(" ")
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"--site-data {path!r} does not exist")
+    return f"data-path={json.dumps(str(Path(path).expanduser().resolve()))} {declared_profile(index)} {extra}".strip()
+
+
+def weightless_cache(directory: Path) -> Path:
+    """A model cache for the server: the built-in model's cache with its config and tokenizer, and a
+    ``model.safetensors`` that holds no tensor (a server that plans from shapes needs nothing else; reading a
+    weight tensor there fails)."""
+    sys.path.insert(0, str(APP))
+    from safetensors.torch import save_file
+
+    from fedpipe_core.model import default_cache_dir, resolve_checkpoint
+
+    source = resolve_checkpoint("smollm2-135m")  # builds the machine's cache once if needed
+    target = directory / source.relative_to(default_cache_dir())
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file({}, str(target / "model.safetensors"))
+    return directory
 
 
 def run_command(run_config: str) -> list[str]:
@@ -378,19 +417,26 @@ def deploy_and_run(
     extra_config: str = "",
     timeout_s: float = 900.0,
     proxy: bool = False,
+    site_data: list[str] | None = None,
+    weightless_server: bool = False,
 ) -> dict[str, object]:
-    """Start the deployment, run the app, stop everything; returns wall time, run directory and log tail."""
+    """Start the deployment, run the app, stop everything; returns wall time, run directory and log tail.
+
+    With ``site_data``, one SuperNode per entry, each with its own data file (``supernodes`` is ignored)."""
     if proxy and not tls:
         raise ValueError("the proxy serves TLS only: drop --insecure or --proxy")
     workdir.mkdir(parents=True, exist_ok=True)
-    deployment = Deployment(workdir, tls)
+    deployment = Deployment(workdir, tls, server_cache=weightless_cache(workdir / "server-cache") if weightless_server else None)
+    configs = [site_config(i, site) for i, site in enumerate(site_data)] if site_data else None
+    configs = configs or [node_config(index, supernodes) for index in range(supernodes)]
+    supernodes = len(configs)
     started = time.time()
     try:
         deployment.start_superlink()
         if proxy:
             deployment.start_proxy()
-        for index in range(supernodes):
-            deployment.join(index, node_config(index, supernodes))
+        for index, config in enumerate(configs):
+            deployment.join(index, config)
         runs = workdir / "runs"
         config = f'num-server-rounds={rounds} output-dir="{runs}" strategy.min-train-nodes={supernodes} {extra_config}'.strip()
         done = run_app(deployment, config, timeout_s)
@@ -414,10 +460,29 @@ def main() -> int:
     parser.add_argument("--proxy", action="store_true", help="SuperNodes through nginx, which exposes the Fleet API only")
     parser.add_argument("--run-config", default="", help="extra run-config keys, e.g. 'train.local-steps=2'")
     parser.add_argument("--timeout-s", type=float, default=900.0)
-    args = parser.parse_args()
-    result = deploy_and_run(
-        args.workdir, args.supernodes, args.rounds, not args.insecure, args.run_config, args.timeout_s, args.proxy
+    parser.add_argument(
+        "--site-data",
+        action="append",
+        metavar="FILE",
+        help="a site with its own data file (repeatable: one SuperNode each); extra node config may follow the path",
     )
+    parser.add_argument("--weightless-server", action="store_true", help="the server's model cache holds no weight file")
+    args = parser.parse_args()
+    try:
+        result = deploy_and_run(
+            args.workdir,
+            args.supernodes,
+            args.rounds,
+            not args.insecure,
+            args.run_config,
+            args.timeout_s,
+            args.proxy,
+            args.site_data,
+            args.weightless_server,
+        )
+    except ValueError as exc:
+        print(f"local_deployment: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=2))
     if result["run_dir"] is None:
         print(result["log_tail"], file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -20,11 +20,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedpipe_core.codec import encode_dense
 from fedpipe_core.plan import Plan
-from fedpipe_core.protocol import UpdateError
+from fedpipe_core.protocol import FinalInstruction, FinalReply, UpdateError
 from fedpipe_core.strategies.base import Strategy, Updates
 from fedpipe_flower.messages import (
+    final_message,
     profile_query,
+    read_final_reply,
     read_profile,
     read_query_timing,
     read_train_reply,
@@ -54,6 +57,8 @@ class RoundStats:
     """Per node: the cost model's predicted peak and, once it replied, the measured peak and the model's bytes."""
     query_s: dict[int, float] = field(default_factory=dict)
     """Per node profiled this round: seconds its QUERY reply cost it (process start-up + handler)."""
+    site_eval: dict[int, tuple[float, int]] = field(default_factory=dict)
+    """Per node asked to: (loss, examples) of the model the round started from on its validation share."""
 
     def node_memory(self) -> dict[str, dict[str, float]]:
         """Per node that replied: precision, predicted and measured peak, model bytes, and measured ÷ predicted."""
@@ -75,7 +80,12 @@ class RoundStats:
 
 
 class FlowerAdapter(FlowerStrategy):
-    """Runs a :class:`~fedpipe_core.strategies.base.Strategy` over Flower; the server evaluates the global model itself."""
+    """Runs a :class:`~fedpipe_core.strategies.base.Strategy` over Flower.
+
+    Evaluation (``eval.where``): the server evaluates the global model on data it holds (the recorder's
+    ``evaluate_fn``), and/or each site evaluates it on its own validation share. A site's evaluation of the
+    global model after round r rides on its TRAIN reply of round r+1 (it has built that model to train on it,
+    so no second base is built), and that of the last round on the final EVALUATE reply."""
 
     def __init__(self, strategy: Strategy, plan_log: Path | None = None, round_offset: int = 0) -> None:
         self.strategy = strategy
@@ -131,7 +141,9 @@ class FlowerAdapter(FlowerStrategy):
             stats.memory[node_id] = {"precision": plan.precision, "predicted_peak_bytes": plan.memory_bytes}
             stats.sim_time_s = max(stats.sim_time_s, plan.local_steps * plan.step_flops / self.strategy.profiles[node_id].flops)
         messages = []
+        evaluate = cfg.sites_evaluate and cfg.evaluated(server_round - 1)  # the model this round starts from
         for node_id, (payload, instruction) in self.strategy.payloads(server_round, plans).items():
+            instruction = replace(instruction, evaluate=evaluate)
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             messages.append(train_message(node_id, record, instruction, config))
@@ -141,6 +153,7 @@ class FlowerAdapter(FlowerStrategy):
         server_round = self.run_round(server_round)
         stats = self.stats.setdefault(server_round, RoundStats())
         updates: Updates = {}
+        parsed = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -149,7 +162,14 @@ class FlowerAdapter(FlowerStrategy):
                 stats.rejected += 1
                 continue
             try:
-                arrays, report, size = read_train_reply(reply)
+                parsed.append((node_id, *read_train_reply(reply)))
+            except UpdateError as exc:
+                log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
+                self.strategy.on_failure(node_id)
+                stats.rejected += 1
+        self.strategy.observe_weight_norms([report.weight_norms for _, _, report, _ in parsed])
+        for node_id, arrays, report, size in parsed:
+            try:
                 update = self.strategy.read_update(arrays, report, stats.ranks.get(node_id))
             except UpdateError as exc:
                 log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
@@ -162,6 +182,7 @@ class FlowerAdapter(FlowerStrategy):
                 continue
             stats.bytes_up += size
             updates[node_id] = (update, report)
+            self._note_site_eval(server_round, node_id, report.eval_loss, report.eval_examples, stats)
             timing = report.timing()
             if timing is not None:
                 stats.timing[node_id] = timing
@@ -180,8 +201,49 @@ class FlowerAdapter(FlowerStrategy):
         metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
         return to_record(self.strategy.global_arrays()), metrics
 
+    def _note_site_eval(self, server_round: int, node_id: int, loss: float | None, examples: int, stats: RoundStats) -> None:
+        """Keep a node's evaluation of the round's start model; a node asked to evaluate that returned none is logged."""
+        if loss is not None:
+            stats.site_eval[node_id] = (loss, examples)
+        elif self.config.sites_evaluate and self.config.evaluated(server_round - 1):
+            log(
+                WARNING,
+                "round %d: node %d returned no evaluation (it holds no validation share); left out of the mean",
+                server_round,
+                node_id,
+            )
+
+    def final_scores(self, grid: Grid, delta: dict) -> dict[int, FinalReply]:
+        """After the last round: every profiled node still connected scores the final model on its own test share
+        (one EVALUATE message each, with the final ΔW); a failed or unusable reply is logged and left out."""
+        cfg = self.config
+        connected = set(grid.get_node_ids())
+        nodes = sorted(n for n in self.strategy.profiles if n in connected)
+        instruction = FinalInstruction(
+            cfg.num_server_rounds,
+            base=cfg.eval_base_generation,
+            local_baseline=cfg.eval_local_baseline,
+            local_steps=cfg.num_server_rounds * cfg.local_steps,
+        )
+        record = to_record(encode_dense(delta))
+        messages = [final_message(n, record, instruction) for n in nodes]
+        out: dict[int, FinalReply] = {}
+        for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "final scoring: node %d failed or refused: %s", node_id, reply.error.reason)
+                continue
+            try:
+                out[node_id] = read_final_reply(reply)
+            except UpdateError as exc:
+                log(WARNING, "final scoring: the scores of node %d are unusable: %s", node_id, exc)
+                continue
+            if out[node_id].note:
+                log(WARNING, "final scoring: node %d: %s", node_id, out[node_id].note)
+        return dict(sorted(out.items()))
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the server evaluates the global model itself (evaluate_fn)
+        return []  # the sites' evaluation rides on the next TRAIN reply, the server's is evaluate_fn
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
@@ -225,3 +287,11 @@ class FlowerAdapter(FlowerStrategy):
                     "over_budget": plan.over_budget,
                 }
                 handle.write(json.dumps(row) + "\n")
+
+
+def site_mean(evaluations: dict[int, tuple[float, int]]) -> tuple[float | None, dict[str, dict[str, float]]]:
+    """The example-weighted mean of the sites' losses, and each site's {loss, examples} by node id."""
+    per_site = {str(n): {"loss": loss, "examples": count} for n, (loss, count) in sorted(evaluations.items())}
+    total = sum(count for _, count in evaluations.values())
+    mean = sum(loss * count for loss, count in evaluations.values()) / total if total else None
+    return mean, per_site

@@ -47,10 +47,14 @@ def test_a_site_answers_only_the_message_types_it_lists():
     refused = accepted_messages(profile_query(7), _context({"messages": "train"}), handler)
     assert refused.has_error() and "does not answer 'query' messages" in refused.error.reason
     assert not accepted_messages(train, _context({"messages": "train"}), handler).has_error()
-    assert not accepted_messages(train, _context({}), handler).has_error()  # default: query and train
-    typo = accepted_messages(train, _context({"messages": "train,evaluate"}), handler)
-    assert typo.has_error() and "['evaluate'] not among" in typo.error.reason
-    assert answered == [MessageType.TRAIN, MessageType.TRAIN]
+    assert not accepted_messages(train, _context({}), handler).has_error()  # default: query, train and evaluate
+    final = Message(RecordDict(), dst_node_id=7, message_type=MessageType.EVALUATE)
+    assert not accepted_messages(final, _context({}), handler).has_error()
+    no_scoring = accepted_messages(final, _context({"messages": "query,train"}), handler)  # a site refusing final scoring
+    assert no_scoring.has_error() and "does not answer 'evaluate' messages" in no_scoring.error.reason
+    typo = accepted_messages(train, _context({"messages": "train,evalute"}), handler)
+    assert typo.has_error() and "['evalute'] not among" in typo.error.reason
+    assert answered == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
 
 
 def test_compute_bytes_without_torch_agree_with_the_training_device():

@@ -110,14 +110,19 @@ def test_alpaca_seed_and_full_formats(tmp_path):
         ("e2e", "mr,ref\n", "empty.csv", "holds no usable e2e example"),
         ("alpaca", "{not json", "bad.json", "not valid Alpaca JSON"),
         ("alpaca", json.dumps([{"input": "x"}]), "noinst.json", "has no 'instruction'"),
-        ("e2e", '{"mr": "x"}\n', "bad.jsonl", "not a readable E2E file"),
+        ("e2e", '{"mr": "x", "refs": ["y"]}\n{"mr": "x"}\n', "bad.jsonl", 'line 2: expected {"mr": text, "refs": [text, ...]}'),
+        ("e2e", '{"mr": "x", "refs": ["y"]}\n{"mr": "x", "refs": ["y"]\n', "bad.jsonl", "line 2: not a JSON object"),
+        ("e2e", "", "zero.csv", "is empty (an E2E file is a CSV with columns mr,ref)"),
+        ("e2e", 'mr,ref\n"name[A]",A.\n"name[B]", \n', "blank.csv", "row 3: 'ref' is empty"),
+        ("e2e", '{"mr": "name[A]", "refs": ["A.", ""]}\n', "blank.jsonl", "row 1: 'ref' is empty"),
     ],
 )
 def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fragment):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as error:
         load_examples(task_name, str(path))
+    assert str(path) in str(error.value)  # every data error names the file
     with pytest.raises(ConfigError, match="does not exist"):
         load_examples(task_name, str(tmp_path / "missing.csv"))
 
@@ -125,8 +130,12 @@ def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fr
 def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
     from types import SimpleNamespace
 
-    from client_app.local_round import _examples, _partition
+    from client_app.local_round import _partition, node_data
     from fedpipe_core.task import client_examples
+
+    def _examples(task, context):
+        shares = node_data(task, context)
+        return shares.train + shares.validation + shares.test
 
     own = tmp_path / "site.csv"
     own.write_text(
@@ -137,7 +146,7 @@ def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
     assert [e.target.strip() for e in examples] == ["A serves Thai food.", "B is Thai.", "Thai at B."]
     assert _partition(site) == (0, 1)
     shared = SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 2})
-    assert _examples(task, shared) == client_examples(task, 1, 2)
+    assert node_data(task, shared).train == client_examples(task, 1, 2)  # the same training share as without site eval
     with pytest.raises(ConfigError, match="node config 'data-path'.*does not exist"):
         _examples(task, SimpleNamespace(node_config={"data-path": str(tmp_path / "missing.csv")}))
     broken = tmp_path / "broken.csv"

@@ -208,3 +208,68 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_without_losin
     rows = [json.loads(line) for line in next(resumed.glob("*/metrics.jsonl")).read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["clients"] == 2
     assert (tmp_path / "superlink.log").read_text().count("Starting Flower SuperLink") >= 2
+
+
+def _site_files(directory: Path) -> list[str]:
+    """Three sites' own files, in three formats, each with meaning representations of its own from the packaged E2E
+    set: JSONL with prompt/response fields, a native mr,ref CSV, and a save_to_disk directory."""
+    import csv
+
+    import datasets
+
+    records = [
+        json.loads(line) for line in (ROOT / "fedpipe_core" / "datasets" / "e2e" / "devset.jsonl").read_text().splitlines()
+    ]
+    shares = [[(r["mr"], ref) for r in records[i * 60 : (i + 1) * 60] for ref in r["refs"][:2]] for i in range(3)]
+    jsonl, table, saved = directory / "site-a.jsonl", directory / "site-b.csv", directory / "site-c"
+    jsonl.write_text("".join(json.dumps({"question": mr, "answer": ref}) + "\n" for mr, ref in shares[0]))
+    with open(table, "w", newline="") as handle:
+        csv.writer(handle).writerows([("mr", "ref"), *shares[1]])
+    datasets.Dataset.from_dict({"prompt": [m for m, _ in shares[2]], "response": [r for _, r in shares[2]]}).save_to_disk(
+        str(saved)
+    )
+    return [
+        f'{jsonl} prompt-field="question" response-field="answer"',
+        str(table),
+        f'{saved} prompt-field="prompt" response-field="response"',
+    ]
+
+
+def test_sites_with_their_own_files_and_a_server_without_data_or_weights(tmp_path):
+    import hashlib
+
+    sites = _site_files(tmp_path)
+    no_data = tmp_path / "the-server-has-no-data.csv"  # never created: a server that read its data.path would stop
+    config = f'{SMALL} eval.where="sites" data.path="{no_data}" eval.local-baseline=true eval.base-generation=true'
+    result = deploy.deploy_and_run(
+        tmp_path / "deploy", rounds=2, tls=True, extra_config=config, timeout_s=1200, site_data=sites, weightless_server=True
+    )
+    assert result["returncode"] == 0 and result["run_dir"], result["log_tail"]
+    run = Path(result["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:  # the server evaluated nothing; the sites' example-weighted mean is the federated eval loss
+        assert row["eval_loss"] is None and len(row["site_eval"]) == 3
+        weighted = sum(s["loss"] * s["examples"] for s in row["site_eval"].values()) / sum(
+            s["examples"] for s in row["site_eval"].values()
+        )
+        assert row["federated_eval_loss"] == pytest.approx(weighted, rel=1e-12)
+    assert rows[2]["federated_eval_loss"] < rows[0]["federated_eval_loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    hashes = {hashlib.sha256(Path(site.split()[0]).read_bytes()).hexdigest() for site in sites[:2]}
+    assert hashes <= {s["data_hash"] for s in summary["sites"].values()}  # what sha256sum prints for the two files
+    for site in summary["sites"].values():
+        assert site["examples"] > 0 and site["eval_examples"] > 0
+        for scores in (site, site["base"], site["local_only"]):
+            assert {"ppl", "bleu", "nist", "rouge_l", "cider"} <= set(scores)
+        assert site["ppl"] < site["base"]["ppl"]
+    assert summary["federated"]["sites"] == 3 and "bleu" in summary["federated"] and "ppl" in summary["federated"]["local_only"]
+    assert "bleu" not in summary  # nothing scored on the server
+    per_site = "; ".join(
+        f"{s['base']['ppl']:.2f} / {s['local_only']['ppl']:.2f} / {s['ppl']:.2f}" for s in summary["sites"].values()
+    )
+    losses = [round(r["federated_eval_loss"], 4) for r in rows]
+    print(
+        f"server peak RSS {summary['server_peak_rss_bytes'] / 1e6:.0f} MB; PPL per site (base / local only / federated): "
+        f"{per_site}; federated eval loss per round: {losses}"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -61,6 +62,9 @@ class Strategy(ABC):
     def __init__(self, task: Task) -> None:
         self.task = task
         self.profiles: dict[int, ClientProfile] = {}
+        self.reported_norms: dict[str, float] = {}
+        """‖W‖ per module as the sites reported it (median over a round's replies): the scale of
+        ``max-update-ratio`` on a server that reads no weight (``eval.where = sites``)."""
 
     # --- 1. plan --------------------------------------------------------------------------------
     def plan_round(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
@@ -178,12 +182,24 @@ class Strategy(ABC):
             raise UpdateError("reply carries no adapter")
         return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
 
+    def observe_weight_norms(self, reports: list[dict[str, float]]) -> None:
+        """A round's reported ‖W‖ per module: their median replaces the module's previous value."""
+        for module in {m for report in reports for m in report}:
+            self.reported_norms[module] = statistics.median(r[module] for r in reports if module in r)
+
+    def reference_norms(self) -> dict[str, float]:
+        """‖W‖ per module that updates are judged against: the base's own when the server reads weights, else the
+        sites' reported ones (a server with ``eval.where = sites`` never reads a weight tensor)."""
+        return weight_norms(self.task) if self.task.config.server_evaluates else self.reported_norms
+
     def _check_norms(self, update: ClientUpdate) -> None:
         """Reject an update whose ΔW on a module exceeds ``max-update-ratio`` × that weight's norm."""
-        norms, ratio = weight_norms(self.task), self.task.config.max_update_ratio
+        norms, ratio = self.reference_norms(), self.task.config.max_update_ratio
         sizes = {m: lowrank_norm(A, B, update.scaling[m]) for m, (A, B) in update.factors.items()}
         sizes |= {m: float(d.norm()) for m, d in update.dense.items()}
         for module, norm in sizes.items():
+            if module not in norms:
+                raise UpdateError(f"module {module!r}: no site reported ‖W‖, so the update cannot be judged")
             if norm > ratio * norms[module]:
                 raise UpdateError(f"module {module!r}: ‖ΔW‖ = {norm:.3g} exceeds {ratio:g} × ‖W‖ = {norms[module]:.3g}")
 

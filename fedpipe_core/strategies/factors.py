@@ -26,7 +26,7 @@ from fedpipe_core.aggregate import (
     truncate_factors,
 )
 from fedpipe_core.codec import decode_factors, encode_factors
-from fedpipe_core.lora import Factors, attach_lora, lora_factors
+from fedpipe_core.lora import Factors, fresh_factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.peer_rules import fedadapter_config, layers_top_down, legend_ranks
@@ -55,8 +55,8 @@ class FactorStrategy(ArrayState):
         """The global factors; before round 1 fresh adapters on every target (random A, zero B), the same for all."""
         if self._factors is None:
             cfg = self.task.config
-            ranks = {m: self.global_rank() for m in self.task.targets}
-            self._factors = lora_factors(attach_lora(self.task.base_model(), ranks, cfg.lora_alpha, cfg.seed))
+            ranks = {m: self.global_rank() for m in self.task.targets}  # the model's order, as peft draws them
+            self._factors = fresh_factors(self.task.shapes, ranks, cfg.seed)
         return self._factors
 
     def dispatch_state(self) -> Factors:
