@@ -1,10 +1,11 @@
-# ClientApp runner for GPU sites: CUDA runtime, Python, Flower and this app's dependencies.
+# ClientApp runner for GPU sites: CUDA runtime, Python, Flower and this app's dependencies, and a Java runtime
+# (METEOR, in a site's final scores, runs a Java program).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ARG FLWR_VERSION=1.42.0
 ENV DEBIAN_FRONTEND=noninteractive PIP_BREAK_SYSTEM_PACKAGES=1
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3=3.12.* python3-pip=24.* \
+    && apt-get install -y --no-install-recommends python3=3.12.* python3-pip=24.* openjdk-21-jre-headless=21.* \
     && rm -rf /var/lib/apt/lists/*
 
 # a non-root user like Flower's images (app, 49999), who owns the model cache and node state (a volume)

@@ -137,10 +137,11 @@ def score_test(
     max_examples: int | None = None,
     max_groups: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    outputs: list[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """Final scores of base + ``delta`` on the test split (or ``examples``): see :func:`score_model`."""
     examples = task.splits["test"] if examples is None else examples
-    return score_model(task, global_model(task, delta), examples, max_examples, max_groups, progress)
+    return score_model(task, global_model(task, delta), examples, max_examples, max_groups, progress, outputs)
 
 
 def score_model(
@@ -150,8 +151,10 @@ def score_model(
     max_examples: int | None = None,
     max_groups: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    outputs: list[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
-    """Final scores of ``model`` on ``examples``: PPL always; for E2E also the five generation metrics.
+    """Final scores of ``model`` on ``examples``: PPL always; for E2E also the five generation metrics (Alpaca:
+    perplexity only). ``outputs``, when given, receives (meaning representation, output) in the order scored.
 
     PPL is over ``max_examples`` examples spread over the groups (:func:`spread`), generation over
     ``max_groups`` meaning representations evenly spaced (:func:`pick_groups`); 0 means all, and the
@@ -168,6 +171,8 @@ def score_model(
         prompts = [next(e.prompt for e in examples if e.group == g) for g in groups]
         hyps = generate(model, task.tokenizer, prompts, cfg.max_new_tokens, progress=_stage(progress, "generation", len(prompts)))
         scores.update(e2e_scores(dict(zip(groups, hyps)), {g: refs[g] for g in groups}))
+        if outputs is not None:
+            outputs.extend(zip(groups, hyps))
         scores["scored_groups"] = float(len(groups))
     return scores
 

@@ -1,15 +1,18 @@
-"""``fedpipe-eval RUN_DIR --data FILE.csv [--limit N] [--seed S]``: score a saved run on any E2E-format file.
+"""``fedpipe-eval RUN_DIR --data FILE.csv [--limit N] [--seed S] [--outputs OUT.csv]``: score a saved run on any E2E-format file.
 
 Loads the run's base model and global ΔW and scores the file's meaning representations: perplexity
 over their references and greedy generations (batched) scored with BLEU, NIST, METEOR, ROUGE-L and
 CIDEr. ``--limit N`` caps both at a seeded random sample of N meaning representations (``--seed``),
 not the alphabetically first. A progress bar follows each stage; the result is one JSON object on
-the last line.
+the last line, with the scorer that computed it (``scorer``: the official script's figures, see
+:mod:`fedpipe_core.metrics`). ``--outputs OUT.csv`` also writes what was scored, one row per meaning
+representation (columns ``mr``, ``output``, in the order scored), for re-scoring with the official script.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import sys
@@ -21,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedpipe_core.config import ConfigError
 from fedpipe_core.data import Example, load_examples
 from fedpipe_core.evaluate import score_test
+from fedpipe_core.metrics import scorer
 from fedpipe_core.results import WHICH, load_run
 from fedpipe_core.task import load_task
 
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="score N meaning representations drawn at random (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--base", action="store_true", help="score the base model instead of base + ΔW")
+    parser.add_argument("--outputs", type=Path, help="also write the scored outputs: a CSV with columns mr,output")
     parser.add_argument("--which", choices=WHICH, default="last", help="the last round's model (default) or the best round's")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -63,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                 stages[stage] = bar.add_task(stage, total=total)
             bar.update(stages[stage], completed=done)
 
-        scores = score_test(task, {} if args.base else delta, examples=examples, max_examples=0, max_groups=0, progress=progress)
-    print(json.dumps({"run": str(args.run_dir), "data": args.data, "seed": args.seed, **scores}))
+        outputs: list[tuple[str, str]] = []
+        scores = score_test(
+            task, {} if args.base else delta, examples=examples, max_examples=0, max_groups=0, progress=progress, outputs=outputs
+        )
+    if args.outputs is not None:
+        with open(args.outputs, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("mr", "output"), *outputs])
+    print(json.dumps({"run": str(args.run_dir), "data": args.data, "seed": args.seed, "scorer": scorer(), **scores}))
     return 0
 
 

@@ -181,14 +181,14 @@ def write_run_report(run: Path, out: Path) -> Path:
     else:
         lines += ["No summary.json yet: the run has not finished.", ""]
     lines += site_table(summary)
-    lines += [
-        "| round | eval loss (server) | federated eval loss | clients | MB up | MB down | sim s | node train s "
-        "| node setup s | node start-up s |"
-    ]
-    lines += ["|" + "---|" * 10]
+    federated = any(r.get("federated_eval_loss") is not None for r in rows)
+    loss_columns = "eval loss (server) | federated eval loss" if federated else "eval loss"
+    lines += [f"| round | {loss_columns} | clients | MB up | MB down | sim s | node train s | node setup s | node start-up s |"]
+    lines += ["|" + "---|" * (10 if federated else 9)]
     for r in rows:
+        losses = _loss(r.get("eval_loss")) + (f" | {_loss(r.get('federated_eval_loss'))}" if federated else "")
         lines.append(
-            f"| {r['round']} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('federated_eval_loss'))} | {r.get('clients', 0)} "
+            f"| {r['round']} | {losses} | {r.get('clients', 0)} "
             f"| {r.get('bytes_up', 0) / 1e6:.2f} "
             f"| {r.get('bytes_down', 0) / 1e6:.2f} | {_fmt(r.get('sim_time_s'))} | {_fmt(r.get('client_train_s'))} "
             f"| {_fmt(r.get('client_setup_s'))} | {_fmt(r.get('client_startup_s'))} |"
@@ -207,6 +207,10 @@ def write_run_report(run: Path, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _fmt(value: Any) -> str:

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.evaluate import score_test
-from fedpipe_core.metrics import meteor_missing
+from fedpipe_core.metrics import meteor_missing, scorer
 from fedpipe_core.model import default_cache_dir
 from fedpipe_core.results import RunWriter, output_root
 from fedpipe_core.state import remove_run_states
@@ -85,6 +85,8 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "FedPipe: scoring the base model on the test split")
             summary["base"] = score_test(task, {})
     summary.update(recorder.summary())
+    if config.task == "e2e":
+        summary["scorer"] = scorer()
     writer.write_summary(summary)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k not in ("base", "sites")}
     log(INFO, "FedPipe: summary %s", shown)

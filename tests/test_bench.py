@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedpipe_core.config import ConfigError, RunConfig
+from fedpipe_core.metrics import SCORER
 from fedpipe_tools import bench
 from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
 from fedpipe_tools.report import Point, Target, loss_at, to_target, write_report
@@ -101,6 +102,7 @@ def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float,
         json.dumps(
             {
                 "bleu": bleu,
+                **({"scorer": SCORER} if bleu != 1.0 else {}),  # the barely-training row: scored before the scorer
                 "ppl": 5.0,
                 "trainable_params": 100.0,
                 "total_bytes_up": 1,
@@ -138,6 +140,7 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
     assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
     table = (out / "demo.md").read_text()
     assert "| lora-fedavg | hetero | 1 | 20.00 |" in table and "6.00" in table
+    assert "| fedadapter‡ | hetero |" in table and "‡ scored before the official-script scorer" in table
     assert "- fedadapter: bottleneck adapters" in table and "- lora-fedavg:" not in table  # what a method leaves out
     for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "runs/demo--fedpipe--hetero/plans.png"):
         assert (out / name).stat().st_size > 5000

@@ -240,7 +240,8 @@ def test_sites_with_their_own_files_and_a_server_without_data_or_weights(tmp_pat
 
     sites = _site_files(tmp_path)
     no_data = tmp_path / "the-server-has-no-data.csv"  # never created: a server that read its data.path would stop
-    config = f'{SMALL} eval.where="sites" data.path="{no_data}" eval.local-baseline=true eval.base-generation=true'
+    small = SMALL.replace("eval.base-generation=false", "eval.base-generation=true")  # each site scores its base too
+    config = f'{small} eval.where="sites" data.path="{no_data}" eval.local-baseline=true'
     result = deploy.deploy_and_run(
         tmp_path / "deploy", rounds=2, tls=True, extra_config=config, timeout_s=1200, site_data=sites, weightless_server=True
     )
