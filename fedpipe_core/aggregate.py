@@ -46,7 +46,8 @@ def lowrank_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
 
 
 def module_weights(updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
-    """The clients that trained ``module`` with their weights n_k / Σ n_j over those clients."""
+    """The clients that trained ``module`` with their weights n_k / Σ n_j over those clients, n_k being the examples
+    client k processed in the round (its batch × the steps it did: ``ClientRound.num_examples``), not its data's size."""
     trained = [u for u in updates if module in u.factors]
     total = sum(u.num_examples for u in trained)
     if total <= 0:

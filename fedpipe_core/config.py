@@ -109,6 +109,9 @@ class RunConfig:
     round_deadline_s: float = 0.0
     """`strategy.round-deadline-s`: simulated round deadline: a node does only the local steps it finishes in time, none
     = left out (0: no deadline)."""
+    time_budget_s: float = 0.0
+    """`strategy.time-budget-s`: simulated seconds the run may take: no round starts that would end past it (0: no budget;
+    the run then ends after `num-server-rounds`)."""
     max_update_ratio: float = 1.0
     """`strategy.max-update-ratio`: an update whose ‖ΔW‖_F on a module exceeds this × ‖W‖_F of that weight is rejected."""
     eval_examples: int = 48
@@ -170,6 +173,8 @@ class RunConfig:
         check_choice("eval_where", self.eval_where, EVAL_WHERE)
         _check_min("eval_every", self.eval_every, 1)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
+        if self.time_budget_s < 0:
+            raise ConfigError(f"run config {key_of('time_budget_s')!r}: must be >= 0 (0: no budget), got {self.time_budget_s!r}")
         if self.round_deadline_s < 0:
             raise ConfigError(
                 f"run config {key_of('round_deadline_s')!r}: must be >= 0 (0: no deadline), got {self.round_deadline_s!r}"

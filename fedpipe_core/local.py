@@ -34,6 +34,7 @@ class ClientRound:
     arrays: dict[str, np.ndarray]
     result: TrainResult
     num_examples: int
+    """Examples processed this round (batch × steps done): the weight of this update in every strategy's average."""
     importance: dict[str, float]
     importance_history: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_s: float = 0.0
@@ -111,7 +112,7 @@ def run_client_round(
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
         result=result,
-        num_examples=len(examples),
+        num_examples=result.examples,
         importance=tracker.scores(),
         importance_history=tracker.history(),
         train_s=train_s,
@@ -176,7 +177,7 @@ def run_full_round(
     return ClientRound(
         arrays=encode_dense(deltas),
         result=result,
-        num_examples=len(examples),
+        num_examples=result.examples,
         importance={},
         train_s=train_s,
         model_bytes=model_bytes,

@@ -19,6 +19,8 @@ class TrainResult:
 
     mean_loss: float
     steps: int
+    examples: int = 0
+    """Examples processed: Σ over the steps done of the batch's size (what the update is weighted by)."""
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
@@ -67,6 +69,7 @@ def train_local(
     scaler = torch.amp.GradScaler(device.type) if compute_dtype(device) == torch.float16 else None
     model.train()
     losses: list[float] = []
+    processed = 0
     for batch in batches(examples, batch_size, steps, seed):
         inputs = {k: v.to(device) for k, v in collate(tokenizer, batch, max_len).items()}
         with autocast(device):
@@ -87,5 +90,6 @@ def train_local(
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        processed += len(batch)
     model.eval()
-    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses))
+    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses), examples=processed)

@@ -42,6 +42,8 @@ class RunRecorder:
     """The last round's row, waiting for the sites' evaluation of its model (``eval.where`` = sites or both)."""
     pending_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     """That round's final ΔW, kept in case its model turns out the best."""
+    last_round: int = 0
+    """The last round finished (fewer than ``num-server-rounds`` when the time budget stopped the run)."""
     best: tuple[float, int] | None = None
     """(loss, round) of the best model so far: federated eval loss when the sites evaluate, else the server's."""
 
@@ -52,6 +54,7 @@ class RunRecorder:
         strategy.load_state_dict(checkpoint.state, checkpoint.tensors)
         self.adapter.round_offset = checkpoint.round
         self.totals = Totals(**checkpoint.totals)
+        self.adapter.sim_time_s = self.totals.sim_time_s
         for name in ("metrics.jsonl", "plans.jsonl"):
             if (previous / name).is_file():
                 rows = [json.loads(line) for line in (previous / name).read_text().splitlines() if line.strip()]
@@ -68,8 +71,10 @@ class RunRecorder:
         which completes that round's row; this round's row waits for the next round's (or the final) replies.
         """
         if flower_round == 0 and self.resumed_row is not None:  # the checkpoint's round: evaluated and recorded already
+            self.last_round = self.resumed_row["round"]
             return self.resumed_row
         server_round = self.adapter.run_round(flower_round)
+        self.last_round = server_round
         stats = self.adapter.stats.get(server_round)
         if self.pending is not None:
             self._complete(stats.site_eval if stats else {})
@@ -127,7 +132,7 @@ class RunRecorder:
         strategy = self.adapter.strategy
         cfg = strategy.task.config
         loss = (
-            evaluate_validation(strategy.task, strategy.global_delta())
+            evaluate_validation(strategy.task, strategy.final_delta())  # the model the run would save at this round
             if cfg.server_evaluates and cfg.evaluated(server_round)
             else None
         )
@@ -152,6 +157,7 @@ class RunRecorder:
         self.totals.bytes_up += row["bytes_up"]
         self.totals.bytes_down += row["bytes_down"]
         self.totals.sim_time_s = row["sim_time_s"]
+        self.adapter.sim_time_s = self.totals.sim_time_s
         log(
             INFO,
             "FedPipe round %d/%d | eval loss %s | clients %d | up %s down %s | sim %.1f s | %.1f s",
@@ -174,7 +180,7 @@ class RunRecorder:
             "total_bytes_down": self.totals.bytes_down,
             "total_bytes": self.totals.bytes_up + self.totals.bytes_down,
             "sim_time_s": self.totals.sim_time_s,
-            "rounds": self.adapter.config.num_server_rounds,
+            "rounds": self.last_round,
             "wall_s": time.time() - self.started,
             "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
             **({"best_round": self.best[1], "best_loss": self.best[0]} if self.best else {}),

@@ -19,7 +19,7 @@ from fedpipe_core.strategies import strategy_class
 from fedpipe_core.task import load_task
 from fedpipe_flower.messages import to_record
 from server_app.recorder import RunRecorder, site_summary
-from server_app.strategy import FlowerAdapter
+from server_app.strategy import FlowerAdapter, TimeBudgetSpent
 
 app = ServerApp()
 
@@ -60,19 +60,22 @@ def main(grid: Grid, context: Context) -> None:
         row = recorder.round_done(flower_round)
         return MetricRecord({k: row[k] for k in ("eval_loss", "ppl") if row[k] is not None})
 
-    adapter.start(
-        grid,
-        to_record(adapter.strategy.global_arrays()),
-        num_rounds=config.num_server_rounds - adapter.round_offset,
-        timeout=config.round_timeout_s,
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        adapter.start(
+            grid,
+            to_record(adapter.strategy.global_arrays()),
+            num_rounds=config.num_server_rounds - adapter.round_offset,
+            timeout=config.round_timeout_s,
+            evaluate_fn=evaluate_fn,
+        )
+    except TimeBudgetSpent as spent:
+        log(INFO, "FedPipe: %s", spent)
     final_delta = adapter.strategy.final_delta()
     writer.save_delta(final_delta)
     summary: dict[str, object] = {}
     if config.sites_evaluate:
         log(INFO, "FedPipe: the sites score the final model on their own test shares")
-        final = adapter.final_scores(grid, final_delta)
+        final = adapter.final_scores(grid, final_delta, recorder.last_round)
         recorder.finish(final)
         summary |= site_summary(final)
     removed = remove_run_states(default_cache_dir(config.cache_dir), context.run_id)

@@ -36,6 +36,10 @@ from fedpipe_flower.messages import (
 )
 
 
+class TimeBudgetSpent(Exception):
+    """The next round would end past ``strategy.time-budget-s``: the run stops before it."""
+
+
 @dataclass
 class RoundStats:
     """What one round moved and who took part."""
@@ -93,6 +97,8 @@ class FlowerAdapter(FlowerStrategy):
         self.round_offset = round_offset
         """Rounds done before this process (a resumed run): see :meth:`run_round`."""
         self.stats: dict[int, RoundStats] = {}
+        self.sim_time_s = 0.0
+        """Simulated seconds of the rounds finished so far (the recorder keeps it), against ``time-budget-s``."""
 
     def run_round(self, flower_round: int) -> int:
         """The run's round number of Flower's round ``flower_round`` (they differ in a resumed run)."""
@@ -131,6 +137,7 @@ class FlowerAdapter(FlowerStrategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         self.discover(grid, sorted(node_ids), stats)
         plans = self.strategy.plan_round(server_round, list(node_ids))
+        self._check_budget(server_round, plans)
         self._log_plans(server_round, plans)
         for node_id, plan in sorted(plans.items()):
             if not plan.feasible:
@@ -201,6 +208,20 @@ class FlowerAdapter(FlowerStrategy):
         metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
         return to_record(self.strategy.global_arrays()), metrics
 
+    def _check_budget(self, server_round: int, plans: dict[int, Plan]) -> None:
+        """Raise :class:`TimeBudgetSpent` when this round's slowest planned node would end past the time budget."""
+        budget = self.config.time_budget_s
+        if budget <= 0:
+            return
+        round_s = max(
+            (p.local_steps * p.step_flops / self.strategy.profiles[n].flops for n, p in plans.items() if p.feasible), default=0.0
+        )
+        if self.sim_time_s + round_s > budget * (1 + 1e-9):
+            raise TimeBudgetSpent(
+                f"round {server_round} would end at {self.sim_time_s + round_s:.4g} simulated s, past the time budget of "
+                f"{budget:g} s; the run ends after round {server_round - 1}"
+            )
+
     def _note_site_eval(self, server_round: int, node_id: int, loss: float | None, examples: int, stats: RoundStats) -> None:
         """Keep a node's evaluation of the round's start model; a node asked to evaluate that returned none is logged."""
         if loss is not None:
@@ -213,17 +234,17 @@ class FlowerAdapter(FlowerStrategy):
                 node_id,
             )
 
-    def final_scores(self, grid: Grid, delta: dict) -> dict[int, FinalReply]:
+    def final_scores(self, grid: Grid, delta: dict, rounds_done: int) -> dict[int, FinalReply]:
         """After the last round: every profiled node still connected scores the final model on its own test share
         (one EVALUATE message each, with the final ΔW); a failed or unusable reply is logged and left out."""
         cfg = self.config
         connected = set(grid.get_node_ids())
         nodes = sorted(n for n in self.strategy.profiles if n in connected)
         instruction = FinalInstruction(
-            cfg.num_server_rounds,
+            rounds_done,
             base=cfg.eval_base_generation,
             local_baseline=cfg.eval_local_baseline,
-            local_steps=cfg.num_server_rounds * cfg.local_steps,
+            local_steps=max(1, rounds_done) * cfg.local_steps,  # the local-only model trains as many steps as the run
         )
         record = to_record(encode_dense(delta))
         messages = [final_message(n, record, instruction) for n in nodes]

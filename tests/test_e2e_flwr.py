@@ -108,6 +108,11 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     for key in ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl", "trainable_params", "total_bytes", "wall_s"):
         assert isinstance(summary[key], (int, float)), key
     assert 0 < summary["trainable_params"] <= 60 * 8 * (576 + 576)  # at most rank 8 on all 60 q/v projections
+    from fedpipe_core.metrics import scorer
+
+    assert summary["scorer"] == scorer() and summary["rounds"] == 2
+    best = json.loads((run / "best" / "round.json").read_text())  # the best round's model, kept beside the last
+    assert best["round"] == summary["best_round"] and best["loss"] == min(r["eval_loss"] for r in rows[1:])
     config = json.loads((run / "config.json").read_text())
     assert config["strategy.name"] == "fedpipe"
     for row in rows[1:]:  # each node's own timing: its training, and the state restore around it

@@ -227,3 +227,53 @@ def test_meteor_is_left_out_and_said_so_without_java(monkeypatch):
     assert "no Java runtime" in metrics.meteor_missing()
     scores = metrics.e2e_scores({"a": "The Eagle is a pub."}, {"a": ["The Eagle is a pub.", "A pub, The Eagle."]})
     assert "meteor" not in scores and scores["bleu"] > 50
+
+
+def test_an_update_weighs_the_examples_it_processed(task):
+    from fedpipe_core.aggregate import ClientUpdate, module_weights
+    from fedpipe_core.local import run_client_round
+
+    module = task.targets[0]
+    out = run_client_round(
+        task,
+        model=task.base_model(),
+        examples=task.splits["train"][:40],
+        ranks={module: 2},
+        initial_factors=None,
+        seed=0,
+        batch_size=3,
+        local_steps=2,
+    )
+    assert out.num_examples == 3 * 2 == out.result.examples  # batch × steps done, not the 40 examples it holds
+    small = run_client_round(
+        task,
+        model=task.base_model(),
+        examples=task.splits["train"][:2],
+        ranks={module: 2},
+        initial_factors=None,
+        seed=0,
+        batch_size=3,
+        local_steps=2,
+    )
+    assert small.num_examples == 2 * 2  # a batch cannot exceed the data
+    updates = [
+        ClientUpdate({module: (None, None)}, {}, out.num_examples),
+        ClientUpdate({module: (None, None)}, {}, small.num_examples),
+    ]
+    assert [w for _, w in module_weights(updates, module)] == pytest.approx([0.6, 0.4])
+
+
+def test_a_time_budget_stops_the_run_before_a_round_that_would_overrun(task):
+    from server_app.strategy import TimeBudgetSpent
+
+    probe = _adapter(task, strategy="lora-fedavg")
+    list(probe.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    round_s = probe.stats[1].sim_time_s
+    assert round_s > 0
+    adapter = _adapter(task, strategy="lora-fedavg", time_budget_s=2.5 * round_s)
+    assert len(list(adapter.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))) == 2
+    adapter.sim_time_s = 2 * round_s  # two rounds done: a third would end at 3 × round_s > 2.5 × round_s
+    with pytest.raises(TimeBudgetSpent, match="round 3 would end at .* past the time budget"):
+        list(adapter.configure_train(3, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    with pytest.raises(ConfigError, match="'strategy.time-budget-s': must be >= 0"):
+        RunConfig(time_budget_s=-1.0)
