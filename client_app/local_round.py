@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
 
 from fedpipe_core.codec import decode_delta, decode_factors
 from fedpipe_core.config import RunConfig
@@ -26,6 +27,7 @@ from fedpipe_core.local import (
     run_full_round,
 )
 from fedpipe_core.metrics import meteor_missing
+from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
 from fedpipe_core.state import node_base, node_state_dir, save_importance
@@ -57,7 +59,7 @@ def _device(context: Context) -> torch.device:
 
 
 def _adapters_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds, dp: DpSgd | None
 ) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
     fedpipe = order.mode == "fedpipe"
@@ -77,13 +79,14 @@ def _adapters_round(
         batch_size=order.batch_size,
         local_steps=order.local_steps,
         evaluate_on=validation_share(task, data) if order.evaluate else None,
+        dp=dp,
     )
     save_importance(directory, state, out.importance_history)
     return out, end
 
 
 def _full_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds
+    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds, dp: DpSgd | None
 ) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
     out = run_full_round(
@@ -96,6 +99,7 @@ def _full_round(
         batch_size=order.batch_size,
         local_steps=order.local_steps,
         evaluate_on=validation_share(task, data) if order.evaluate else None,
+        dp=dp,
     )
     return out, 0
 
@@ -133,7 +137,16 @@ def train(msg: Message, context: Context, entered: float, startup_s: float) -> M
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
     seeds = round_seeds(task.config, order.server_round, partition_id)
-    out, version = ROUTINES[order.mode](task, context, order, payload, data, seeds)
+    ledger = site_ledger(task, context)
+    try:
+        dp = private_round(task, ledger, order, data, seeds.data)
+    except (PrivacyRefusal, PrivacyBudgetSpent) as refusal:
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(refusal)), reply_to=msg)
+    out, version = ROUTINES[order.mode](task, context, order, payload, data, seeds, dp)
+    spent = None
+    if ledger is not None and dp is not None:
+        spent = ledger.record(dp.rate, out.result.steps)
+        ledger.save(node_state_dir(task, context.run_id, context.node_id))
     report = TrainReply(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,
@@ -149,8 +162,39 @@ def train(msg: Message, context: Context, entered: float, startup_s: float) -> M
         eval_loss=out.start_eval.loss if out.start_eval else None,
         eval_examples=len(validation_share(task, data)) if out.start_eval else 0,
         weight_norms=out.weight_norms,
+        epsilon_spent=spent,
     )
     return train_reply(msg, out.arrays, report)
+
+
+class PrivacyRefusal(RuntimeError):
+    """A site that asks for DP-SGD was sent a TRAIN message without the DP instruction."""
+
+
+def site_ledger(task: Task, context: Context) -> PrivacyLedger | None:
+    """This site's privacy ledger when it trains with DP-SGD: its node config's ``dp-epsilon`` / ``dp-delta``, else the
+    run config's ``privacy.site-epsilon`` / ``privacy.site-delta``; None when its ε is 0 (no DP)."""
+    cfg, node = task.config, context.node_config
+    epsilon = float(node.get("dp-epsilon", cfg.privacy_site_epsilon))
+    if epsilon <= 0:
+        return None
+    delta = float(node.get("dp-delta", cfg.privacy_site_delta))
+    return load_ledger(node_state_dir(task, context.run_id, context.node_id), epsilon, delta)
+
+
+def private_round(task: Task, ledger: PrivacyLedger | None, order: TrainInstruction, data: NodeData, seed: int) -> DpSgd | None:
+    """The round's DP-SGD settings, admitted by the site's ledger; None for a site without DP. A site with DP refuses
+    (fails closed) an instruction without the DP clipping bound, and a round that would take it past its ε."""
+    if ledger is None:
+        return None
+    if order.dp_clip <= 0:
+        raise PrivacyRefusal(
+            f"this site trains only with DP-SGD (ε = {ledger.epsilon:g}); the instruction carries no clipping bound "
+            "(run config privacy.clip-norm)"
+        )
+    rate = min(1.0, order.batch_size / len(data.train))
+    ledger.admit(rate, order.local_steps, task.config.num_server_rounds * task.config.local_steps)
+    return DpSgd(order.dp_clip, ledger.noise, rate, seed)
 
 
 def final_scores(msg: Message, context: Context) -> Message:

@@ -132,6 +132,14 @@ class RunConfig:
     eval_local_baseline: bool = False
     """`eval.local-baseline`: with sites, each site also fine-tunes alone on its own training share (same LoRA settings, the
     same local steps in total) and scores that model on its test share (summary's `sites[node].local_only`)."""
+    privacy_site_epsilon: float = 0.0
+    """`privacy.site-epsilon`: every site's ε for sample-level DP-SGD unless its node config sets `dp-epsilon` (0: no DP
+    at sites that set none)."""
+    privacy_site_delta: float = 1e-5
+    """`privacy.site-delta`: every site's δ unless its node config sets `dp-delta`."""
+    privacy_clip_norm: float = 0.0
+    """`privacy.clip-norm`: DP-SGD's bound C on each example's adapter-gradient L2 norm, sent to every node; 0: the run
+    offers no DP, and a site that asks for it (`dp-epsilon`) refuses to train."""
     search: str = "greedy"
     """`fedpipe.search`: configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)."""
     batch_min: int = 2
@@ -173,6 +181,16 @@ class RunConfig:
         check_choice("eval_where", self.eval_where, EVAL_WHERE)
         _check_min("eval_every", self.eval_every, 1)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
+        if not 0.0 < self.privacy_site_delta < 1.0:
+            raise ConfigError(f"run config {key_of('privacy_site_delta')!r}: must be in (0, 1), got {self.privacy_site_delta!r}")
+        for name in ("privacy_site_epsilon", "privacy_clip_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run config {key_of(name)!r}: must be >= 0, got {getattr(self, name)!r}")
+        if self.privacy_site_epsilon > 0 and self.privacy_clip_norm <= 0:
+            raise ConfigError(
+                f"run config {key_of('privacy_site_epsilon')!r} = {self.privacy_site_epsilon:g} needs "
+                f"{key_of('privacy_clip_norm')!r} > 0 (DP-SGD's clipping bound)"
+            )
         if self.time_budget_s < 0:
             raise ConfigError(f"run config {key_of('time_budget_s')!r}: must be >= 0 (0: no budget), got {self.time_budget_s!r}")
         if self.round_deadline_s < 0:

@@ -22,6 +22,7 @@ from fedpipe_core.device import PeakMemory
 from fedpipe_core.evaluate import LossResult, evaluate_loss
 from fedpipe_core.importance import ImportanceTracker
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
+from fedpipe_core.privacy import DpSgd
 from fedpipe_core.qlinear import effective_weight, place, stored_bytes
 from fedpipe_core.task import Task
 from fedpipe_core.train import TrainResult, train_local
@@ -89,6 +90,7 @@ def run_client_round(
     importance_history: dict[str, tuple[float, float]] | None = None,
     device: torch.device | None = None,
     evaluate_on: list[Example] | None = None,
+    dp: DpSgd | None = None,
 ) -> ClientRound:
     """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
     ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
@@ -107,7 +109,7 @@ def run_client_round(
         start_eval = _start_eval(task, peft_model, evaluate_on)
         tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
         started = time.perf_counter()
-        result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update)
+        result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update, dp)
         train_s = time.perf_counter() - started
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
@@ -151,6 +153,7 @@ def run_full_round(
     local_steps: int | None = None,
     device: torch.device | None = None,
     evaluate_on: list[Example] | None = None,
+    dp: DpSgd | None = None,
 ) -> ClientRound:
     """Full fine-tuning: train the whole weight of each module in ``modules``, return W_after - W_before
     (with ``evaluate_on``, base + the sent ΔW is evaluated on those examples first)."""
@@ -168,7 +171,7 @@ def run_full_round(
     with PeakMemory(device) as peak:
         start_eval = _start_eval(task, model, evaluate_on)
         started = time.perf_counter()
-        result = _train(task, model, examples, seed, batch_size, local_steps, None)
+        result = _train(task, model, examples, seed, batch_size, local_steps, None, dp)
         train_s = time.perf_counter() - started
     deltas = {}
     for module, weight in weights.items():
@@ -195,6 +198,7 @@ def _train(
     batch_size: int | None,
     local_steps: int | None,
     after_backward: Callable[[], None] | None,
+    dp: DpSgd | None = None,
 ) -> TrainResult:
     cfg = task.config
     return train_local(
@@ -208,4 +212,5 @@ def _train(
         max_len=cfg.max_seq_len,
         seed=seed,
         after_backward=after_backward,
+        dp=dp,
     )

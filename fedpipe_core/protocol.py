@@ -88,6 +88,8 @@ class TrainInstruction:
     state_from: int = 0
     state_to: int = 0
     """FedPipe: the ΔW rounds ``state_from + 1 .. state_to`` travel with this message."""
+    dp_clip: float = 0.0
+    """DP-SGD's per-example clipping bound offered by the run (``privacy.clip-norm``; 0: no DP instruction)."""
     evaluate: bool = False
     """Report the loss of the model this round starts from (the global model after round ``server_round - 1``)
     on the node's validation share."""
@@ -95,6 +97,7 @@ class TrainInstruction:
     def to_config(self) -> dict[str, int | str | bool]:
         return {
             "evaluate": self.evaluate,
+            "dp-clip": self.dp_clip,
             "server-round": self.server_round,
             "mode": self.mode,
             "ranks": json.dumps(self.ranks),
@@ -119,6 +122,7 @@ class TrainInstruction:
                 state_from=int(values.get("state-from", 0)),
                 state_to=int(values.get("state-to", 0)),
                 evaluate=bool(values.get("evaluate", False)),
+                dp_clip=float(values.get("dp-clip", 0.0)),
             )
         except KeyError as exc:
             raise ProtocolError(f"train instruction lacks {exc.args[0]!r}") from None
@@ -152,12 +156,16 @@ class TrainReply:
     eval_examples: int = 0
     weight_norms: dict[str, float] = field(default_factory=dict)
     """‖W‖_F of each trained weight as the node holds it: the scale a server without weights judges updates by."""
+    epsilon_spent: float | None = None
+    """With DP-SGD at the site: its ε spent in this run so far, this round included."""
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps}
         if self.eval_loss is not None:
             out |= {"eval-loss": self.eval_loss, "eval-examples": self.eval_examples}
         out |= {f"{WEIGHT_NORM_PREFIX}{m}": v for m, v in self.weight_norms.items()}
+        if self.epsilon_spent is not None:
+            out["epsilon-spent"] = self.epsilon_spent
         if self.state_version is not None:
             out["state-version"] = self.state_version
         if self.profile is not None:
@@ -224,6 +232,7 @@ class TrainReply:
             eval_loss=evaluation[0] if evaluation else None,
             eval_examples=evaluation[1] if evaluation else 0,
             weight_norms=norms,
+            epsilon_spent=float(values["epsilon-spent"]) if "epsilon-spent" in values else None,
         )
 
     def timing(self) -> dict[str, float] | None:

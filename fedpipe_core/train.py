@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpipe_core.data import Example, collate
 from fedpipe_core.device import autocast, compute_dtype
+from fedpipe_core.privacy import DpSgd, clipped_sum, noisy_mean
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,16 @@ def train_local(
     max_len: int,
     seed: int,
     after_backward: Callable[[], None] | None = None,
+    dp: DpSgd | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps of causal-LM loss on the target tokens, on the model's device.
 
     ``after_backward`` runs once per step between the backward pass and the optimizer step
     (where gradients are available, e.g. for importance scoring). On a GPU the forward runs in
     its compute dtype (BF16, or FP16 with loss scaling, the gradients unscaled before
-    ``after_backward``); trainable parameters and the optimizer state stay FP32.
+    ``after_backward``); trainable parameters and the optimizer state stay FP32. With ``dp`` the steps are
+    DP-SGD (:mod:`fedpipe_core.privacy`): Poisson-sampled batches, each example's gradient clipped, Gaussian noise
+    added, in FP32; ``after_backward`` then sees the private gradient.
     """
     if not examples:
         raise ValueError("train_local: this client has no training example")
@@ -65,6 +69,8 @@ def train_local(
     if not params:
         raise ValueError("train_local: the model has no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if dp is not None:
+        return _train_private(model, tokenizer, examples, params, optimizer, steps, max_len, dp, after_backward)
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if compute_dtype(device) == torch.float16 else None
     model.train()
@@ -93,3 +99,39 @@ def train_local(
         processed += len(batch)
     model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses), examples=processed)
+
+
+def _train_private(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    max_len: int,
+    dp: DpSgd,
+    after_backward: Callable[[], None] | None,
+) -> TrainResult:
+    """DP-SGD steps: the private gradient of each Poisson batch (:func:`~fedpipe_core.privacy.noisy_mean`), then AdamW."""
+    device = params[0].device
+    generator = torch.Generator().manual_seed(dp.seed)
+
+    def example_loss(example: Example) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in collate(tokenizer, [example], max_len).items()}
+        return model(**inputs).loss
+
+    model.train()
+    losses: list[float] = []
+    processed = 0
+    for batch in dp.batches(examples, steps):
+        total, batch_losses = clipped_sum(params, batch, example_loss, dp.clip)
+        for param, grad in zip(params, noisy_mean(total, dp.clip, dp.noise, dp.rate * len(examples), generator)):
+            param.grad = grad.to(param.dtype)
+        if after_backward is not None:
+            after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses += batch_losses
+        processed += len(batch)
+    model.eval()
+    return TrainResult(mean_loss=sum(losses) / len(losses) if losses else float("nan"), steps=steps, examples=processed)

@@ -153,6 +153,11 @@ class RunRecorder:
             "wall_s": time.time() - self.started,
             **(stats.node_overhead() if stats else {}),
             "node_memory": stats.node_memory() if stats else {},
+            **(
+                {"site_epsilon": {str(n): e for n, e in sorted(stats.site_epsilon.items())}}
+                if stats and stats.site_epsilon
+                else {}
+            ),
         }
         self.totals.bytes_up += row["bytes_up"]
         self.totals.bytes_down += row["bytes_down"]
@@ -170,6 +175,8 @@ class RunRecorder:
             row["sim_time_s"],
             row["wall_s"],
         )
+        if row.get("site_epsilon"):
+            log(INFO, "FedPipe round %d | ε spent per site: %s", server_round, row["site_epsilon"])
         return row
 
     def summary(self) -> dict[str, object]:

@@ -19,7 +19,7 @@ from fedpipe_core.strategies import strategy_class
 from fedpipe_core.task import load_task
 from fedpipe_flower.messages import to_record
 from server_app.recorder import RunRecorder, site_summary
-from server_app.strategy import FlowerAdapter, TimeBudgetSpent
+from server_app.strategy import FlowerAdapter, RunEnds
 
 app = ServerApp()
 
@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
             timeout=config.round_timeout_s,
             evaluate_fn=evaluate_fn,
         )
-    except TimeBudgetSpent as spent:
+    except RunEnds as spent:
         log(INFO, "FedPipe: %s", spent)
     final_delta = adapter.strategy.final_delta()
     writer.save_delta(final_delta)

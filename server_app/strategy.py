@@ -36,8 +36,20 @@ from fedpipe_flower.messages import (
 )
 
 
-class TimeBudgetSpent(Exception):
+class RunEnds(Exception):
+    """The run stops before its last round; the message says why (its rounds done so far are kept and scored)."""
+
+
+class TimeBudgetSpent(RunEnds):
     """The next round would end past ``strategy.time-budget-s``: the run stops before it."""
+
+
+class PrivacySpent(RunEnds):
+    """Every node of the round refused it for want of privacy budget: no site can train any more."""
+
+
+PRIVACY_REFUSAL = "privacy budget"
+"""How a node's refusal of a round that would take it past its ε begins (:class:`fedpipe_core.privacy.PrivacyBudgetSpent`)."""
 
 
 @dataclass
@@ -63,6 +75,9 @@ class RoundStats:
     """Per node profiled this round: seconds its QUERY reply cost it (process start-up + handler)."""
     site_eval: dict[int, tuple[float, int]] = field(default_factory=dict)
     """Per node asked to: (loss, examples) of the model the round started from on its validation share."""
+    site_epsilon: dict[int, float] = field(default_factory=dict)
+    """Per node training with DP-SGD: the ε it reports spent in this run so far."""
+    privacy_refused: int = 0
 
     def node_memory(self) -> dict[str, dict[str, float]]:
         """Per node that replied: precision, predicted and measured peak, model bytes, and measured ÷ predicted."""
@@ -150,7 +165,7 @@ class FlowerAdapter(FlowerStrategy):
         messages = []
         evaluate = cfg.sites_evaluate and cfg.evaluated(server_round - 1)  # the model this round starts from
         for node_id, (payload, instruction) in self.strategy.payloads(server_round, plans).items():
-            instruction = replace(instruction, evaluate=evaluate)
+            instruction = replace(instruction, evaluate=evaluate, dp_clip=cfg.privacy_clip_norm)
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             messages.append(train_message(node_id, record, instruction, config))
@@ -161,12 +176,14 @@ class FlowerAdapter(FlowerStrategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         updates: Updates = {}
         parsed = []
+        replies = list(replies)
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "round %d: node %d failed: %s", server_round, node_id, reply.error.reason)
                 self.strategy.on_failure(node_id)
                 stats.rejected += 1
+                stats.privacy_refused += str(reply.error.reason).startswith(PRIVACY_REFUSAL)
                 continue
             try:
                 parsed.append((node_id, *read_train_reply(reply)))
@@ -190,12 +207,16 @@ class FlowerAdapter(FlowerStrategy):
             stats.bytes_up += size
             updates[node_id] = (update, report)
             self._note_site_eval(server_round, node_id, report.eval_loss, report.eval_examples, stats)
+            if report.epsilon_spent is not None:
+                stats.site_epsilon[node_id] = report.epsilon_spent
             timing = report.timing()
             if timing is not None:
                 stats.timing[node_id] = timing
             if report.peak_bytes is not None and report.model_bytes is not None:
                 stats.memory[node_id] |= {"measured_peak_bytes": report.peak_bytes, "model_bytes": report.model_bytes}
             self.strategy.observe_profile(node_id, report.profile)
+        if not updates and replies and stats.privacy_refused == len(replies):
+            raise PrivacySpent(f"round {server_round}: every node refused it, no site has privacy budget left")
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
             return None, None

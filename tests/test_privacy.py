@@ -1,0 +1,139 @@
+"""Sample-level DP-SGD at a site: the accountant, the ledger that never lets a site pass its ε, per-example
+clipping, and the node that fails closed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import dp_accounting as dpa
+import pytest
+import torch
+
+from fedpipe_core.privacy import (
+    DpSgd,
+    PrivacyBudgetSpent,
+    PrivacyLedger,
+    calibrate_noise,
+    clipped_sum,
+    load_ledger,
+    noisy_mean,
+    spent_epsilon,
+)
+from fedpipe_core.protocol import TrainInstruction
+
+
+def test_the_accountant_is_dp_accounting_s_rdp_for_poisson_sampled_gaussian_steps():
+    reference = dpa.rdp.RdpAccountant()
+    reference.compose(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(1.0)), 3000)
+    assert spent_epsilon([(0.01, 1.0, 3000)], 1e-5) == pytest.approx(reference.get_epsilon(1e-5))
+    assert 3.2 < spent_epsilon([(0.01, 1.0, 3000)], 1e-5) < 3.6  # the published figure for q 0.01, z 1, 3,000 steps
+    assert spent_epsilon([(0.01, 1.0, 1000), (0.01, 1.0, 2000)], 1e-5) == pytest.approx(spent_epsilon([(0.01, 1.0, 3000)], 1e-5))
+    z = calibrate_noise(0.05, 24, 8.0, 1e-5)
+    assert spent_epsilon([(0.05, z, 24)], 1e-5) <= 8.0 < spent_epsilon([(0.05, 0.97 * z, 24)], 1e-5)
+
+
+def test_a_site_never_exceeds_its_epsilon_and_refuses_the_round_that_would(tmp_path):
+    ledger = PrivacyLedger(epsilon=3.0, delta=1e-5)
+    planned, rate, spent = 24, 0.1, []
+    for _ in range(4):  # the run's four planned rounds of six steps fit
+        ledger.admit(rate, 6, planned)
+        spent.append(ledger.record(rate, 6))
+        ledger.save(tmp_path)
+        ledger = load_ledger(tmp_path, 3.0, 1e-5)  # a fresh process per message: the ledger comes from the site's disk
+    assert spent == sorted(spent) and spent[-1] <= 3.0 and spent[-1] > 2.5
+    with pytest.raises(PrivacyBudgetSpent, match="privacy budget: 6 more steps .* of this site's ε = 3"):
+        ledger.admit(rate, 6, planned)  # a fifth round would pass ε: refused before any step
+    assert ledger.spent() == pytest.approx(spent[-1])  # the refusal spent nothing
+
+
+def test_dp_sgd_clips_every_example_s_gradient_to_the_bound():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    examples = [torch.randn(4) * scale for scale in (0.01, 1.0, 30.0)]
+
+    def loss_of(x):
+        return (weight @ x).pow(2).sum()
+
+    own = [torch.autograd.grad(loss_of(x), [weight])[0] for x in examples]
+    clip = 1.0
+    total, losses = clipped_sum([weight], examples, loss_of, clip)
+    expected = sum(g * min(1.0, clip / float(g.norm())) for g in own)
+    assert torch.allclose(total[0], expected, atol=1e-6)
+    assert float(own[0].norm()) < clip < float(own[2].norm())  # one example under the bound (kept), one far above (clipped)
+    assert len(losses) == 3
+    silent = noisy_mean(total, clip, 0.0, 2.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(silent[0], expected / 2.0)
+    noised = noisy_mean(total, clip, 1.0, 2.0, torch.Generator().manual_seed(1))
+    assert 0.1 < float((noised[0] - silent[0]).std()) * 2.0 < 3.0  # N(0, (zC)²) per coordinate, then / q·n
+    sampled = DpSgd(1.0, 1.0, 0.25, seed=3).batches(list(range(400)), 50)
+    assert 90 < sum(map(len, sampled)) / 50 < 110  # Poisson: each of the 400 examples kept with probability 0.25
+
+
+def test_a_site_with_dp_fails_closed_on_an_instruction_without_it(task, tmp_path):
+    from client_app.local_round import PrivacyRefusal, private_round, site_ledger
+    from fedpipe_core.task import NodeData
+
+    data = NodeData(task.splits["train"][:40], [], [], "h")
+    context = SimpleNamespace(node_config={"dp-epsilon": 4.0}, run_id=7, node_id=3)
+    local = replace(task, config=replace(task.config, cache_dir=str(tmp_path)))
+    ledger = site_ledger(local, context)
+    assert ledger.epsilon == 4.0 and ledger.delta == local.config.privacy_site_delta
+    plain = TrainInstruction(1, "fedpipe", {"m": 2}, 4, 2, "fp32")
+    with pytest.raises(PrivacyRefusal, match="trains only with DP-SGD"):
+        private_round(local, ledger, plain, data, seed=0)
+    dp = private_round(local, ledger, replace(plain, dp_clip=0.5), data, seed=0)
+    assert dp.clip == 0.5 and dp.rate == pytest.approx(4 / 40) and dp.noise > 0
+    assert site_ledger(local, SimpleNamespace(node_config={}, run_id=7, node_id=3)) is None  # no ε anywhere: no DP
+
+
+def test_a_private_round_trains_the_adapters_on_a_quantized_base(task):
+    from fedpipe_core.local import run_client_round
+    from fedpipe_core.qlinear import stored_linear
+    from fedpipe_core.quantize import quantize
+
+    module = task.targets[0]
+    model = task.base_model()
+    parent, _, leaf = module.rpartition(".")
+    linear = model.get_submodule(module)
+    setattr(model.get_submodule(parent), leaf, stored_linear(quantize(linear.weight.detach(), "nf4"), None))
+    examples = task.splits["train"][:20]
+    out = run_client_round(
+        task,
+        model=model,
+        examples=examples,
+        ranks={module: 4},
+        initial_factors=None,
+        seed=0,
+        local_steps=2,
+        dp=DpSgd(clip=0.5, noise=1.0, rate=0.2, seed=5),
+    )
+    B = out.arrays[f"{module}::B"]
+    assert abs(B).sum() > 0 and out.result.steps == 2
+    assert out.num_examples == len(sum(DpSgd(0.5, 1.0, 0.2, 5).batches(examples, 2), []))  # the Poisson batches' examples
+
+
+def test_the_server_records_each_site_s_spend_and_ends_when_no_site_has_budget(task):
+    from fakes import FakeGrid, client_factors, reply
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedpipe_core.codec import encode_factors
+    from fedpipe_core.protocol import TrainReply
+    from fedpipe_core.strategies import LoRAFedAvg
+    from server_app.strategy import FlowerAdapter, PrivacySpent
+
+    config = replace(task.config, privacy_clip_norm=0.5, privacy_site_epsilon=3.0)
+    adapter = FlowerAdapter(LoRAFedAvg(replace(task, config=config)))
+    messages = list(adapter.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    assert {m.content["config"]["dp-clip"] for m in messages} == {0.5}  # the DP instruction goes to every node
+    arrays = encode_factors(client_factors(task, adapter.stats[1].ranks[1], 1))
+    replies = [
+        reply(1, arrays, TrainReply(8, 2.0, 2, epsilon_spent=1.25).to_metrics()),
+        reply(2, {}, {}, error="privacy budget: 6 more steps at q = 0.1 would spend ε = 3.2 of this site's ε = 3"),
+    ]
+    adapter.aggregate_train(1, replies)
+    assert adapter.stats[1].site_epsilon == {1: 1.25} and adapter.stats[1].privacy_refused == 1
+    list(adapter.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    refusals = [reply(n, {}, {}, error="privacy budget: no more steps") for n in (1, 2)]
+    with pytest.raises(PrivacySpent, match="no site has privacy budget left"):
+        adapter.aggregate_train(2, refusals)
