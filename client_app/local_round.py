@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from fedpipe_core.codec import decode_delta, decode_factors
+from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import resolve_device
@@ -30,6 +31,7 @@ from fedpipe_core.metrics import meteor_missing
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
+from fedpipe_core.round_start import change, fitted, load_adapters, products, save_adapters
 from fedpipe_core.state import node_base, node_state_dir, save_importance
 from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
 from fedpipe_flower.messages import Arrays, final_reply, read_final, read_instruction, train_reply
@@ -61,11 +63,16 @@ def _device(context: Context) -> torch.device:
 def _adapters_round(
     task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds, dp: DpSgd | None
 ) -> tuple[ClientRound, int]:
-    """``fedpipe`` (merge the sent ΔW rounds, fresh adapters; eqs 11-12) and ``factors`` (start from the sent A, B)."""
+    """``fedpipe`` (merge the sent ΔW rounds; its own adapters continued, or fresh ones with ``round-start = restart``;
+    eqs 11-12, :mod:`fedpipe_core.round_start`) and ``factors`` (start from the sent A, B)."""
     fedpipe = order.mode == "fedpipe"
     start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
     directory = node_state_dir(task, context.run_id, context.node_id)
-    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision)
+    carried = task.config.round_start == "continue" and fedpipe
+    saved, moments = load_adapters(directory) if carried else ({}, {})
+    before = fitted(saved, order.ranks)
+    held = products(before, adapter_scaling(task.config))
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held)
     out = run_client_round(
         task,
         device=_device(context),
@@ -75,13 +82,18 @@ def _adapters_round(
         seed=seeds.data,
         init_seed=seeds.init,
         importance_history=state.importance,
-        initial_factors=None if fedpipe else payload,
+        initial_factors=(encode_factors(before) if before else None) if fedpipe else payload,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
         evaluate_on=validation_share(task, data) if order.evaluate else None,
         dp=dp,
+        optimizer_state=moments,
     )
     save_importance(directory, state, out.importance_history)
+    if carried:
+        after = decode_factors(out.arrays, task.shapes)
+        save_adapters(directory, after, out.result.optimizer_state)
+        out = replace(out, arrays=encode_factors(change(before, after)))  # the round's change is what the server averages
     return out, end
 
 

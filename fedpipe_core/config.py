@@ -152,6 +152,9 @@ class RunConfig:
     """`fedpipe.weight-selection`: `importance`, or `random` weight picks (ablation)."""
     base_precision: str = "auto"
     """`fedpipe.base-precision`: `auto` (the memory rule), or a fixed `fp32`/`fp16`/`nf8`/`nf4` base (ablation)."""
+    round_start: str = "continue"
+    """`fedpipe.round-start`: `continue` (each node keeps its adapters and AdamW moments, its base holding W0 + ΣΔW − its
+    adapters' product) or `restart` (fresh adapters every round, the paper's eq 12; ablation)."""
     dispatch: str = "svd"
     """`fedpipe.dispatch`: how the round's averaged ΔW goes to the nodes: `svd` (best factors of the largest candidate
     rank, the rest carried to the next round) or `exact` (rank Σ r_k)."""
@@ -179,6 +182,7 @@ class RunConfig:
         check_choice("dispatch", self.dispatch, DISPATCHES)
         check_choice("lora_init", self.lora_init, LORA_INITS)
         check_choice("eval_where", self.eval_where, EVAL_WHERE)
+        check_choice("round_start", self.round_start, ("continue", "restart"))
         _check_min("eval_every", self.eval_every, 1)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if not 0.0 < self.privacy_site_delta < 1.0:

@@ -24,6 +24,7 @@ from fedpipe_core.importance import ImportanceTracker
 from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
 from fedpipe_core.privacy import DpSgd
 from fedpipe_core.qlinear import effective_weight, place, stored_bytes
+from fedpipe_core.round_start import OptimizerState
 from fedpipe_core.task import Task
 from fedpipe_core.train import TrainResult, train_local
 
@@ -91,12 +92,14 @@ def run_client_round(
     device: torch.device | None = None,
     evaluate_on: list[Example] | None = None,
     dp: DpSgd | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> ClientRound:
     """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
     ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
 
     ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A. With
-    ``evaluate_on``, the model as sent (before any step) is evaluated on those examples first."""
+    ``evaluate_on``, the model as sent (before any step) is evaluated on those examples first; ``optimizer_state``
+    continues AdamW's moments of an earlier round (:mod:`fedpipe_core.round_start`)."""
     cfg = task.config
     device = device or torch.device("cpu")
     model = place(model, device)
@@ -109,7 +112,7 @@ def run_client_round(
         start_eval = _start_eval(task, peft_model, evaluate_on)
         tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
         started = time.perf_counter()
-        result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update, dp)
+        result = _train(task, peft_model, examples, seed, batch_size, local_steps, tracker.update, dp, optimizer_state)
         train_s = time.perf_counter() - started
     return ClientRound(
         arrays=encode_factors(lora_factors(peft_model)),
@@ -199,6 +202,7 @@ def _train(
     local_steps: int | None,
     after_backward: Callable[[], None] | None,
     dp: DpSgd | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> TrainResult:
     cfg = task.config
     return train_local(
@@ -213,4 +217,5 @@ def _train(
         seed=seed,
         after_backward=after_backward,
         dp=dp,
+        optimizer_state=optimizer_state,
     )

@@ -46,6 +46,8 @@ class NodeState:
     base: dict[str, QuantizedWeight] = field(default_factory=dict)
     importance: dict[str, tuple[float, float]] = field(default_factory=dict)
     """(smoothed sensitivity, uncertainty) per weight."""
+    held: list[str] = field(default_factory=list)
+    """Modules whose stored base leaves out the product of the node's own adapters (``round-start = continue``)."""
 
     def add(self, increment: dict[str, torch.Tensor], version: int) -> None:
         """Accumulate one increment and advance the version."""
@@ -82,6 +84,7 @@ def load_state(directory: Path) -> NodeState:
     tensors = directory / "delta.safetensors"
     state = NodeState(int(meta["version"]), load_file(tensors) if tensors.is_file() else {})
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
+    state.held = list(meta.get("held", []))
     base_path = directory / "base.safetensors"
     if meta.get("base") and base_path.is_file():
         parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -118,6 +121,7 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
         "precision": state.precision,
         "base": {name: list(q.shape) for name, q in state.base.items()},
         "importance": {m: list(v) for m, v in state.importance.items()},
+        "held": state.held,
     }
     _replace(directory / "meta.json", lambda p: p.write_text(json.dumps(meta)))
 
@@ -132,7 +136,13 @@ class StateMismatch(RuntimeError):
 
 
 def node_base(
-    task: Task, directory: Path, payload: Mapping[str, np.ndarray], start: int, end: int, precision: str
+    task: Task,
+    directory: Path,
+    payload: Mapping[str, np.ndarray],
+    start: int,
+    end: int,
+    precision: str,
+    held: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[PreTrainedModel, NodeState]:
     """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
 
@@ -142,7 +152,11 @@ def node_base(
     round's ΔW touches are read and re-quantized; at a new precision the whole base is. A weight
     is held as Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW
     smaller than a quantization step, so a node's base would stop following the global model.
+
+    ``held``: the products s·B·A the node's own continued adapters hold, left out of its base (W0 + ΣΔW − s·B·A;
+    :mod:`fedpipe_core.round_start`); a module held now or last round is re-quantized.
     """
+    held = dict(held or {})
     state = load_state(directory)
     if start == 0 and (state.version or state.delta):
         state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
@@ -156,14 +170,15 @@ def node_base(
     requantized: list[str] = []
 
     def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
-        """W0 + ΣΔW of one block linear, (out, in), FP32."""
+        """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
         weight = oriented(module, read("weight").float())
-        return weight + state.delta[name] if name in state.delta else weight
+        weight = weight + state.delta[name] if name in state.delta else weight
+        return weight - held[name] if name in held else weight
 
     def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
         if precision == "fp32":
             return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
-        if name not in state.base or name in increment:
+        if name not in state.base or name in increment or name in held or name in state.held:
             state.base[name] = quantize(merged(name, module, read), precision)
             requantized.append(name)
         bias = read("bias").float() if getattr(module, "bias", None) is not None else None
@@ -171,7 +186,9 @@ def node_base(
 
     model = stream_model(task.checkpoint, block_layer)
     blocks = {name for name, _ in block_linears(model)}  # stored layers are nn.Linear too
-    merge_delta(model, {m: d for m, d in state.delta.items() if m not in blocks})
+    outside = {m: state.delta.get(m, 0.0) - held.get(m, 0.0) for m in set(state.delta) | set(held) if m not in blocks}
+    merge_delta(model, {m: d for m, d in outside.items() if isinstance(d, torch.Tensor)})
+    state.held = sorted(held)
     state.precision = precision
     save_state(directory, state, delta=bool(increment) or start == 0, base=bool(requantized) or (had_base and not state.base))
     return model, state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,6 +22,8 @@ class TrainResult:
     steps: int
     examples: int = 0
     """Examples processed: Σ over the steps done of the batch's size (what the update is weighted by)."""
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """AdamW's moments per trainable parameter name after the last step (to continue them next round)."""
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
@@ -53,6 +55,7 @@ def train_local(
     seed: int,
     after_backward: Callable[[], None] | None = None,
     dp: DpSgd | None = None,
+    optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps of causal-LM loss on the target tokens, on the model's device.
 
@@ -61,16 +64,20 @@ def train_local(
     its compute dtype (BF16, or FP16 with loss scaling, the gradients unscaled before
     ``after_backward``); trainable parameters and the optimizer state stay FP32. With ``dp`` the steps are
     DP-SGD (:mod:`fedpipe_core.privacy`): Poisson-sampled batches, each example's gradient clipped, Gaussian noise
-    added, in FP32; ``after_backward`` then sees the private gradient.
+    added, in FP32; ``after_backward`` then sees the private gradient. ``optimizer_state`` (AdamW moments by
+    parameter name, from an earlier round's result) continues the moments of the parameters whose shapes match.
     """
     if not examples:
         raise ValueError("train_local: this client has no training example")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("train_local: the model has no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    restore_moments(optimizer, named, optimizer_state or {})
     if dp is not None:
-        return _train_private(model, tokenizer, examples, params, optimizer, steps, max_len, dp, after_backward)
+        result = _train_private(model, tokenizer, examples, params, optimizer, steps, max_len, dp, after_backward)
+        return TrainResult(result.mean_loss, result.steps, result.examples, export_moments(optimizer, named))
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if compute_dtype(device) == torch.float16 else None
     model.train()
@@ -98,7 +105,35 @@ def train_local(
         losses.append(float(loss.detach()))
         processed += len(batch)
     model.eval()
-    return TrainResult(mean_loss=sum(losses) / len(losses), steps=len(losses), examples=processed)
+    return TrainResult(sum(losses) / len(losses), len(losses), processed, export_moments(optimizer, named))
+
+
+def restore_moments(
+    optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]], state: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    """Give AdamW the saved moments of every parameter of the same name and shape (the others start at zero)."""
+    for name, param in named:
+        saved = state.get(name)
+        if saved is None or saved["exp_avg"].shape != param.shape:
+            continue
+        optimizer.state[param] = {
+            "step": saved["step"].detach().clone().float().cpu().reshape(()),
+            "exp_avg": saved["exp_avg"].to(param.device, param.dtype).clone(),
+            "exp_avg_sq": saved["exp_avg_sq"].to(param.device, param.dtype).clone(),
+        }
+
+
+def export_moments(optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's moments by parameter name, on the CPU."""
+    out = {}
+    for name, param in named:
+        state = optimizer.state.get(param)
+        if state and "exp_avg" in state:
+            out[name] = {
+                k: torch.as_tensor(state[k]).detach().float().cpu().reshape(-1 if k == "step" else state[k].shape)
+                for k in ("step", "exp_avg", "exp_avg_sq")
+            }
+    return out
 
 
 def _train_private(

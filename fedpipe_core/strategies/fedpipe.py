@@ -25,8 +25,9 @@ class FedPipe(Strategy):
 
     The global state is the list of per-round ΔW increments, kept factored; the global ΔW is
     their sum. Each node is sent, in factored form when smaller, the rounds it has not merged
-    yet; it merges them into its base and trains fresh adapters (B = 0), so the ranks it is
-    given may change from round to round. With ``dispatch = svd`` a round's ΔW is cut to the
+    yet; it merges them into its base and continues its own adapters (their product left out of
+    its base) or, with ``round-start = restart``, trains fresh ones (B = 0); either way the ranks it
+    is given may change from round to round (:mod:`fedpipe_core.round_start`). With ``dispatch = svd`` a round's ΔW is cut to the
     largest candidate rank and the remainder carried into the next round (error feedback); with
     ``exact`` it travels whole (rank Σ r_k).
     """
@@ -88,6 +89,12 @@ class FedPipe(Strategy):
         return encode_delta({m: concat_lowrank(parts) for m, parts in pending.items()})
 
     # --- read and combine -----------------------------------------------------------------------
+    def accepts_rank(self, rank: int, assigned: int) -> bool:
+        """With ``round-start = continue`` a node sends its round's change [B, −B′]·[A; A′]: rank r plus at most r."""
+        if self.task.config.round_start == "continue":
+            return assigned <= rank <= 2 * assigned
+        return rank == assigned
+
     def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None):
         update = super().read_update(arrays, reply, assigned)
         if reply.state_version is None:

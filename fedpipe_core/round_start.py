@@ -1,0 +1,92 @@
+"""How a FedPipe node starts a round: restart its adapters (the paper's eq 12) or continue them.
+
+``restart`` (``fedpipe.round-start = "restart"``): the node merges the sent ΔW rounds into its base and trains
+fresh adapters (B = 0) with a fresh AdamW, every round.
+
+``continue`` (the default): the node keeps its own adapters (B_k, A_k) and their AdamW moments on its disk and
+holds its frozen base at W0 + ΣΔW − s·B_k·A_k, so that its effective weight W0 + ΣΔW + s·B_k·A_k − s·B_k·A_k
+is still exactly the global model (eqs 9-12, up to the base's quantization) while nothing it learned is thrown
+away. It sends the round's *change* s(B_k A_k − B_k′A_k′) (the factors [B_k, −B_k′] · [A_k; A_k′], rank ≤ r + r′),
+which the server averages as it averages fresh adapters; folding the next global ΔW minus its own change into
+its base is then the same as recomputing W0 + ΣΔW − s·B_k·A_k. When the plan changes between rounds: a module
+no longer planned loses its adapter (its base becomes W0 + ΣΔW); a new module gets a fresh one; a higher rank
+keeps the saved components first and fresh ones after (random A rows, zero B columns: the product is
+unchanged); a lower rank keeps the best rank-r factors of s·B·A (SVD), the rest going into the base. AdamW
+moments survive for the adapters whose shapes did not change and start afresh for the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpipe_core.lora import Factors
+
+ROUND_STARTS = ("continue", "restart")
+ADAPTERS_FILE, OPTIMIZER_FILE = "adapters.safetensors", "optimizer.safetensors"
+OptimizerState = dict[str, dict[str, torch.Tensor]]
+"""AdamW's state per trainable parameter name: ``exp_avg``, ``exp_avg_sq``, ``step``."""
+
+
+def fitted(saved: Factors, ranks: dict[str, int]) -> Factors:
+    """The saved adapters fitted to this round's planned ranks (see the module's note); unplanned modules dropped."""
+    out: Factors = {}
+    for module, rank in ranks.items():
+        if module not in saved:
+            continue
+        A, B = saved[module]
+        if A.shape[0] <= rank:
+            out[module] = (A, B)
+            continue
+        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        root = S[:rank].sqrt()
+        out[module] = ((root[:, None] * Vh[:rank]).float(), (U[:, :rank] * root).float())
+    return out
+
+
+def products(factors: Factors, scaling: float) -> dict[str, torch.Tensor]:
+    """s · B · A per module, (out, in): what the node's base leaves out because its adapters hold it."""
+    return {m: scaling * (B.double() @ A.double()).float() for m, (A, B) in factors.items()}
+
+
+def change(before: Factors, after: Factors) -> Factors:
+    """The round's change as factors: B·A − B′·A′ = [B, −B′] · [A; A′] (just B·A for a fresh adapter)."""
+    out: Factors = {}
+    for module, (A, B) in after.items():
+        if module not in before:
+            out[module] = (A, B)
+            continue
+        A0, B0 = before[module]
+        out[module] = (torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1))
+    return out
+
+
+def save_adapters(directory: Path, factors: Factors, optimizer: OptimizerState) -> None:
+    """The node's adapters and their AdamW moments, written atomically (adapter-sized, whatever the model's size)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {f"{m}::A": A.contiguous() for m, (A, _) in factors.items()} | {
+        f"{m}::B": B.contiguous() for m, (_, B) in factors.items()
+    }
+    moments = {
+        f"{name}::{key}": value.detach().float().cpu().contiguous() for name, s in optimizer.items() for key, value in s.items()
+    }
+    for name, tensors in ((ADAPTERS_FILE, flat), (OPTIMIZER_FILE, moments)):
+        tmp = directory / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(directory / name)
+
+
+def load_adapters(directory: Path) -> tuple[Factors, OptimizerState]:
+    """What :func:`save_adapters` wrote ({}, {} before the node's first continued round)."""
+    if not (directory / ADAPTERS_FILE).is_file():
+        return {}, {}
+    flat = load_file(str(directory / ADAPTERS_FILE))
+    factors = {key[:-3]: (flat[key], flat[key[:-3] + "::B"]) for key in flat if key.endswith("::A")}
+    optimizer: OptimizerState = {}
+    if (directory / OPTIMIZER_FILE).is_file():
+        for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
+            name, _, part = key.rpartition("::")
+            optimizer.setdefault(name, {})[part] = value
+    return factors, optimizer

@@ -1,0 +1,91 @@
+"""FedPipe's round start: a node continues its adapters and AdamW moments while its effective weights stay the
+global model W0 + ΣΔW (eqs 9-12), or restarts them (the paper's eq 12)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpipe_core.codec import encode_delta, encode_factors
+from fedpipe_core.local import adapter_scaling
+from fedpipe_core.protocol import TrainInstruction
+from fedpipe_core.qlinear import effective_weight
+from fedpipe_core.round_start import OPTIMIZER_FILE, change, fitted, load_adapters, products
+from fedpipe_core.state import node_base, node_state_dir
+
+
+def _factors(task, ranks, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        m: (torch.randn(r, task.shapes[m][1], generator=g) * scale, torch.randn(task.shapes[m][0], r, generator=g) * scale)
+        for m, r in ranks.items()
+    }
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("nf4", 0.25)])
+def test_a_continued_node_s_effective_weights_are_the_global_model(task, tmp_path, precision, tolerance):
+    modules = list(task.targets[:2])
+    saved = _factors(task, {modules[0]: 4, modules[1]: 2}, seed=1)
+    increment = {m: (A, B) for m, (A, B) in _factors(task, {m: 3 for m in modules}, seed=2).items()}
+    ranks = {modules[0]: 4, modules[1]: 2}
+    before = fitted(saved, ranks)
+    s = adapter_scaling(task.config)
+    model, _ = node_base(task, tmp_path, encode_delta(increment), 0, 1, precision, products(before, s))
+    base = task.base_model()
+    for module in modules:
+        A, B = before[module]
+        effective = effective_weight(model.get_submodule(module)) + s * B @ A
+        expected = base.get_submodule(module).weight.detach() + increment[module][1] @ increment[module][0]
+        scale = float(expected.abs().mean())
+        assert float((effective - expected).abs().mean()) < tolerance * scale  # W0 + ΣΔW, to quantization tolerance
+        assert float((s * B @ A).abs().mean()) > 0  # while the adapter is not zero
+
+
+def test_plans_that_change_keep_the_product_or_fold_the_rest_into_the_base(task):
+    module, other = task.targets[0], task.targets[1]
+    saved = _factors(task, {module: 4, other: 2}, seed=3)
+    lower = fitted(saved, {module: 2})
+    assert set(lower) == {module} and lower[module][0].shape[0] == 2  # the unplanned module loses its adapter
+    full = saved[module][1] @ saved[module][0]
+    U, S, Vh = torch.linalg.svd(full.double())
+    assert torch.allclose((lower[module][1] @ lower[module][0]).double(), (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5)
+    assert fitted(saved, {module: 8})[module][0].shape[0] == 4  # a higher rank: the saved components go first
+    grown = change({}, {module: saved[module]})
+    assert grown[module][0] is saved[module][0]
+    step = change({module: lower[module]}, {module: saved[module]})
+    assert torch.allclose(step[module][1] @ step[module][0], full - lower[module][1] @ lower[module][0], atol=1e-5)
+
+
+def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
+    from client_app.local_round import ROUTINES
+    from fedpipe_core.local import RoundSeeds
+    from fedpipe_core.task import NodeData
+
+    local = replace(task, config=replace(task.config, cache_dir=str(tmp_path), round_start="continue"))
+    context = SimpleNamespace(run_id=5, node_id=9, node_config={"device": "cpu"})
+    data = NodeData(task.splits["train"][:16], [], [], "h")
+    module = task.targets[0]
+    first = TrainInstruction(1, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
+    out1, _ = ROUTINES["fedpipe"](local, context, first, {}, data, RoundSeeds(1, 1), None)
+    directory = node_state_dir(local, 5, 9)
+    adapters1, moments1 = load_adapters(directory)
+    assert out1.arrays[f"{module}::A"].shape[0] == 4  # a fresh adapter's change is the adapter itself
+    steps = {n: float(m["step"]) for n, m in moments1.items()}
+    assert steps and set(steps.values()) == {2.0}
+    half = {module: (torch.from_numpy(out1.arrays[f"{module}::A"]), 0.5 * torch.from_numpy(out1.arrays[f"{module}::B"]))}
+    second = TrainInstruction(2, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 1)
+    out2, _ = ROUTINES["fedpipe"](local, context, second, encode_factors(half), data, RoundSeeds(2, 2), None)
+    assert out2.arrays[f"{module}::A"].shape[0] == 8  # [A; A'] of the round's change
+    _, moments2 = load_adapters(directory)
+    assert {float(m["step"]) for m in moments2.values()} == {4.0}  # AdamW's moments continued, not reset
+    assert any(not torch.equal(moments1[n]["exp_avg"], moments2[n]["exp_avg"]) for n in moments1)
+    assert OPTIMIZER_FILE in {p.name for p in directory.iterdir()} and load_file(str(directory / OPTIMIZER_FILE))
+    restart = replace(local, config=replace(local.config, round_start="restart"))
+    out3, _ = ROUTINES["fedpipe"](
+        restart, SimpleNamespace(run_id=6, node_id=9, node_config={}), first, {}, data, RoundSeeds(1, 1), None
+    )
+    assert out3.arrays[f"{module}::A"].shape[0] == 4 and adapters1  # the paper's restart: fresh adapters, nothing carried
