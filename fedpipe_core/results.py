@@ -21,6 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from fedpipe_core.config import ConfigError, RunConfig
 
+RESULTS_VERSION = 2
+"""Bumped whenever the same run config gives other numbers (2: updates weighted by the examples processed, rounds
+evaluated on the saved model, FedPipe's adapters continued, the official E2E scorer); ``summary.json`` records it
+and the benchmark reuses only runs of the current version."""
 DELTA_FILE = "delta.safetensors"
 BEST_DIR = "best"
 WHICH = ("best", "last")

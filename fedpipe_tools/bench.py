@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError, RunConfig, key_of
-from fedpipe_core.results import RUN_EXTRAS
+from fedpipe_core.results import RESULTS_VERSION, RUN_EXTRAS
 from fedpipe_core.strategies import strategy_class
 from fedpipe_tools.report import Target, write_report
 from fedpipe_tools.run_report import read_jsonl
@@ -135,7 +135,9 @@ def run_identity(config: dict[str, Any], supernodes: int) -> str:
 
 def finished_identities(out_root: Path) -> dict[str, Path]:
     """Every finished run under ``out_root`` (any suite) by :func:`run_identity`; its clients are those it planned for.
-    An option a run predates counts at its default (an option is added with the default that keeps earlier behaviour)."""
+    An option a run predates counts at its default (an option is added with the default that keeps earlier behaviour);
+    a run of another results version (:data:`~fedpipe_core.results.RESULTS_VERSION`: the code gave other numbers) is not
+    reused."""
     found: dict[str, Path] = {}
     defaults = RunConfig().to_mapping()
     for summary in sorted(out_root.glob("*/runs/*/*/summary.json")):
@@ -143,6 +145,8 @@ def finished_identities(out_root: Path) -> dict[str, Path]:
         if run.is_symlink():  # a linked run: its source is found under its own suite
             continue
         try:
+            if json.loads(summary.read_text()).get("results_version") != RESULTS_VERSION:
+                continue
             config = {**defaults, **json.loads((run / "config.json").read_text())}
             nodes = {p["node_id"] for p in read_jsonl(run / "plans.jsonl") if p.get("round") == 1}
         except (OSError, ValueError, KeyError):

@@ -15,7 +15,7 @@ from flwr.common import log
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.evaluate import evaluate_validation
 from fedpipe_core.protocol import MODELS, FinalReply
-from fedpipe_core.results import RunWriter
+from fedpipe_core.results import RESULTS_VERSION, RunWriter
 from server_app.strategy import FlowerAdapter, site_mean
 
 
@@ -189,6 +189,7 @@ class RunRecorder:
             "sim_time_s": self.totals.sim_time_s,
             "rounds": self.last_round,
             "wall_s": time.time() - self.started,
+            "results_version": RESULTS_VERSION,
             "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
             **({"best_round": self.best[1], "best_loss": self.best[0]} if self.best else {}),
         }

@@ -24,7 +24,8 @@ def test_alpaca_round_and_perplexity(task):
         initial_factors=None,
         seed=0,
     )
-    assert out.num_examples == len(examples) and out.result.steps == alpaca.config.local_steps and out.train_s > 0
+    processed = alpaca.config.local_steps * min(alpaca.config.batch_size, len(examples))  # batch × steps done
+    assert out.num_examples == processed and out.result.steps == alpaca.config.local_steps and out.train_s > 0
     assert out.model_bytes == model_bytes and out.peak_bytes > model_bytes  # measured: the model plus what training took
     assert set(out.importance_history) == set(out.importance) and all(
         s > 0 and u >= 0 for s, u in out.importance_history.values()

@@ -15,6 +15,7 @@ import pytest
 
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.metrics import SCORER
+from fedpipe_core.results import RESULTS_VERSION
 from fedpipe_tools import bench
 from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
 from fedpipe_tools.report import Point, Target, loss_at, to_target, write_report
@@ -103,6 +104,7 @@ def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float,
             {
                 "bleu": bleu,
                 **({"scorer": SCORER} if bleu != 1.0 else {}),  # the barely-training row: scored before the scorer
+                "results_version": RESULTS_VERSION,
                 "ppl": 5.0,
                 "trainable_params": 100.0,
                 "total_bytes_up": 1,
@@ -282,6 +284,9 @@ def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_aga
     row = json.loads((out / "report" / "results.json").read_text())["ablation"]["fedpipe/same"]
     assert row["bleu"] == 30.0 and row["run_dirs"] == ["ablation/runs/fedpipe--same--seed1/1"]  # relative to the output
     assert set(finished_identities(out).values()) == {first}  # a link is never itself a source
+    summary = json.loads((first / "summary.json").read_text())
+    (first / "summary.json").write_text(json.dumps({**summary, "results_version": RESULTS_VERSION - 1}))
+    assert finished_identities(out) == {}  # a run of code that gave other numbers is never reused
 
 
 def test_a_row_whose_runs_are_gone_is_carried_from_the_report_and_not_run_again(tmp_path, monkeypatch):
