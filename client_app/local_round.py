@@ -28,8 +28,9 @@ from fedpipe_core.local import (
     run_full_round,
 )
 from fedpipe_core.metrics import meteor_missing
+from fedpipe_core.node_cache import cached_profile
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
-from fedpipe_core.profile import ClientProfile
+from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
 from fedpipe_core.round_start import change, fitted, load_adapters, products, save_adapters
 from fedpipe_core.state import node_base, node_state_dir, save_importance
@@ -130,9 +131,15 @@ ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
 
 
 def profile(context: Context) -> ClientProfile:
-    """This node's profile when it is not declared: simulated for the run's model, or measured here."""
+    """This node's profile when it is not declared: simulated for the run's model, or measured here; worked out once
+    per run and kept in the node's state (node config ``profile-changes = true``: every message)."""
+    declared = declared_on_device(context.node_config)
+    if declared is not None:  # the site's own declaration, as it stands now
+        return declared
     task = load_task(RunConfig.from_mapping(context.run_config))
-    return node_profile(task, context.node_config, _partition(context)[0])
+    changes = str(context.node_config.get("profile-changes", "false")).lower() == "true"
+    directory = node_state_dir(task, context.run_id, context.node_id)
+    return cached_profile(directory, lambda: node_profile(task, context.node_config, _partition(context)[0]), changes)
 
 
 def train(msg: Message, context: Context, entered: float, startup_s: float) -> Message:

@@ -18,11 +18,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedpipe_core import quiet
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.cost import ModelSpec, model_spec, peak_memory
-from fedpipe_core.data import Example, Fields, load_examples, partition, split_examples
+from fedpipe_core.data import BUILTIN_DATA, Example, Fields, load_examples, partition, split_examples
 from fedpipe_core.device import measure
 from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
-from fedpipe_core.model import load_model, load_tokenizer, resolve_checkpoint
+from fedpipe_core.model import default_cache_dir, load_model, load_tokenizer, resolve_checkpoint
+from fedpipe_core.node_cache import cache_key, cached_shares
 from fedpipe_core.profile import MEMORY_RANGE, ClientProfile, declared_on_device, simulated
 
 
@@ -111,25 +112,61 @@ class NodeData:
 
 
 def site_data(task: Task, data_path: str, prompt_field: str = "", response_field: str = "") -> NodeData:
-    """A site's own data file (node config ``data-path``) split into its train / validation / test shares."""
-    examples = site_examples(task, data_path, prompt_field, response_field)
-    return held_out_shares(split_examples(examples), file_hash(data_path), f"node config 'data-path' {data_path!r}")
+    """A site's own data file (node config ``data-path``) split into its train / validation / test shares; parsed
+    and split once, then read from the node's cache (:mod:`fedpipe_core.node_cache`) while the file is unchanged."""
+    cfg = task.config
+    try:
+        digest = file_hash(data_path)
+    except OSError:
+        site_examples(task, data_path, prompt_field, response_field)  # raises the one-line error naming the setting
+        raise
+    fields = [prompt_field or cfg.prompt_field, response_field or cfg.response_field]
+    key = cache_key(kind="site", data=digest, task=cfg.task, fields=fields)
+
+    def build() -> tuple[dict[str, list[Example]], str, str]:
+        return split_examples(site_examples(task, data_path, prompt_field, response_field)), digest, ""
+
+    shares, _, _ = cached_shares(node_data_dir(task), key, build)
+    return held_out_shares(shares, digest, f"node config 'data-path' {data_path!r}")
 
 
 def partition_data(task: Task, partition_id: int, num_partitions: int) -> NodeData:
     """A simulated node's partition of each of the run's splits: it trains on its share of the training split
-    (the same as with server evaluation) and holds out its share of the validation and test splits."""
+    (the same as with server evaluation) and holds out its share of the validation and test splits; worked out
+    once, then read from the node's cache."""
     cfg = task.config
-    shares = {"train": client_examples(task, partition_id, num_partitions)}
-    for name in ("validation", "test"):
-        examples = task.splits[name]
-        shares[name] = (
-            partition(examples, num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.testbed_seed)
-            if len(examples) >= num_partitions
-            else []
-        )
-    digest = hashlib.sha256(f"{cfg.data_path or 'built-in ' + cfg.task}:{partition_id}/{num_partitions}".encode()).hexdigest()
+    source = file_hash(cfg.data_path) if cfg.data_path else file_hash(str(BUILTIN_DATA[cfg.task]))
+    shaping = dict(
+        kind="partition",
+        data=source,
+        task=cfg.task,
+        fields=[cfg.prompt_field, cfg.response_field],
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.testbed_seed,
+        max_train=cfg.max_train_examples,
+        partition=[partition_id, num_partitions],
+    )
+    digest = hashlib.sha256(f"{source}:{partition_id}/{num_partitions}".encode()).hexdigest()
+
+    def build() -> tuple[dict[str, list[Example]], str, str]:
+        shares = {"train": client_examples(task, partition_id, num_partitions)}
+        for name in ("validation", "test"):
+            examples = task.splits[name]
+            shares[name] = (
+                partition(examples, num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.testbed_seed)
+                if len(examples) >= num_partitions
+                else []
+            )
+        return shares, digest, ""
+
+    shares, _, _ = cached_shares(node_data_dir(task), cache_key(**shaping), build)
     return held_out_shares(shares, digest, f"partition {partition_id} of {num_partitions}")
+
+
+def node_data_dir(task: Task) -> Path:
+    """Where the nodes on this machine keep their data's shares (:mod:`fedpipe_core.node_cache`)."""
+    return default_cache_dir(task.config.cache_dir) / "node-data"
 
 
 def held_out_shares(shares: dict[str, list[Example]], data_hash: str, where: str) -> NodeData:

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,3 +278,34 @@ def test_a_time_budget_stops_the_run_before_a_round_that_would_overrun(task):
         list(adapter.configure_train(3, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
     with pytest.raises(ConfigError, match="'strategy.time-budget-s': must be >= 0"):
         RunConfig(time_budget_s=-1.0)
+
+
+def test_a_node_parses_its_data_once_per_run_and_measures_its_profile_once(task, tmp_path, monkeypatch):
+    import fedpipe_core.task as task_module
+    from client_app import local_round
+    from fedpipe_core.profile import ClientProfile
+
+    local = replace(task, config=replace(task.config, cache_dir=str(tmp_path)))
+    path = _site_file(tmp_path, 60)
+    parsed = []
+    real = task_module.load_examples
+    monkeypatch.setattr(task_module, "load_examples", lambda *a, **k: parsed.append(a) or real(*a, **k))
+    first = site_data(local, str(path))
+    task_module.site_examples.cache_clear()  # the next message is a fresh process
+    assert site_data(local, str(path)) == first and len(parsed) == 1  # parsed once, then read from the node's cache
+    path.write_text(path.read_text() + '"name[Another]",Another place.\n')
+    task_module.site_examples.cache_clear()
+    assert (
+        len(site_data(local, str(path)).train + site_data(local, str(path)).validation + site_data(local, str(path)).test) == 121
+    )
+    assert len(parsed) == 2  # a changed file is parsed again
+    measured = []
+    monkeypatch.setattr(local_round, "load_task", lambda config: local)
+    monkeypatch.setattr(
+        local_round, "node_profile", lambda *a: measured.append(1) or ClientProfile(2.0 * 2**30, 1e12, "measured")
+    )
+    context = SimpleNamespace(run_config={}, node_config={"partition-id": 0, "num-partitions": 2}, run_id=3, node_id=4)
+    assert local_round.profile(context) == local_round.profile(context) and len(measured) == 1
+    context.node_config["profile-changes"] = "true"
+    local_round.profile(context)
+    assert len(measured) == 2
