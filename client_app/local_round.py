@@ -14,7 +14,7 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
+from fedpipe_core.codec import SEP, decode_delta, decode_factors, encode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import resolve_device
@@ -32,7 +32,16 @@ from fedpipe_core.node_cache import cached_profile
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
 from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
-from fedpipe_core.round_start import change, fitted, load_adapters, products, save_adapters
+from fedpipe_core.round_start import (
+    change,
+    fitted,
+    frozen_fitted,
+    load_adapters,
+    padded_b,
+    products,
+    save_adapters,
+    shared_a,
+)
 from fedpipe_core.state import node_base, node_state_dir, save_importance
 from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
 from fedpipe_flower.messages import Arrays, final_reply, read_final, read_instruction, train_reply
@@ -69,9 +78,17 @@ def _adapters_round(
     fedpipe = order.mode == "fedpipe"
     start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
     directory = node_state_dir(task, context.run_id, context.node_id)
-    carried = task.config.round_start == "continue" and fedpipe
+    cfg = task.config
+    carried = cfg.round_start == "continue" and fedpipe
+    frozen = cfg.privacy_frozen_a and fedpipe
     saved, moments = load_adapters(directory) if carried else ({}, {})
-    before = fitted(saved, order.ranks)
+    if frozen:
+        a = shared_a(task.shapes, task.targets, max(cfg.rank_candidates()), cfg.seed)
+        before = frozen_fitted(saved, order.ranks, a)
+        start_factors = {m: before.get(m, (a[m][:r], torch.zeros(task.shapes[m][0], r))) for m, r in order.ranks.items()}
+    else:
+        before = fitted(saved, order.ranks)
+        start_factors = before
     held = products(before, adapter_scaling(task.config))
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held)
     out = run_client_round(
@@ -83,17 +100,22 @@ def _adapters_round(
         seed=seeds.data,
         init_seed=seeds.init,
         importance_history=state.importance,
-        initial_factors=(encode_factors(before) if before else None) if fedpipe else payload,
+        initial_factors=(encode_factors(start_factors) if start_factors else None) if fedpipe else payload,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
         evaluate_on=validation_share(task, data) if order.evaluate else None,
         dp=dp,
         optimizer_state=moments,
+        frozen_a=frozen,
     )
     save_importance(directory, state, out.importance_history)
+    after = decode_factors(out.arrays, task.shapes)
     if carried:
-        after = decode_factors(out.arrays, task.shapes)
         save_adapters(directory, after, out.result.optimizer_state)
+    if frozen:  # B's change alone, zero-padded to the largest rank: the server knows A
+        padded = padded_b(after, before, max(cfg.rank_candidates()))
+        out = replace(out, arrays={f"{m}{SEP}B": b.numpy() for m, b in padded.items()})
+    elif carried:
         out = replace(out, arrays=encode_factors(change(before, after)))  # the round's change is what the server averages
     return out, end
 

@@ -140,6 +140,10 @@ class RunConfig:
     privacy_clip_norm: float = 0.0
     """`privacy.clip-norm`: DP-SGD's bound C on each example's adapter-gradient L2 norm, sent to every node; 0: the run
     offers no DP, and a site that asks for it (`dp-epsilon`) refuses to train."""
+    privacy_frozen_a: bool = False
+    """`privacy.frozen-a`: FedPipe nodes train only B against a frozen A drawn from the run seed at the largest candidate
+    rank (its first r_k rows) and send B zero-padded, so the average Σ n_k B_k A = (Σ n_k B_k) A is a plain sum (what
+    secure aggregation can compute) and DP noise is not amplified through A (FFA-LoRA)."""
     search: str = "greedy"
     """`fedpipe.search`: configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)."""
     batch_min: int = 2

@@ -21,7 +21,7 @@ from fedpipe_core.data import Example
 from fedpipe_core.device import PeakMemory
 from fedpipe_core.evaluate import LossResult, evaluate_loss
 from fedpipe_core.importance import ImportanceTracker
-from fedpipe_core.lora import attach_lora, lora_factors, merge_delta, set_lora_factors
+from fedpipe_core.lora import attach_lora, lora_factors, lora_layers, merge_delta, set_lora_factors
 from fedpipe_core.privacy import DpSgd
 from fedpipe_core.qlinear import effective_weight, place, stored_bytes
 from fedpipe_core.round_start import OptimizerState
@@ -93,13 +93,14 @@ def run_client_round(
     evaluate_on: list[Example] | None = None,
     dp: DpSgd | None = None,
     optimizer_state: OptimizerState | None = None,
+    frozen_a: bool = False,
 ) -> ClientRound:
     """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
     ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
 
     ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A. With
     ``evaluate_on``, the model as sent (before any step) is evaluated on those examples first; ``optimizer_state``
-    continues AdamW's moments of an earlier round (:mod:`fedpipe_core.round_start`)."""
+    continues AdamW's moments of an earlier round (:mod:`fedpipe_core.round_start`); ``frozen_a`` trains B only."""
     cfg = task.config
     device = device or torch.device("cpu")
     model = place(model, device)
@@ -109,6 +110,9 @@ def run_client_round(
         peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed if init_seed is None else init_seed)
         if initial_factors is not None:
             set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+        if frozen_a:
+            for layer in lora_layers(peft_model).values():
+                layer.lora_A["default"].weight.requires_grad_(False)
         start_eval = _start_eval(task, peft_model, evaluate_on)
         tracker = ImportanceTracker(peft_model, cfg.importance_beta1, cfg.importance_beta2, importance_history)
         started = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpipe_core.lora import Factors
+from fedpipe_core.lora import Factors, fresh_factors
 
 ROUND_STARTS = ("continue", "restart")
 ADAPTERS_FILE, OPTIMIZER_FILE = "adapters.safetensors", "optimizer.safetensors"
@@ -90,3 +90,30 @@ def load_adapters(directory: Path) -> tuple[Factors, OptimizerState]:
             name, _, part = key.rpartition("::")
             optimizer.setdefault(name, {})[part] = value
     return factors, optimizer
+
+
+def shared_a(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """``privacy.frozen-a``: the frozen A of every target at the largest rank, drawn from the run seed (the server and
+    every node draw the same; a node uses its first r_k rows)."""
+    return {m: A for m, (A, _) in fresh_factors(shapes, {m: rank for m in targets}, seed).items()}
+
+
+def frozen_fitted(saved: Factors, ranks: dict[str, int], a: dict[str, torch.Tensor]) -> Factors:
+    """With a frozen A: the saved B fitted to this round's rank (columns kept or zero-padded), against A's first rows."""
+    out: Factors = {}
+    for module, rank in ranks.items():
+        if module not in saved:
+            continue
+        B = saved[module][1][:, :rank]
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1) if B.shape[1] < rank else B
+        out[module] = (a[module][:rank], B)
+    return out
+
+
+def padded_b(after: Factors, before: Factors, rank: int) -> dict[str, torch.Tensor]:
+    """The round's change of B (B − B′; B for a fresh adapter) zero-padded to ``rank`` columns: all a frozen-A node sends."""
+    out = {}
+    for module, (_, B) in after.items():
+        step = B - before[module][1] if module in before else B
+        out[module] = torch.cat([step, step.new_zeros(step.shape[0], rank - step.shape[1])], dim=1)
+    return out

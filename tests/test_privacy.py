@@ -137,3 +137,45 @@ def test_the_server_records_each_site_s_spend_and_ends_when_no_site_has_budget(t
     refusals = [reply(n, {}, {}, error="privacy budget: no more steps") for n in (1, 2)]
     with pytest.raises(PrivacySpent, match="no site has privacy budget left"):
         adapter.aggregate_train(2, refusals)
+
+
+def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
+    import numpy as np
+
+    from client_app.local_round import ROUTINES
+    from fedpipe_core.local import RoundSeeds, adapter_scaling
+    from fedpipe_core.protocol import UpdateError
+    from fedpipe_core.round_start import shared_a
+    from fedpipe_core.strategies import FedPipe
+    from fedpipe_core.task import NodeData
+
+    config = replace(task.config, privacy_frozen_a=True, cache_dir=str(tmp_path))
+    local = replace(task, config=config)
+    module, top = task.targets[0], max(config.rank_candidates())
+    a = shared_a(task.shapes, task.targets, top, config.seed)
+    data = NodeData(task.splits["train"][:16], [], [], "h")
+    order = TrainInstruction(1, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
+    out, _ = ROUTINES["fedpipe"](
+        local, SimpleNamespace(run_id=1, node_id=2, node_config={}), order, {}, data, RoundSeeds(1, 1), None
+    )
+    assert set(out.arrays) == {f"{module}::B"} and out.arrays[f"{module}::B"].shape == (task.shapes[module][0], top)
+    assert not out.arrays[f"{module}::B"][:, 4:].any() and out.arrays[f"{module}::B"][:, :4].any()  # B only, zero-padded
+    from fedpipe_core.round_start import load_adapters
+    from fedpipe_core.state import node_state_dir
+
+    kept, _ = load_adapters(node_state_dir(local, 1, 2))
+    assert torch.equal(kept[module][0], a[module][:4])  # A stayed frozen through training
+    strategy = FedPipe(local)
+    assert all(torch.equal(strategy.frozen_a[m], a[m]) for m in task.targets)  # the server draws the same A
+    g = torch.Generator().manual_seed(0)
+    bs = [torch.randn(task.shapes[module][0], top, generator=g) * 0.01 for _ in range(2)]
+    updates = [strategy.decode_update({f"{module}::B": b.numpy()}, {module: 4}, n) for b, n in zip(bs, (30, 10))]
+    from fedpipe_core.strategies.fedpipe import average_b
+
+    (A, B), s = average_b(updates, strategy.frozen_a)[module], adapter_scaling(config)
+    plain_sum = (30 * bs[0] + 10 * bs[1]) / 40  # what a secure sum of n_k B_k and n_k gives
+    assert torch.allclose(B @ A, s * plain_sum @ a[module], atol=1e-6) and A.shape[0] == top
+    exact = sum(w * s * b @ a[module] for b, w in zip(bs, (0.75, 0.25)))
+    assert torch.allclose(B @ A, exact, atol=1e-6)  # eq 10's average of ΔW_k = s B_k A, exactly
+    with pytest.raises(UpdateError, match="sends '<assigned module>::B' only"):
+        strategy.decode_update({f"{module}::A": np.zeros((4, task.shapes[module][1]), np.float32)}, {module: 4}, 1)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from fedpipe_core.aggregate import (
+    ClientUpdate,
     LowRank,
     aggregate_lowrank,
     concat_lowrank,
+    module_weights,
     to_dense,
     truncate_with_feedback,
 )
 from fedpipe_core.codec import decode_factors, encode_delta, encode_dense, encode_factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import TrainReply, UpdateError
+from fedpipe_core.round_start import shared_a
 from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
 from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
 
@@ -42,6 +46,7 @@ class FedPipe(Strategy):
         self.importance: dict[str, float] = {}
         self.residual: dict[str, LowRank] = {}  # what dispatch = svd has cut and not yet sent
         self._total: dict[str, torch.Tensor] | None = {}  # Σ of the increments, dense; derived, rebuilt when None
+        self._frozen_a: dict[str, torch.Tensor] | None = None
 
     # --- plan -----------------------------------------------------------------------------------
     def current_importance(self, server_round: int = 0) -> dict[str, float]:
@@ -89,6 +94,30 @@ class FedPipe(Strategy):
         return encode_delta({m: concat_lowrank(parts) for m, parts in pending.items()})
 
     # --- read and combine -----------------------------------------------------------------------
+    @property
+    def frozen_a(self) -> dict[str, torch.Tensor]:
+        """``privacy.frozen-a``: the A every node trains against (drawn once from the run seed, as the nodes draw it)."""
+        if self._frozen_a is None:
+            cfg = self.task.config
+            self._frozen_a = shared_a(self.task.shapes, self.task.targets, max(cfg.rank_candidates()), cfg.seed)
+        return self._frozen_a
+
+    def decode_update(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
+        """With a frozen A a node sends B alone, zero-padded to the largest candidate rank; else (A, B) as usual."""
+        if not self.task.config.privacy_frozen_a:
+            return super().decode_update(arrays, assigned, num_examples)
+        rank, factors = max(self.task.config.rank_candidates()), {}
+        for key, value in arrays.items():
+            module, _, part = key.rpartition("::")
+            if part != "B" or module not in assigned:
+                raise UpdateError(f"array {key!r}: a frozen-A node sends '<assigned module>::B' only")
+            if value.shape != (self.task.shapes[module][0], rank) or not np.isfinite(value).all():
+                raise UpdateError(f"array {key!r}: B must be finite with shape {(self.task.shapes[module][0], rank)}")
+            factors[module] = (self.frozen_a[module], torch.from_numpy(value.astype(np.float32)))
+        if not factors:
+            raise UpdateError("reply carries no adapter")
+        return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
+
     def accepts_rank(self, rank: int, assigned: int) -> bool:
         """With ``round-start = continue`` a node sends its round's change [B, −B′]·[A; A′]: rank r plus at most r."""
         if self.task.config.round_start == "continue":
@@ -103,7 +132,11 @@ class FedPipe(Strategy):
 
     def combine(self, server_round: int, updates: Updates) -> None:
         """Eq 10's average of ΔW_k = s_k B_k A_k (eq 9), cut for dispatch under ``svd``; importance averaged."""
-        increment = aggregate_lowrank([u for u, _ in updates.values()])
+        increment = (
+            average_b([u for u, _ in updates.values()], self.frozen_a)
+            if self.task.config.privacy_frozen_a
+            else aggregate_lowrank([u for u, _ in updates.values()])
+        )
         if self.task.config.dispatch == "svd":
             increment, self.residual = truncate_with_feedback(increment, self.residual, max(self.task.config.rank_candidates()))
         self.increments[server_round] = increment
@@ -160,6 +193,16 @@ def _accumulate(total: dict[str, torch.Tensor], increment: dict[str, LowRank]) -
     for module, lowrank in increment.items():
         dense = to_dense(lowrank)
         out[module] = out[module] + dense if module in out else dense
+    return out
+
+
+def average_b(updates: list[ClientUpdate], a: dict[str, torch.Tensor]) -> dict[str, LowRank]:
+    """Eq 10 with a frozen A: Σ_k w_k s B_k A = (Σ_k w_k s B_k) A exactly, one rank-r_max pair per module (a plain
+    weighted sum of the B's, which secure aggregation can compute)."""
+    out: dict[str, LowRank] = {}
+    for module in sorted({m for u in updates for m in u.factors}):
+        pairs = module_weights(updates, module)
+        out[module] = (a[module], sum(w * u.scaling[module] * u.factors[module][1].double() for u, w in pairs).float())
     return out
 
 
