@@ -33,7 +33,6 @@ from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_
 from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_core.protocol import FinalReply, TrainInstruction, TrainReply
 from fedpipe_core.round_start import (
-    change,
     fitted,
     frozen_fitted,
     load_adapters,
@@ -115,8 +114,9 @@ def _adapters_round(
     if frozen:  # B's change alone, zero-padded to the largest rank: the server knows A
         padded = padded_b(after, before, max(cfg.rank_candidates()))
         out = replace(out, arrays={f"{m}{SEP}B": b.numpy() for m, b in padded.items()})
-    elif carried:
-        out = replace(out, arrays=encode_factors(change(before, after)))  # the round's change is what the server averages
+    elif carried:  # the server averages the round's change: the adapters after, and those the round started from
+        start = {f"{k}0": v for k, v in encode_factors({m: f for m, f in before.items() if m in after}).items()}
+        out = replace(out, arrays={**out.arrays, **start})
     return out, end
 
 

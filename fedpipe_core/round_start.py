@@ -6,8 +6,9 @@ fresh adapters (B = 0) with a fresh AdamW, every round.
 ``continue`` (the default): the node keeps its own adapters (B_k, A_k) and their AdamW moments on its disk and
 holds its frozen base at W0 + ΣΔW − s·B_k·A_k, so that its effective weight W0 + ΣΔW + s·B_k·A_k − s·B_k·A_k
 is still exactly the global model (eqs 9-12, up to the base's quantization) while nothing it learned is thrown
-away. It sends the round's *change* s(B_k A_k − B_k′A_k′) (the factors [B_k, −B_k′] · [A_k; A_k′], rank ≤ r + r′),
-which the server averages as it averages fresh adapters; folding the next global ΔW minus its own change into
+away. It sends its adapters after the round (``<module>::A|B``) and those it started from (``<module>::A0|B0``);
+the server averages the round's *change* s(B_k A_k − B_k′A_k′) (the factors [B_k, −B_k′] · [A_k; A_k′]) as it
+averages fresh adapters; folding the next global ΔW minus its own change into
 its base is then the same as recomputing W0 + ΣΔW − s·B_k·A_k. When the plan changes between rounds: a module
 no longer planned loses its adapter (its base becomes W0 + ΣΔW); a new module gets a fresh one; a higher rank
 keeps the saved components first and fresh ones after (random A rows, zero B columns: the product is

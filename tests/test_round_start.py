@@ -79,7 +79,20 @@ def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
     half = {module: (torch.from_numpy(out1.arrays[f"{module}::A"]), 0.5 * torch.from_numpy(out1.arrays[f"{module}::B"]))}
     second = TrainInstruction(2, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 1)
     out2, _ = ROUTINES["fedpipe"](local, context, second, encode_factors(half), data, RoundSeeds(2, 2), None)
-    assert out2.arrays[f"{module}::A"].shape[0] == 8  # [A; A'] of the round's change
+    assert out2.arrays[f"{module}::A"].shape[0] == out2.arrays[f"{module}::A0"].shape[0] == 4  # after, and started from
+    from fedpipe_core.strategies import FedPipe
+
+    update = FedPipe(local).decode_update(out2.arrays, {module: 4}, 4)
+    A, B = update.factors[module]
+    A0, B0 = torch.from_numpy(out2.arrays[f"{module}::A0"]), torch.from_numpy(out2.arrays[f"{module}::B0"])
+    after = torch.from_numpy(out2.arrays[f"{module}::B"]) @ torch.from_numpy(out2.arrays[f"{module}::A"])
+    assert A.shape[0] == 8 and torch.allclose(B @ A, after - B0 @ A0, atol=1e-6)  # the server averages the change
+    from fedpipe_core.protocol import UpdateError
+
+    wide = {**out2.arrays, f"{module}::A0": torch.zeros(6, task.shapes[module][1]).numpy()}
+    wide[f"{module}::B0"] = torch.zeros(task.shapes[module][0], 6).numpy()
+    with pytest.raises(UpdateError, match="starting adapters of rank 6 do not fit its assigned rank"):
+        FedPipe(local).decode_update(wide, {module: 4}, 4)
     _, moments2 = load_adapters(directory)
     assert {float(m["step"]) for m in moments2.values()} == {4.0}  # AdamW's moments continued, not reset
     assert any(not torch.equal(moments1[n]["exp_avg"], moments2[n]["exp_avg"]) for n in moments1)

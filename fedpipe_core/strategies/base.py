@@ -176,7 +176,7 @@ class Strategy(ABC):
         for module, (A, _) in factors.items():
             if module not in assigned:
                 raise UpdateError(f"module {module!r} was not assigned to this node")
-            if not self.accepts_rank(A.shape[0], assigned[module]):
+            if A.shape[0] != assigned[module]:
                 raise UpdateError(f"module {module!r} has rank {A.shape[0]}, assigned {assigned[module]}")
         if not factors:
             raise UpdateError("reply carries no adapter")
@@ -191,10 +191,6 @@ class Strategy(ABC):
         """‖W‖ per module that updates are judged against: the base's own when the server reads weights, else the
         sites' reported ones (a server with ``eval.where = sites`` never reads a weight tensor)."""
         return weight_norms(self.task) if self.task.config.server_evaluates else self.reported_norms
-
-    def accepts_rank(self, rank: int, assigned: int) -> bool:
-        """Whether an update's factors of ``rank`` fit the ``assigned`` rank (exactly, unless a strategy says otherwise)."""
-        return rank == assigned
 
     def _check_norms(self, update: ClientUpdate) -> None:
         """Reject an update whose ΔW on a module exceeds ``max-update-ratio`` × that weight's norm."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from fedpipe_core.aggregate import (
 from fedpipe_core.codec import decode_factors, encode_delta, encode_dense, encode_factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import TrainReply, UpdateError
-from fedpipe_core.round_start import shared_a
+from fedpipe_core.round_start import change, shared_a
 from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
 from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
 
@@ -105,7 +106,7 @@ class FedPipe(Strategy):
     def decode_update(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """With a frozen A a node sends B alone, zero-padded to the largest candidate rank; else (A, B) as usual."""
         if not self.task.config.privacy_frozen_a:
-            return super().decode_update(arrays, assigned, num_examples)
+            return self._decode_change(arrays, assigned, num_examples)
         rank, factors = max(self.task.config.rank_candidates()), {}
         for key, value in arrays.items():
             module, _, part = key.rpartition("::")
@@ -118,11 +119,19 @@ class FedPipe(Strategy):
             raise UpdateError("reply carries no adapter")
         return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
 
-    def accepts_rank(self, rank: int, assigned: int) -> bool:
-        """With ``round-start = continue`` a node sends its round's change [B, −B′]·[A; A′]: rank r plus at most r."""
-        if self.task.config.round_start == "continue":
-            return assigned <= rank <= 2 * assigned
-        return rank == assigned
+    def _decode_change(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
+        """A continued node sends its adapters after the round at the assigned rank (``<module>::A|B``, checked as
+        every update is) and, for the modules it continued, the adapters it started from (``<module>::A0|B0``, of
+        at most that rank); its update is the change [B, −B′]·[A; A′] (:mod:`fedpipe_core.round_start`)."""
+        start = {k[:-1]: v for k, v in arrays.items() if k.endswith(("::A0", "::B0"))}
+        update = super().decode_update(
+            {k: v for k, v in arrays.items() if not k.endswith(("::A0", "::B0"))}, assigned, num_examples
+        )
+        before = decode_factors(start, self.task.shapes) if start else {}
+        for module, (A0, _) in before.items():
+            if module not in update.factors or A0.shape[0] > assigned[module]:
+                raise UpdateError(f"module {module!r}: starting adapters of rank {A0.shape[0]} do not fit its assigned rank")
+        return replace(update, factors=change(before, update.factors))
 
     def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None):
         update = super().read_update(arrays, reply, assigned)
