@@ -76,8 +76,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     restore_moments(optimizer, named, optimizer_state or {})
     if dp is not None:
-        result = _train_private(model, tokenizer, examples, params, optimizer, steps, max_len, dp, after_backward)
-        return TrainResult(result.mean_loss, result.steps, result.examples, export_moments(optimizer, named))
+        return _train_private(model, tokenizer, examples, named, optimizer, steps, max_len, dp, after_backward)
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if compute_dtype(device) == torch.float16 else None
     model.train()
@@ -140,7 +139,7 @@ def _train_private(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    params: list[torch.Tensor],
+    named: list[tuple[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     steps: int,
     max_len: int,
@@ -148,6 +147,7 @@ def _train_private(
     after_backward: Callable[[], None] | None,
 ) -> TrainResult:
     """DP-SGD steps: the private gradient of each Poisson batch (:func:`~fedpipe_core.privacy.noisy_mean`), then AdamW."""
+    params = [p for _, p in named]
     device = params[0].device
     generator = torch.Generator().manual_seed(dp.seed)
 
@@ -169,4 +169,5 @@ def _train_private(
         losses += batch_losses
         processed += len(batch)
     model.eval()
-    return TrainResult(mean_loss=sum(losses) / len(losses) if losses else float("nan"), steps=steps, examples=processed)
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainResult(mean_loss, steps, processed, export_moments(optimizer, named))

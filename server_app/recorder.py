@@ -78,13 +78,14 @@ class RunRecorder:
         stats = self.adapter.stats.get(server_round)
         if self.pending is not None:
             self._complete(stats.site_eval if stats else {})
-        row = self._evaluate(server_round)
+        delta = self.adapter.strategy.final_delta()  # the model the run would save at this round: evaluated and kept
+        row = self._evaluate(server_round, delta)
         cfg = self.adapter.config
         if cfg.sites_evaluate and cfg.evaluated(server_round):
             self.pending = row
-            self.pending_delta = {k: v.clone() for k, v in self.adapter.strategy.final_delta().items()} if server_round else {}
+            self.pending_delta = {k: v.clone() for k, v in delta.items()} if server_round else {}
         else:
-            self._write(row, self.adapter.strategy.final_delta() if server_round else {})
+            self._write(row, delta if server_round else {})
         strategy = self.adapter.strategy
         state, tensors = strategy.state_dict()
         save_checkpoint(
@@ -127,15 +128,11 @@ class RunRecorder:
             self.writer.save_delta(delta, best=True)
             self.writer.note_best(row["round"], loss)
 
-    def _evaluate(self, server_round: int) -> dict[str, float]:
-        """The round's metrics row; the server evaluates base + global ΔW on its validation split when it holds data."""
+    def _evaluate(self, server_round: int, delta: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The round's metrics row; the server evaluates base + ``delta`` on its validation split when it holds data."""
         strategy = self.adapter.strategy
         cfg = strategy.task.config
-        loss = (
-            evaluate_validation(strategy.task, strategy.final_delta())  # the model the run would save at this round
-            if cfg.server_evaluates and cfg.evaluated(server_round)
-            else None
-        )
+        loss = evaluate_validation(strategy.task, delta) if cfg.server_evaluates and cfg.evaluated(server_round) else None
         stats = self.adapter.stats.get(server_round)
         row = {
             "round": server_round,

@@ -235,27 +235,22 @@ def test_an_update_weighs_the_examples_it_processed(task):
     from fedpipe_core.local import run_client_round
 
     module = task.targets[0]
-    out = run_client_round(
-        task,
-        model=task.base_model(),
-        examples=task.splits["train"][:40],
-        ranks={module: 2},
-        initial_factors=None,
-        seed=0,
-        batch_size=3,
-        local_steps=2,
-    )
+
+    def round_on(count: int):
+        return run_client_round(
+            task,
+            model=task.base_model(),
+            examples=task.splits["train"][:count],
+            ranks={module: 2},
+            initial_factors=None,
+            seed=0,
+            batch_size=3,
+            local_steps=2,
+        )
+
+    out = round_on(40)
     assert out.num_examples == 3 * 2 == out.result.examples  # batch × steps done, not the 40 examples it holds
-    small = run_client_round(
-        task,
-        model=task.base_model(),
-        examples=task.splits["train"][:2],
-        ranks={module: 2},
-        initial_factors=None,
-        seed=0,
-        batch_size=3,
-        local_steps=2,
-    )
+    small = round_on(2)
     assert small.num_examples == 2 * 2  # a batch cannot exceed the data
     updates = [
         ClientUpdate({module: (None, None)}, {}, out.num_examples),
