@@ -152,6 +152,9 @@ class RunConfig:
     """`fedpipe.importance-beta1`: EMA factor of the sensitivity (eq 5)."""
     importance_beta2: float = 0.85
     """`fedpipe.importance-beta2`: EMA factor of its uncertainty (eq 6)."""
+    upload_budget_mb: float = 0.0
+    """`fedpipe.upload-budget-mb`: MB (10^6 bytes) each node may upload per round: the search keeps the FP32 adapters a
+    node sends (with the starting adapters a continued node sends beside them) within it; 0: no limit."""
     weight_selection: str = "importance"
     """`fedpipe.weight-selection`: `importance`, or `random` weight picks (ablation)."""
     base_precision: str = "auto"
@@ -191,13 +194,18 @@ class RunConfig:
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if not 0.0 < self.privacy_site_delta < 1.0:
             raise ConfigError(f"run config {key_of('privacy_site_delta')!r}: must be in (0, 1), got {self.privacy_site_delta!r}")
-        for name in ("privacy_site_epsilon", "privacy_clip_norm"):
+        for name in ("privacy_site_epsilon", "privacy_clip_norm", "upload_budget_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run config {key_of(name)!r}: must be >= 0, got {getattr(self, name)!r}")
         if self.privacy_site_epsilon > 0 and self.privacy_clip_norm <= 0:
             raise ConfigError(
                 f"run config {key_of('privacy_site_epsilon')!r} = {self.privacy_site_epsilon:g} needs "
                 f"{key_of('privacy_clip_norm')!r} > 0 (DP-SGD's clipping bound)"
+            )
+        if self.upload_budget_mb > 0 and self.privacy_frozen_a:
+            raise ConfigError(
+                f"run config {key_of('upload_budget_mb')!r} bounds (A, B) uploads; with {key_of('privacy_frozen_a')!r} a node "
+                "sends B zero-padded to the largest rank whatever its plan, so set one of them only"
             )
         if self.time_budget_s < 0:
             raise ConfigError(f"run config {key_of('time_budget_s')!r}: must be >= 0 (0: no budget), got {self.time_budget_s!r}")

@@ -22,9 +22,12 @@ class Plan:
     reason: str = ""
     search_s: float = 0.0
     local_steps: int = 0
-    """Local steps this round (set by the strategy; fewer than the run config's under a deadline)."""
+    """Local steps this round: 0 from a search that leaves them to the strategy (the run config's, fewer under a
+    deadline), fewer when not even the cheapest adapter fits the budget for all of them."""
     over_budget: bool = False
-    """No (weight, rank) plan fit the FLOPS budget: the node trains the cheapest adapter and stretches the round."""
+    """Not even one step of the cheapest adapter fits the FLOPS budget: the node does one and stretches the round."""
+    scores: dict[str, float] | None = None
+    """What the search ranked weights by (FedPipe: importance, eqs 3-7, or the random ablation's draws)."""
 
     @property
     def feasible(self) -> bool:

@@ -3,8 +3,9 @@
 Stage 1 gives each client a batch size proportional to its share of FLOPS within [b_min, b_max].
 Stage 2 picks, per client, (weight, rank) pairs from the most important weight down and from the
 highest candidate rank down, keeping the cost model's step FLOPs × local steps within the
-client's FLOPS budget for the round; a rank-adjustment pass then raises ranks where budget is
-left. The precision of the frozen base is the highest whose peak memory fits the client.
+client's FLOPS budget for the round (and the adapter parameters within its upload budget, when set);
+a rank-adjustment pass then raises ranks where budget is left. The precision of the frozen base is
+the highest whose peak memory fits the client.
 
 Both solvers maximise the same objective, Σ importance(m) · r_m over the chosen pairs, under
 the same constraints, so their ratio measures the greedy's gap.
@@ -52,6 +53,8 @@ class Budget:
     precision: str = "fp32"
     compute_bytes: int = 4
     """Bytes per activation in the node's compute dtype (see :class:`~fedpipe_core.profile.ClientProfile`)."""
+    params: float = float("inf")
+    """Adapter parameters the node may send this round (its upload budget ÷ bytes sent per parameter)."""
 
 
 def round_budget_s(spec: ModelSpec, space: SearchSpace, batch: int, fastest_flops: float) -> float:
@@ -59,6 +62,11 @@ def round_budget_s(spec: ModelSpec, space: SearchSpace, batch: int, fastest_flop
     rank and the largest batch, so that equal nodes with ample memory train everything at the top rank."""
     top = dict.fromkeys(spec.modules, max(space.ranks))
     return space.local_steps * step_flops(spec, top, batch, space.seq) / fastest_flops
+
+
+def cheapest(spec: ModelSpec, modules: list[str], rank: int) -> dict[str, int]:
+    """The least there is to train: one adapter of ``rank`` on a module of the top block."""
+    return {max(modules, key=lambda m: (spec.modules[m][0], m)): rank} if modules else {}
 
 
 def batch_sizes(flops: list[float], b_min: int, b_max: int) -> list[int]:
@@ -95,6 +103,7 @@ def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: Sea
         room = min(
             (budget.flops / steps - flops.fixed - flops.per_block * blocks) / flops.per_param,
             (budget.memory - memory.fixed - memory.per_block * blocks) / memory.per_param,
+            budget.params,
         )
         for order in orders:
             chosen = _fill(spec, [m for m in order if spec.modules[m][0] >= lowest], space.ranks, room)
@@ -165,13 +174,16 @@ def exact(
     problem += space.local_steps * (flops.fixed + flops.per_block * blocks + flops.per_param * params) <= budget.flops
     if budget.memory != float("inf"):
         problem += mem.fixed + mem.per_block * blocks + mem.per_param * params <= budget.memory
+    if budget.params != float("inf"):
+        problem += params <= budget.params
     solver = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s)
     if not solver.available():
         raise RuntimeError("fedpipe.search='exact' needs the CBC solver: pip install 'pulp[cbc]'")
     problem.solve(solver)
     chosen = {m: r for (m, r), var in x.items() if var.value() is not None and var.value() > 0.5}
     over_memory = peak_memory(spec, chosen, batch, space.seq, budget.precision, budget.compute_bytes) > budget.memory * (1 + 1e-9)
-    if not chosen or over_memory or _round_flops(spec, chosen, batch, space) > budget.flops * (1 + 1e-9):
+    over_upload = lora_params(spec, chosen) > budget.params
+    if not chosen or over_memory or over_upload or _round_flops(spec, chosen, batch, space) > budget.flops * (1 + 1e-9):
         return {}  # infeasible (or no incumbent within the time limit)
     return chosen
 
@@ -185,30 +197,33 @@ def plan_client(
     space: SearchSpace,
     method: str = "greedy",
     precision: str = "auto",
+    max_params: float = float("inf"),
 ) -> Plan:
     """Precision first, then weights and ranks under FLOPS and memory.
 
     The precision is the most bits with which every candidate weight at the smallest rank fits
     in memory (the paper quantizes by memory budget before the search); when none does, NF4,
     which leaves the most memory for adapters, if one adapter on the top block fits with it.
-    A node whose FLOPS budget affords no adapter at all trains that one cheapest adapter rather
-    than drop out (its round takes longer than the budget). A fixed ``precision`` (ablations)
-    replaces the memory rule; the plan's predicted memory then shows what it costs.
+    A node whose FLOPS budget affords no adapter for every local step trains the cheapest one rather
+    than drop out, for the local steps that fit the budget (at least one: only when a single step does
+    not fit does its round take longer than the budget). A fixed ``precision`` (ablations)
+    replaces the memory rule; the plan's predicted memory then shows what it costs. ``max_params`` bounds the adapter
+    parameters the plan may train (the node's upload budget); the cheapest adapter is trained even past it.
     """
     started = time.perf_counter()
     budget = profile.flops * round_time_s
     everything = {m: min(space.ranks) for m in importance}
-    cheapest = {max(importance, key=lambda m: (spec.modules[m][0], m)): min(space.ranks)} if importance else {}
+    least = cheapest(spec, list(importance), min(space.ranks))
     memory = profile.memory_bytes
     if precision != "auto":
         memory = float("inf")
     else:
         precision = choose_precision(spec, profile, everything, batch, space.seq)
     act = profile.compute_bytes
-    if precision is None and peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1], act) <= profile.memory_bytes:
+    if precision is None and peak_memory(spec, least, batch, space.seq, PRECISIONS[-1], act) <= profile.memory_bytes:
         precision = PRECISIONS[-1]  # tight memory: the fewest bits leave the most room for adapters
     if precision is None:
-        need = peak_memory(spec, cheapest, batch, space.seq, PRECISIONS[-1], act)
+        need = peak_memory(spec, least, batch, space.seq, PRECISIONS[-1], act)
         return Plan(
             batch,
             "none",
@@ -218,17 +233,21 @@ def plan_client(
             f"and one rank-{min(space.ranks)} adapter ({need / 2**30:.2f} GiB)",
         )
     solver = exact if method == "exact" else greedy
-    ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act))
+    ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act, max_params))
     elapsed = time.perf_counter() - started
-    over_budget = not ranks
-    if over_budget:  # a slow node still takes part with the least work there is; it stretches the round
+    steps = 0  # the strategy's (all of the run config's local steps)
+    if not ranks:  # a slow node still takes part, with the least work there is, for the steps that fit
+        ranks = least
+        steps = max(1, math.floor(budget / step_flops(spec, least, batch, space.seq) + 1e-9))
         log.warning(
-            "%s search: no (weight, rank) plan fits the round budget of %.3g FLOPs at batch %d; training the cheapest adapter",
+            "%s search: no (weight, rank) plan fits the round budget of %.3g FLOPs at batch %d for %d local steps; "
+            "training the cheapest adapter for %d",
             method,
             budget,
             batch,
+            space.local_steps,
+            min(steps, space.local_steps),
         )
-        ranks = cheapest
     return Plan(
         batch_size=batch,
         precision=precision,
@@ -237,5 +256,6 @@ def plan_client(
         step_flops=step_flops(spec, ranks, batch, space.seq),
         memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision, act),
         search_s=elapsed,
-        over_budget=over_budget,
+        local_steps=min(steps, space.local_steps),
+        over_budget=steps > 0 and step_flops(spec, ranks, batch, space.seq) > budget,
     )

@@ -56,7 +56,7 @@ def main() -> None:
     fedpipe_times, fedavg_times = [], []
     for k, (profile, batch) in enumerate(zip(profiles, batches)):
         plan = plan_client(spec, profile, importance, batch, round_time, space)
-        t = cfg.local_steps * plan.step_flops / profile.flops if plan.feasible else float("nan")
+        t = (plan.local_steps or cfg.local_steps) * plan.step_flops / profile.flops if plan.feasible else float("nan")
         fedpipe_times.append(t)
         fedavg_times.append(
             cfg.local_steps * step_flops(spec, task.uniform_ranks(), cfg.batch_size, cfg.max_seq_len) / profile.flops

@@ -100,7 +100,7 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
         if unknown:
             raise ConfigError(f"suite {name!r}: runs name unknown settings {unknown}")
         for target in suites[name].targets:
-            if ("fedpipe", target.setting) not in suites[name].runs or (target.peer, target.setting) not in suites[name].runs:
+            if any(row not in suites[name].runs for row in target.rows):
                 raise ConfigError(f"suite {name!r}: target '{target}' compares rows the suite does not run")
     return suites
 

@@ -13,8 +13,9 @@ Quality at equal cost: within a setting, the eval loss of every run at the simul
 the total client steps) where the shortest run of the setting ended, interpolated linearly between
 rounds the same way.
 
-Targets: a suite may fix, before any run, bounds on FedPipe's figure ÷ a peer's in one setting
-(means over the seeds, e.g. BLEU ≥ 1.0 × LoRA-FedAvg's); the report says of each whether it was
+Targets: a suite may fix, before any run, bounds on FedPipe's figure ÷ (or −) a peer's in one setting
+or another row's (means over the seeds, e.g. BLEU ≥ 1.0 × LoRA-FedAvg's, or eval loss − the random
+ablation's ≤ −0.02); the report says of each whether it was
 met, not met, or cannot be read yet (a row missing, or a figure no seed reached).
 """
 
@@ -108,50 +109,80 @@ COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": oper
 
 
 class Target(NamedTuple):
-    """A target fixed in a suite before its runs: fedpipe's ``metric`` ÷ ``peer``'s, in ``setting``, ``op`` ``bound``."""
+    """A target fixed in a suite before its runs: fedpipe's ``metric`` in ``setting`` against ``peer``'s, ``op`` ``bound``.
+
+    ``peer`` is a strategy in the same setting, or ``strategy/setting`` (e.g. ``fedpipe/random``: an ablation's
+    other arm). ``compare`` is ``ratio`` (fedpipe ÷ peer, the default) or ``difference`` (fedpipe − peer).
+    """
 
     metric: str
     setting: str
     peer: str
     op: str
     bound: float
+    compare: str = "ratio"
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any]) -> Target:
-        """From a suite's ``{metric, setting, peer, op, bound}``; a bad one is refused with what is wrong."""
+        """From a suite's ``{metric, setting, peer, op, bound[, compare]}``; a bad one is refused with what is wrong."""
         missing = sorted({"metric", "setting", "peer", "op", "bound"} - set(spec))
         if missing:
             raise ValueError(f"target {dict(spec)} lacks {missing}")
-        metric, op = str(spec["metric"]), str(spec["op"])
+        metric, op, compare = str(spec["metric"]), str(spec["op"]), str(spec.get("compare", "ratio"))
         if metric not in (*SEEDED, *TO_TARGET):
             raise ValueError(f"target metric {metric!r} is not a report figure ({', '.join((*SEEDED, *TO_TARGET))})")
         if op not in COMPARISONS:
             raise ValueError(f"target op {op!r} is not one of {', '.join(COMPARISONS)}")
-        return cls(metric, str(spec["setting"]), str(spec["peer"]), op, float(spec["bound"]))
+        if compare not in COMPARE:
+            raise ValueError(f"target compare {compare!r} is not one of {', '.join(COMPARE)}")
+        return cls(metric, str(spec["setting"]), str(spec["peer"]), op, float(spec["bound"]), compare)
+
+    @property
+    def peer_row(self) -> tuple[str, str]:
+        """(strategy, setting) of the row fedpipe's is compared with."""
+        strategy, _, setting = self.peer.partition("/")
+        return strategy, setting or self.setting
+
+    @property
+    def rows(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        return ("fedpipe", self.setting), self.peer_row
 
     def __str__(self) -> str:
-        return f"fedpipe ÷ {self.peer} {self.metric} in {self.setting} {self.op} {self.bound:g}"
+        sign = "÷" if self.compare == "ratio" else "−"
+        peer = "/".join(self.peer_row) if "/" in self.peer else self.peer
+        mine = f"fedpipe/{self.setting}" if "/" in self.peer else "fedpipe"
+        where = "" if "/" in self.peer else f" in {self.setting}"
+        return f"{mine} {sign} {peer} {self.metric}{where} {self.op} {self.bound:g}"
+
+
+COMPARE = {"ratio": operator.truediv, "difference": operator.sub}
+"""How a target sets fedpipe's figure against its peer's."""
 
 
 def verdicts(results: dict[tuple[str, str], dict[str, Any]], targets: tuple[Target, ...]) -> list[dict[str, Any]]:
-    """Each target with the measured ratio and ``met`` (None where it cannot be read yet, with the reason)."""
+    """Each target with the measured ``value`` (ratio or difference) and ``met`` (None where it cannot be read yet, with
+    the reason)."""
     out = []
     for target in targets:
-        mine, peer = results.get(("fedpipe", target.setting)), results.get((target.peer, target.setting))
-        verdict: dict[str, Any] = {"target": str(target), "ratio": None, "met": None, "why": None}
+        (_, setting), (peer_name, peer_setting) = target.rows
+        mine, peer = results.get(("fedpipe", setting)), results.get(target.peer_row)
+        verdict: dict[str, Any] = {"target": str(target), "compare": target.compare, "value": None, "met": None, "why": None}
         if mine is None or peer is None:
-            verdict["why"] = f"no finished run of {'fedpipe' if mine is None else target.peer} / {target.setting} yet"
-        elif mine.get(target.metric) is None or not peer.get(target.metric):
-            who = "fedpipe" if mine.get(target.metric) is None else target.peer
-            verdict["why"] = f"{target.metric} of {who} / {target.setting} is unknown (no seed reached it) or 0"
+            who = f"fedpipe / {setting}" if mine is None else f"{peer_name} / {peer_setting}"
+            verdict["why"] = f"no finished run of {who} yet"
+        elif (
+            mine.get(target.metric) is None
+            or peer.get(target.metric) is None
+            or (target.compare == "ratio" and not peer[target.metric])
+        ):
+            who = f"fedpipe / {setting}" if mine.get(target.metric) is None else f"{peer_name} / {peer_setting}"
+            verdict["why"] = f"{target.metric} of {who} is unknown (no seed reached it) or 0"
         else:
-            verdict["ratio"] = mine[target.metric] / peer[target.metric]
-            verdict["met"] = COMPARISONS[target.op](verdict["ratio"], target.bound)
-            verdict["why"] = f"seeds: fedpipe {mine['seeds']}, {target.peer} {peer['seeds']}"
+            verdict["value"] = COMPARE[target.compare](mine[target.metric], peer[target.metric])
+            verdict["met"] = COMPARISONS[target.op](verdict["value"], target.bound)
+            verdict["why"] = f"seeds: fedpipe {mine['seeds']}, {peer_name} {peer['seeds']}"
             if target.metric in TO_TARGET:
-                verdict["why"] += (
-                    f"; reached the target: fedpipe {mine['reached_target']}, {target.peer} {peer['reached_target']}"
-                )
+                verdict["why"] += f"; reached the target: fedpipe {mine['reached_target']}, {peer_name} {peer['reached_target']}"
         out.append(verdict)
     return out
 
@@ -481,7 +512,7 @@ def markdown(
         lines += ["", "Targets, fixed in the suite before the runs (means over the seeds):", ""]
         for v in judged:
             state = "pending" if v["met"] is None else ("**met**" if v["met"] else "**not met**")
-            lines.append(f"- {v['target']}: {_fmt(v['ratio'], 2)} → {state} ({v['why']})")
+            lines.append(f"- {v['target']}: {_fmt(v['value'], 2 if v['compare'] == 'ratio' else 4)} → {state} ({v['why']})")
     lines += [
         "",
         f"Each row's first run in detail (plans, bytes, node time): `runs/{suite}--<strategy>--<setting>/report.md`.",

@@ -196,17 +196,32 @@ def write_run_report(run: Path, out: Path) -> Path:
     lines += ["", "![eval loss](eval-loss.png)", "", "![bytes](bytes.png)", "", "![node time](node-time.png)", ""]
     if plans:
         lines += ["Each node's plan per round: the rank of every module (0: not trained), its base precision and batch.", ""]
-        lines += ["![plans](plans.png)", ""]
+        lines += ["![plans](plans.png)", "", *plan_table(plans)]
         over = [f"round {p['round']} {_node(p['node_id'])}" for p in plans if p.get("over_budget")]
         lines += [
-            "Plans over the node's FLOPS budget (no plan fit; it trained the cheapest adapter and stretched the round): "
-            + ("; ".join(over) if over else "none")
-            + ".",
+            "Plans over the node's FLOPS budget (not one step of the cheapest adapter fit; it did one and stretched the "
+            "round): " + ("; ".join(over) if over else "none") + ".",
             "",
         ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def plan_table(plans: list[dict[str, Any]]) -> list[str]:
+    """Per round and node: base precision, batch, local steps, how many weights it trained at each rank, the lowest
+    block the backward pass reached, and the predicted round time."""
+    lines = ["| round | node | precision | batch | local steps | weights × rank | lowest block | predicted round s |"]
+    lines.append("|" + "---|" * 8)
+    for p in sorted(plans, key=lambda p: (p["round"], str(p["node_id"]))):
+        ranks = list(p["ranks"].values())
+        by_rank = ", ".join(f"{ranks.count(r)} × {r}" for r in sorted(set(ranks), reverse=True))
+        lowest = min(_module_order(m)[0] for m in p["ranks"])
+        lines.append(
+            f"| {p['round']} | {_node(p['node_id'])} | {p.get('precision', '—')} | {p.get('batch_size', '—')} | {p.get('local_steps', '—')} "
+            f"| {by_rank} | {lowest} | {_fmt(p.get('predicted_round_s'))} |"
+        )
+    return [*lines, ""]
 
 
 def _loss(value: float | None) -> str:

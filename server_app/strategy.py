@@ -328,6 +328,8 @@ class FlowerAdapter(FlowerStrategy):
                     "left_out": plan.reason or None,
                     "over_budget": plan.over_budget,
                 }
+                if plan.scores is not None:
+                    row["scores"] = plan.scores
                 handle.write(json.dumps(row) + "\n")
 
 

@@ -1,12 +1,14 @@
 """FedPipe automation parts: quantization, cost model, profiles, two-stage search vs MILP."""
 
 import random
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedpipe_core.config import RunConfig
 from fedpipe_core.cost import lora_params, model_spec, peak_memory, step_flops
 from fedpipe_core.device import measure
 from fedpipe_core.lora import attach_lora, resolve_target_modules
@@ -19,7 +21,8 @@ from fedpipe_core.quantize import (
     normal_float_code,
     quantize,
 )
-from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client
+from fedpipe_core.search import Budget, SearchSpace, batch_sizes, cheapest, exact, greedy, plan_client, round_budget_s
+from fedpipe_core.task import load_task, node_profile
 
 
 def test_nf4_code_is_bitsandbytes_nf4_and_nf8_is_its_8bit_analogue():
@@ -146,6 +149,23 @@ def test_equal_clients_with_ample_budget_train_every_candidate_at_the_top_rank(s
     assert greedy(spec, dict.fromkeys(candidates, 1.0), 8, space, Budget(budget)) == everything
 
 
+def test_a_node_too_slow_for_every_step_of_the_cheapest_adapter_does_the_steps_that_fit(spec_and_model, caplog):
+    spec, sub, pool = _attention_only(*spec_and_model)
+    space = SearchSpace(ranks=(2, 4, 8), seq=64, local_steps=4)
+    round_s = round_budget_s(sub, space, 8, 1e13)
+    assert round_s == pytest.approx(4 * step_flops(sub, {m: 8 for m in pool}, 8, 64) / 1e13)  # the fastest's time for all
+    least = step_flops(sub, cheapest(sub, pool, 2), 8, 64)
+    importance = dict.fromkeys(pool, 1.0)
+    for steps in (1, 2, 3):
+        flops = (steps + 0.5) * least / round_s  # affords steps and a half of the cheapest adapter
+        plan = plan_client(sub, ClientProfile(1e12, flops, "declared"), importance, 8, round_s, space)
+        assert plan.local_steps == steps and not plan.over_budget and len(plan.ranks) == 1
+        assert plan.local_steps * plan.step_flops <= plan.flops_budget  # it finishes within the round
+    assert "training the cheapest adapter for 3" in caplog.text
+    ample = plan_client(sub, ClientProfile(1e12, 1e13, "declared"), importance, 8, round_s, space)
+    assert ample.local_steps == 0 and ample.ranks == {m: 8 for m in pool}  # the strategy's steps: all of them
+
+
 def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model, caplog):
     spec, candidates = spec_and_model
     pool = candidates[-8:]
@@ -163,8 +183,8 @@ def test_plans_pick_precision_by_memory_and_keep_slow_nodes(spec_and_model, capl
     assert "greedy search: no (weight, rank) plan fits" in caplog.text  # the fallback is said, not silent
     top = max(pool, key=lambda m: (spec.modules[m][0], m))
     assert slow.feasible and slow.ranks == {top: 2}  # no budget at all: the cheapest adapter, never dropped
-    assert slow.over_budget  # and the plan says so (plans.jsonl's over_budget)
-    assert slow.step_flops * space.local_steps > slow.flops_budget
+    assert slow.over_budget and slow.local_steps == 1  # one step, and the plan says it overruns (plans.jsonl's over_budget)
+    assert slow.step_flops > slow.flops_budget
 
 
 def test_memory_scale_widens_simulated_budgets_and_the_testbed_seed_fixes_them(task):
@@ -178,3 +198,39 @@ def test_memory_scale_widens_simulated_budgets_and_the_testbed_seed_fixes_them(t
         base, big = node_profile(task, {}, k), node_profile(roomy, {}, k)
         assert big.flops == base.flops and big.memory_bytes > base.memory_bytes
         assert node_profile(reseeded, {}, k) == base
+
+
+def _binding_plans(setting: str, importance: dict[str, float] | None = None):
+    """Round-2 FedPipe plans of the 4 simulated nodes of the `binding` suite's ``setting``, ranked by ``importance``."""
+    from fedpipe_core.strategies.fedpipe import FedPipe
+    from fedpipe_tools.bench import load_suites
+
+    suite = load_suites()["binding"]
+    cfg = RunConfig.from_mapping(suite.config_of("fedpipe", setting, Path("/tmp/unused"), 1))
+    task = load_task(cfg)
+    strategy = FedPipe(task)
+    strategy.profiles = {k: node_profile(task, {}, k) for k in range(suite.supernodes)}
+    strategy.importance = dict(importance or {})
+    return task, strategy.make_plans(2, sorted(strategy.profiles))
+
+
+def test_in_the_binding_setting_the_plans_bind_and_importance_and_random_picks_differ():
+    task, _ = _binding_plans("binding")
+    rng = random.Random("measured-like")  # heavy-tailed, as measured scores are (max ≈ 18 × the mean)
+    importance = {m: rng.random() ** 4 for m in task.targets}
+    _, picked = _binding_plans("binding", importance)
+    _, drawn = _binding_plans("binding-random", importance)
+    _, solved = _binding_plans("binding-exact", importance)
+    everything = len(task.targets)
+    assert {p.batch_size for p in picked.values()} == {8}  # batch 8 on every node: the plans must bind elsewhere
+    assert {p.precision for p in picked.values()} >= {"nf8"}  # memory puts nodes on a quantized base
+    assert all(len(p.ranks) < everything for p in picked.values())  # nobody trains every weight at the top rank
+    assert all(lora_params(task.spec, p.ranks) <= 3.0e6 / 8 for p in picked.values() if p.local_steps == 0)
+    assert any(p.local_steps < task.config.local_steps for p in picked.values())  # the slowest does the steps that fit
+    assert [p.ranks for p in picked.values()] != [p.ranks for p in drawn.values()]
+    value = {
+        name: sum(importance[m] * r for p in plans.values() for m, r in p.ranks.items())
+        for name, plans in (("importance", picked), ("random", drawn), ("exact", solved))
+    }
+    assert value["random"] < value["importance"] <= value["exact"] * (1 + 1e-6)  # the greedy may reach the optimum
+    assert value["importance"] >= 0.95 * value["exact"]

@@ -253,12 +253,30 @@ def test_targets_fixed_before_the_runs_are_judged_on_the_means(tmp_path):
     write_report("goals", runs, tmp_path / "report", target=2.0, goals=goals)
     judged = json.loads((tmp_path / "report" / "goals-targets.json").read_text())
     assert [v["met"] for v in judged] == [True, False, None]
-    assert judged[0]["ratio"] == pytest.approx(1.5) and judged[1]["ratio"] == pytest.approx(1.0 / 6.0)
+    assert judged[0]["value"] == pytest.approx(1.5) and judged[1]["value"] == pytest.approx(1.0 / 6.0)
     assert "no finished run of legend / hetero" in judged[2]["why"]
     table = (tmp_path / "report" / "goals.md").read_text()
     assert "- fedpipe ÷ lora-fedavg bleu in hetero >= 1: 1.50 → **met**" in table
     assert "- fedpipe ÷ lora-fedavg sim_time_to_target_s in hetero <= 0.1: 0.17 → **not met**" in table
     assert "- fedpipe ÷ legend sim_time_to_target_s in hetero < 1: — → pending" in table
+
+
+def test_a_target_on_another_setting_reads_the_difference_of_the_two_rows(tmp_path):
+    runs = {
+        ("fedpipe", "importance"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.50], [0.0, 1.0, 2.0], 4.0, 30.0),
+        ("fedpipe", "random"): _fake_run(tmp_path / "b", [3.0, 2.0, 1.51], [0.0, 1.0, 2.0], 4.0, 30.0),
+    }
+    spec = {"metric": "final_eval_loss", "setting": "importance", "peer": "fedpipe/random", "op": "<=", "bound": -0.02}
+    spec["compare"] = "difference"
+    goals = (Target.parse(spec), Target.parse({**spec, "peer": "fedpipe/exact"}))
+    write_report("bind", runs, tmp_path / "report", target=2.0, goals=goals)
+    judged = json.loads((tmp_path / "report" / "bind-targets.json").read_text())
+    assert judged[0]["value"] == pytest.approx(-0.01) and judged[0]["met"] is False
+    assert judged[1]["met"] is None and "no finished run of fedpipe / exact" in judged[1]["why"]
+    table = (tmp_path / "report" / "bind.md").read_text()
+    assert "- fedpipe/importance − fedpipe/random final_eval_loss <= -0.02: -0.0100 → **not met**" in table
+    with pytest.raises(ValueError, match="compare 'product'"):
+        Target.parse({**spec, "compare": "product"})
 
 
 def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_again(tmp_path):

@@ -39,6 +39,7 @@ def test_readme_table_is_the_one_generated_from_the_fields():
         ("eval.base-generation", "maybe", "'eval.base-generation': expected true/false"),
         ("data.partitioner", "zipf", "'data.partitioner'"),
         ("lora.candidate-ranks", "2,x", "'lora.candidate-ranks': expected positive integers"),
+        ("fedpipe.upload-budget-mb", -1.0, "'fedpipe.upload-budget-mb': must be >= 0"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, fragment):

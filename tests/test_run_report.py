@@ -36,6 +36,8 @@ def _run(tmp_path, finished: bool = True):
             "batch_size": 3 + 5 * n,
             "ranks": {m: 2 * (n + 1) for m in modules[n * 2 :]},
             "over_budget": r == 2 and n == 0,
+            "local_steps": 1 if r == 2 and n == 0 else 4,
+            "predicted_round_s": 0.05,
         }
         for r in (1, 2)
         for n in (0, 1)
@@ -57,6 +59,9 @@ def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
     assert "| 1 | 2.4000 | 2 | 3.00 | 0.00 | 0.07 | 10 | 2 | 4 |" in page
     assert "| 2 | 2.1000 | 2 | 3.00 | 1.50 | 0.14 | 10 | 2 | 0 |" in page
     assert "stretched the round): round 2 node …1000." in page
+    assert "| 1 | node …1000 | nf4 | 3 | 4 | 6 × 2 | 0 | 0.05 |" in page  # weights at each rank, the lowest block
+    assert "| 2 | node …1001 | fp32 | 8 | 4 | 4 × 4 | 1 | 0.05 |" in page
+    assert "| 2 | node …1000 | nf4 | 3 | 1 | 6 × 2 | 0 | 0.05 |" in page
     for name in ("eval-loss.png", "bytes.png", "node-time.png", "plans.png"):
         assert (run / "report" / name).stat().st_size > 5000, name
 

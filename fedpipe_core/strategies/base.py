@@ -128,7 +128,7 @@ class Strategy(ABC):
         if not plan.feasible:
             return
         step_s = plan.step_flops / self.profiles[node_id].flops
-        plan.local_steps = deadline_steps(step_s, cfg.local_steps, cfg.round_deadline_s)
+        plan.local_steps = deadline_steps(step_s, plan.local_steps or cfg.local_steps, cfg.round_deadline_s)
         if plan.local_steps < 1:
             plan.ranks = {}
             plan.reason = f"one local step takes {step_s:.3g} s, past the round deadline of {cfg.round_deadline_s:g} s"

@@ -75,11 +75,31 @@ class FedPipe(Strategy):
         space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
         importance = self.current_importance(server_round)
         return {
-            node: plan_client(
-                spec, self.profiles[node], importance, batch, round_time, space, method=cfg.search, precision=cfg.base_precision
+            node: replace(
+                plan_client(
+                    spec,
+                    self.profiles[node],
+                    importance,
+                    batch,
+                    round_time,
+                    space,
+                    method=cfg.search,
+                    precision=cfg.base_precision,
+                    max_params=self.upload_params(),
+                ),
+                scores=importance,
             )
             for node, batch in zip(node_ids, batches)
         }
+
+    def upload_params(self) -> float:
+        """Adapter parameters ``fedpipe.upload-budget-mb`` allows a node per round: FP32 (A, B), twice over for a
+        continued node (it sends the adapters it started from beside them)."""
+        cfg = self.task.config
+        if cfg.upload_budget_mb <= 0:
+            return float("inf")
+        per_param = 4 * (2 if cfg.round_start == "continue" else 1)
+        return cfg.upload_budget_mb * 1e6 / per_param
 
     # --- payload --------------------------------------------------------------------------------
     def sync_window(self, node_id: int, server_round: int) -> tuple[int, int]:
