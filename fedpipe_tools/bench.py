@@ -54,14 +54,19 @@ class Suite:
     """Training seeds: every run is repeated once per seed."""
     targets: tuple[Target, ...] = ()
     """Fixed before the runs: bounds on fedpipe's figures ÷ a peer's, judged in the report."""
+    lr_grid: tuple[float, ...] = ()
+    """``lr-grid``: every row's ``train.lr``, chosen from these by the final eval loss of one run each on the first seed
+    (the same rule for every strategy, fixed before the runs); empty: the run config's."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def supernodes_of(self, setting: str) -> int:
         """Simulated clients of a setting: its own ``supernodes`` (e.g. 1 for the centralized reference) or the suite's."""
         return int(self.settings[setting].get("supernodes", self.supernodes))
 
-    def config_of(self, strategy: str, setting: str, output_dir: Path, seed: int | None = None) -> dict[str, Any]:
-        """The run config of one run, validated."""
+    def config_of(
+        self, strategy: str, setting: str, output_dir: Path, seed: int | None = None, lr: float | None = None
+    ) -> dict[str, Any]:
+        """The run config of one run (at learning rate ``lr`` when given), validated."""
         values = {
             **self.run_config,
             **{k: v for k, v in self.settings[setting].items() if k != "supernodes"},
@@ -70,6 +75,8 @@ class Suite:
         }
         if seed is not None:
             values[key_of("seed")] = seed
+        if lr is not None:
+            values[key_of("lr")] = lr
         strategy_class(RunConfig.from_mapping(values).strategy)  # a typo in a suite fails here, before any run starts
         return values
 
@@ -93,6 +100,7 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
                 description=str(spec.get("description", "")),
                 seeds=tuple(int(s) for s in spec.get("seeds", [42])),
                 targets=tuple(Target.parse(t) for t in spec.get("targets", [])),
+                lr_grid=tuple(float(v) for v in spec.get("lr-grid", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"suite {name!r}: malformed ({exc!r}); needs 'settings' and 'strategies' or 'runs'") from exc
@@ -113,8 +121,35 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def run_dir(suite_dir: Path, strategy: str, setting: str, seed: int) -> Path:
-    return suite_dir / "runs" / f"{strategy}--{setting}--seed{seed}"
+def run_dir(suite_dir: Path, strategy: str, setting: str, seed: int, lr: float | None = None) -> Path:
+    """Where one run's records go; a learning-rate trial (``lr``) is named by its rate."""
+    rate = "" if lr is None else f"--lr{lr:g}"
+    return suite_dir / "runs" / f"{strategy}--{setting}{rate}--seed{seed}"
+
+
+def finished_row(suite_dir: Path, strategy: str, setting: str, seed: int, lr: float | None) -> Path | None:
+    """The row's finished run of this seed, if it ran at ``lr`` (any rate when None): a run of another rate (from before
+    the suite had an ``lr-grid``) does not count and is run again."""
+    run = finished(run_dir(suite_dir, strategy, setting, seed))
+    if run is None or lr is None:
+        return run
+    try:
+        ran_at = json.loads((run / "config.json").read_text()).get(key_of("lr"))
+    except (OSError, ValueError):
+        return None
+    return run if ran_at is not None and float(ran_at) == lr else None
+
+
+def chosen_lr(suite: Suite, suite_dir: Path, strategy: str, setting: str) -> tuple[float | None, dict[str, float | None]]:
+    """The row's learning rate: the ``lr-grid`` value whose trial on the first seed ended at the lowest final eval
+    loss (None until every trial has finished), and each trial's loss by rate."""
+    losses: dict[str, float | None] = {}
+    for lr in suite.lr_grid:
+        run = finished(run_dir(suite_dir, strategy, setting, suite.seeds[0], lr))
+        rows = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["round"]) if run else []
+        losses[f"{lr:g}"] = rows[-1].get("eval_loss") if rows else None
+    known = {float(k): v for k, v in losses.items() if v is not None}
+    return (min(known, key=known.__getitem__) if len(known) == len(suite.lr_grid) else None), losses
 
 
 def finished(directory: Path) -> Path | None:
@@ -155,11 +190,14 @@ def finished_identities(out_root: Path) -> dict[str, Path]:
     return found
 
 
-def reuse(suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, known: dict[str, Path]) -> Path | None:
-    """Link a finished run of the same configuration (another suite's row; same seeds give the same numbers,
-    tests/test_determinism.py) as this one's, instead of running it again; None where there is none."""
+def reuse(
+    suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, known: dict[str, Path], lr: float | None = None
+) -> Path | None:
+    """Link a finished run of the same configuration (another suite's row, or the learning-rate trial that chose this
+    row's rate; same seeds give the same numbers, tests/test_determinism.py) as this one's, instead of running it
+    again; None where there is none."""
     out = run_dir(suite_dir, strategy, setting, seed)
-    config = RunConfig.from_mapping(suite.config_of(strategy, setting, out.resolve(), seed)).to_mapping()
+    config = RunConfig.from_mapping(suite.config_of(strategy, setting, out.resolve(), seed, lr)).to_mapping()
     source = known.get(run_identity(config, suite.supernodes_of(setting)))
     if source is None:
         return None
@@ -173,14 +211,23 @@ def reuse(suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path,
 
 
 def run_one(
-    suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, app: Path, timeout_s: float
+    suite: Suite,
+    strategy: str,
+    setting: str,
+    seed: int,
+    suite_dir: Path,
+    app: Path,
+    timeout_s: float,
+    lr: float | None = None,
+    trial: bool = False,
 ) -> tuple[bool, str]:
-    """One ``flwr run``; returns (finished, log tail)."""
-    out = run_dir(suite_dir, strategy, setting, seed)
+    """One ``flwr run`` (at ``lr`` when given; a learning-rate ``trial`` has a directory of its own); returns (finished,
+    log tail)."""
+    out = run_dir(suite_dir, strategy, setting, seed, lr if trial else None)
     if out.exists():
         shutil.rmtree(out)  # a partial run from an interrupted benchmark
     out.mkdir(parents=True)
-    values = suite.config_of(strategy, setting, out.resolve(), seed)
+    values = suite.config_of(strategy, setting, out.resolve(), seed, lr)
     cmd = [
         "flwr",
         "run",
@@ -217,14 +264,18 @@ def run_suite(
     suite by default; nothing with ``report_only``), then write its report over every seed finished so far."""
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, str] = {}
+    rates = {} if report_only else run_lr_trials(suite, suite_dir, app, timeout_s, failures)
+    if report_only and suite.lr_grid:
+        rates = {row: chosen_lr(suite, suite_dir, *row)[0] for row in suite.runs}
     reported = reported_rows(out_root / "report" / "results.json", suite)
-    every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds]
-    missing = [(s, t, seed) for s, t, seed in every if finished(run_dir(suite_dir, s, t, seed)) is None]
+    every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds if not suite.lr_grid or rates.get((s, t))]
+    missing = [(s, t, seed) for s, t, seed in every if finished_row(suite_dir, s, t, seed, rates.get((s, t))) is None]
     console.print(f"[bold]{suite.name}[/]: {len(every)} runs, {len(every) - len(missing)} already finished")
     known = finished_identities(out_root) if missing else {}
     unlinked = []
     for strategy, setting, seed in missing:
-        source = reuse(suite, strategy, setting, seed, suite_dir, known)
+        source = reuse(suite, strategy, setting, seed, suite_dir, known, rates.get((strategy, setting)))
         if source is None:
             unlinked.append((strategy, setting, seed))
         else:
@@ -234,27 +285,57 @@ def run_suite(
     for (strategy, setting), row in sorted(carried.items()):
         console.print(f"{strategy} / {setting}: no run here, its {row.get('seeds')} seed(s) carried from the report")
     todo = [] if report_only else [run for run in unlinked if (seeds is None or run[2] in seeds) and run[:2] not in complete]
-    failures: dict[str, str] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(suite.name, total=len(todo))
-        for strategy, setting, seed in todo:
-            label = f"{strategy} / {setting} / seed {seed}"
-            progress.update(bar, description=f"{suite.name}: {label}")
-            started = time.time()
-            ok, tail = run_one(suite, strategy, setting, seed, suite_dir, app, timeout_s)
-            if not ok:
-                failures[f"{strategy}--{setting}--seed{seed}"] = tail
-                log = run_dir(suite_dir, strategy, setting, seed) / "flwr.log"
-                progress.console.print(f"[red]{label} failed[/] (log: {log})")
-            else:
-                progress.console.print(f"{label}: done in {time.time() - started:.0f} s")
-            progress.advance(bar)
+    run_all(suite, [(s, t, seed, rates.get((s, t))) for s, t, seed in todo], suite_dir, app, timeout_s, failures)
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
-    runs = {(s, t): [finished(run_dir(suite_dir, s, t, seed)) for seed in suite.seeds] for s, t in suite.runs}
+    runs = {(s, t): [finished_row(suite_dir, s, t, seed, rates.get((s, t))) for seed in suite.seeds] for s, t in suite.runs}
     done = {key: [p for p in paths if p is not None] for key, paths in runs.items() if any(paths)}
     write_report(suite.name, done, out_root / "report", suite.target_eval_loss, suite.targets, carried)
     return suite_dir
+
+
+def run_all(
+    suite: Suite,
+    todo: list[tuple[str, str, int, float | None]],
+    suite_dir: Path,
+    app: Path,
+    timeout_s: float,
+    failures: dict[str, str],
+    trial: bool = False,
+) -> None:
+    """Run each (strategy, setting, seed, lr) with a progress bar; a failed one is logged in ``failures``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(suite.name, total=len(todo))
+        for strategy, setting, seed, lr in todo:
+            label = f"{strategy} / {setting} / seed {seed}" + (f" / lr {lr:g}" if lr is not None else "")
+            progress.update(bar, description=f"{suite.name}: {label}")
+            started = time.time()
+            ok, tail = run_one(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr, trial)
+            if not ok:
+                out = run_dir(suite_dir, strategy, setting, seed, lr if trial else None)
+                failures[out.name] = tail
+                progress.console.print(f"[red]{label} failed[/] (log: {out / 'flwr.log'})")
+            else:
+                progress.console.print(f"{label}: done in {time.time() - started:.0f} s")
+            progress.advance(bar)
+
+
+def run_lr_trials(
+    suite: Suite, suite_dir: Path, app: Path, timeout_s: float, failures: dict[str, str]
+) -> dict[tuple[str, str], float | None]:
+    """With an ``lr-grid``: one run per rate and row on the first seed (those not finished yet), then each row's rate
+    (:func:`chosen_lr`), written with every trial's loss to ``<suite>/lr.json``; empty without a grid."""
+    if not suite.lr_grid:
+        return {}
+    seed = suite.seeds[0]
+    todo = [
+        (s, t, seed, lr) for s, t in suite.runs for lr in suite.lr_grid if finished(run_dir(suite_dir, s, t, seed, lr)) is None
+    ]
+    run_all(suite, todo, suite_dir, app, timeout_s, failures, trial=True)
+    chosen = {row: chosen_lr(suite, suite_dir, *row) for row in suite.runs}
+    record = {"/".join(row): {"chosen": lr, "final_eval_loss": losses} for row, (lr, losses) in chosen.items()}
+    (suite_dir / "lr.json").write_text(json.dumps({"rule": "lowest final eval loss on seed " + str(seed), **record}, indent=2))
+    return {row: lr for row, (lr, _) in chosen.items()}
 
 
 def reported_rows(path: Path, suite: Suite) -> dict[tuple[str, str], dict[str, Any]]:
@@ -307,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         suites = load_suites(args.suites_file)
         if args.list:
             for name, suite in suites.items():
-                console.print(f"{name}: {len(suite.runs)} runs, {suite.supernodes} clients. {suite.description}")
+                more = len(suite.runs) * (len(suite.lr_grid) - 1)  # the trial at the chosen rate is the first seed's run
+                trials = f" + {more} more to pick each row's lr from {list(suite.lr_grid)}" if suite.lr_grid else ""
+                console.print(
+                    f"{name}: {len(suite.runs)} rows × seeds {list(suite.seeds)} = {len(suite.runs) * len(suite.seeds)} runs"
+                    f"{trials}, {suite.supernodes} clients. {suite.description}"
+                )
             return 0
         if args.suite is None:
             raise ConfigError("name a suite with --suite (see --list)")

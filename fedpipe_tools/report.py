@@ -211,8 +211,10 @@ def summarize(run: Path) -> dict[str, Any]:
             "not_applicable": untrained,
             "_curve": [],
         }
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     return {
         **{m: summary.get(m) for m in METRICS},
+        "lr": config.get("train.lr"),
         "scorer": summary.get("scorer"),
         "trainable_params": summary.get("trainable_params"),
         "bytes_up": summary.get("total_bytes_up"),
@@ -240,6 +242,7 @@ def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a run per seed: mean and sample standard deviation of every figure."""
     out = {"seeds": len(rows), "run_dirs": [r["run_dir"] for r in rows], "_curve": rows[0]["_curve"]}
     out["clients_per_round"] = rows[0]["clients_per_round"]
+    out["lr"] = rows[0].get("lr") if all(r.get("lr") == rows[0].get("lr") for r in rows) else None
     out["scorer"] = rows[0].get("scorer") if all(r.get("scorer") == rows[0].get("scorer") for r in rows) else None
     for key in (*SEEDED, *TO_TARGET):
         values = [float(r[key]) for r in rows if r.get(key) is not None]
@@ -438,6 +441,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _lr(row: dict[str, Any]) -> str:
+    """The row's learning rate (— where its seeds ran at different ones)."""
+    return "—" if row.get("lr") is None else f"{row['lr']:g}"
+
+
 def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
     """``mean ± std`` of a figure (the mean alone with one seed)."""
     mean, std = row.get(key), row.get(f"{key}_std")
@@ -481,7 +489,7 @@ def markdown(
             f"{_fmt(row.get('equal_time_s'), 4)} simulated s, {_fmt(row.get('equal_steps'), 0)} client steps"
         )
     columns = (
-        "strategy | setting | seeds | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | loss @ equal sim s "
+        "strategy | setting | seeds | lr | BLEU | NIST | METEOR | ROUGE-L | CIDEr | PPL | eval loss | loss @ equal sim s "
         "| loss @ equal steps | trainable params | MB up | MB down | sim s to target (reached) | MB to target "
         "| time ÷ fedpipe | bytes ÷ fedpipe | wall s"
     )
@@ -489,13 +497,15 @@ def markdown(
     lines += ["", f"| {columns} |", "|" + "---|" * width]
     for (strategy, setting), r in results.items():
         if r["not_applicable"]:
-            lines.append(f"| {strategy} | {setting} | {_seeds(r)} | N/A ({r['not_applicable']}) |" + " |" * (width - 4))
+            head = f"| {strategy} | {setting} | {_seeds(r)} | {_lr(r)} |"
+            lines.append(f"{head} N/A ({r['not_applicable']}) |" + " |" * (width - 5))
             continue
         old = OLD_SCORER_MARK if _old_scorer(r) else ""
         lines.append(
-            f"| {strategy}{old} | {setting} | {_seeds(r)} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} | {_pm(r, 'meteor')} "
-            f"| {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} | {_pm(r, 'final_eval_loss', 4)} "
-            f"| {_pm(r, 'eval_loss_at_equal_time', 4)} | {_pm(r, 'eval_loss_at_equal_steps', 4)} "
+            f"| {strategy}{old} | {setting} | {_seeds(r)} | {_lr(r)} | {_pm(r, 'bleu', 2)} | {_pm(r, 'nist')} "
+            f"| {_pm(r, 'meteor')} | {_pm(r, 'rouge_l')} | {_pm(r, 'cider')} | {_pm(r, 'ppl', 2)} "
+            f"| {_pm(r, 'final_eval_loss', 4)} | {_pm(r, 'eval_loss_at_equal_time', 4)} "
+            f"| {_pm(r, 'eval_loss_at_equal_steps', 4)} "
             f"| {_fmt(r['trainable_params'], 0)} | {_fmt(_mb(r['bytes_up']), 2)} | {_fmt(_mb(r['bytes_down']), 2)} "
             f"| {_reached(r)} | {_fmt(_mb(r['bytes_to_target']), 2)} "
             f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"

@@ -218,7 +218,8 @@ def plan_table(plans: list[dict[str, Any]]) -> list[str]:
         by_rank = ", ".join(f"{ranks.count(r)} × {r}" for r in sorted(set(ranks), reverse=True))
         lowest = min(_module_order(m)[0] for m in p["ranks"])
         lines.append(
-            f"| {p['round']} | {_node(p['node_id'])} | {p.get('precision', '—')} | {p.get('batch_size', '—')} | {p.get('local_steps', '—')} "
+            f"| {p['round']} | {_node(p['node_id'])} | {p.get('precision', '—')} | {p.get('batch_size', '—')} "
+            f"| {p.get('local_steps', '—')} "
             f"| {by_rank} | {lowest} | {_fmt(p.get('predicted_round_s'))} |"
         )
     return [*lines, ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -141,7 +142,7 @@ def test_report_files_and_ratios_from_finished_runs(tmp_path):
     assert rows["lora-fedavg/hetero"]["bytes_to_target_vs_fedpipe"] == pytest.approx(4e6 / 4e6)
     assert json.loads((out / "results.json").read_text())["demo"]["fedpipe/hetero"]["bleu"] == 30.0
     table = (out / "demo.md").read_text()
-    assert "| lora-fedavg | hetero | 1 | 20.00 |" in table and "6.00" in table
+    assert "| lora-fedavg | hetero | 1 | — | 20.00 |" in table and "6.00" in table
     assert "| fedadapter‡ | hetero |" in table and "‡ scored before the official-script scorer" in table
     assert "- fedadapter: bottleneck adapters" in table and "- lora-fedavg:" not in table  # what a method leaves out
     for name in ("demo-eval-loss-vs-sim-time.png", "demo-bytes-per-round.png", "runs/demo--fedpipe--hetero/plans.png"):
@@ -191,7 +192,7 @@ def test_a_row_over_seeds_reports_mean_and_standard_deviation(tmp_path):
     assert row["final_eval_loss"] == pytest.approx((1.5 + 1.9 + 2.8) / 3)
     assert row["reached_target"] == 2  # time to target: mean over the two seeds that reached 2.0 (at 1.0 s and 1.83 s)
     assert row["sim_time_to_target_s"] == pytest.approx((1.0 + 1.0 + 0.5 / 0.6) / 2)
-    assert "| fedpipe | hetero | 3 | 30.00 ± 4.00 |" in (tmp_path / "report" / "seeds.md").read_text()
+    assert "| fedpipe | hetero | 3 | — | 30.00 ± 4.00 |" in (tmp_path / "report" / "seeds.md").read_text()
 
 
 def test_rows_are_read_against_the_centralized_reference(tmp_path):
@@ -217,7 +218,7 @@ def test_a_baseline_that_trained_nothing_is_not_applicable_never_base_scores(tmp
     rows = write_report("na", runs, tmp_path / "report", target=2.0)
     assert rows["ft/hetero"]["not_applicable"] == "no client fits: memory 1.5 GiB < 2 GiB"
     assert rows["ft/hetero"]["bleu"] is None and rows["ft/hetero"]["final_eval_loss"] is None
-    assert "| ft | hetero | 1 | N/A (no client fits: memory 1.5 GiB < 2 GiB) |" in (tmp_path / "report" / "na.md").read_text()
+    assert "| ft | hetero | 1 | — | N/A (no client fits: memory 1.5 GiB < 2 GiB) |" in (tmp_path / "report" / "na.md").read_text()
 
 
 def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
@@ -234,7 +235,7 @@ def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
     assert fedpipe["eval_loss_at_equal_steps"] == pytest.approx(2.0) and lora["eval_loss_at_equal_steps"] == pytest.approx(2.0)
     table = (tmp_path / "report" / "equal.md").read_text()
     assert "equal cost = where its shortest run ended: 2.0000 simulated s, 8 client steps" in table
-    assert "| lora-fedavg | hetero | 1 | 20.00 | — | — | — | — | 5.00 | 2.0000 | 2.6667 | 2.0000 |" in table
+    assert "| lora-fedavg | hetero | 1 | — | 20.00 | — | — | — | — | 5.00 | 2.0000 | 2.6667 | 2.0000 |" in table
 
 
 def test_targets_fixed_before_the_runs_are_judged_on_the_means(tmp_path):
@@ -316,7 +317,7 @@ def test_a_row_whose_runs_are_gone_is_carried_from_the_report_and_not_run_again(
     suite, out = load_suites(suites)["main"], tmp_path / "bench"
     started: list[tuple[str, str, int]] = []
 
-    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s):
+    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr=None, trial=False):
         started.append((strategy, setting, seed))
         return False, "not run"
 
@@ -374,7 +375,7 @@ def test_seeds_runs_a_subset_now_and_refuses_a_seed_the_suite_lacks(tmp_path, mo
     _fake_run(run_dir(out / "s", "fedpipe", "hetero", 1), [3.0, 2.0], [0.0, 1.0], 4.0, 30.0)
     ran: list[tuple[str, str, int]] = []
 
-    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s):
+    def record(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr=None, trial=False):
         ran.append((strategy, setting, seed))
         return False, "not run"
 
@@ -389,3 +390,41 @@ def test_seeds_runs_a_subset_now_and_refuses_a_seed_the_suite_lacks(tmp_path, mo
         assert bench.main([*args, "--seeds", bad]) == 2
         assert "--seeds" in capsys.readouterr().out
     assert ran == []
+
+
+def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at_it(tmp_path, monkeypatch):
+    suites = tmp_path / "suites.yaml"
+    suites.write_text(
+        "s:\n  strategies: [fedpipe, lora-fedavg]\n  seeds: [1, 2]\n  lr-grid: [0.001, 0.003, 0.01]\n"
+        "  run-config: {train.local-steps: 4}\n  settings: {hetero: {}}\n"
+    )
+    suite, out = load_suites(suites)["s"], tmp_path / "bench"
+    best = {"fedpipe": 0.003, "lora-fedavg": 0.01}
+    ran: list[tuple[str, int, float | None, bool]] = []
+
+    def fake(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr=None, trial=False):
+        ran.append((strategy, seed, lr, trial))
+        directory = run_dir(suite_dir, strategy, setting, seed, lr if trial else None)
+        shutil.rmtree(directory, ignore_errors=True)  # as run_one does with a partial or stale run
+        loss = 1.5 + abs(math.log10(lr / best[strategy]))  # lowest at the strategy's best rate
+        run = _fake_run(directory, [3.0, loss], [0.0, 1.0], 4.0, 30.0)
+        config = {**suite.config_of(strategy, setting, run.parent, seed, lr), "run-id": 1}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "plans.jsonl").write_text(json.dumps({"round": 1, "node_id": 1}) + "\n" + json.dumps({"round": 1, "node_id": 2}))
+        return True, ""
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    stale = _fake_run(run_dir(out / "s", "lora-fedavg", "hetero", 2), [3.0, 1.0], [0.0, 1.0], 4.0, 30.0)
+    (stale / "config.json").write_text(json.dumps({"train.lr": 0.001}))  # from before the grid: another rate
+    run_suite(suite, out, app=tmp_path)
+    trials = [(s, seed, lr) for s, seed, lr, trial in ran if trial]
+    assert trials == [(s, 1, lr) for s in ("fedpipe", "lora-fedavg") for lr in (0.001, 0.003, 0.01)]
+    assert [(s, seed, lr) for s, seed, lr, trial in ran if not trial] == [("fedpipe", 2, 0.003), ("lora-fedavg", 2, 0.01)]
+    chosen = json.loads((out / "s" / "lr.json").read_text())
+    assert chosen["fedpipe/hetero"]["chosen"] == 0.003 and chosen["lora-fedavg/hetero"]["chosen"] == 0.01
+    assert chosen["fedpipe/hetero"]["final_eval_loss"]["0.001"] == pytest.approx(1.5 + math.log10(3))
+    seed1 = run_dir(out / "s", "fedpipe", "hetero", 1)
+    assert (seed1 / "1").resolve() == (run_dir(out / "s", "fedpipe", "hetero", 1, 0.003) / "1").resolve()  # the trial
+    row = json.loads((out / "report" / "results.json").read_text())["s"]["lora-fedavg/hetero"]
+    assert row["lr"] == 0.01 and row["seeds"] == 2
+    assert "| lora-fedavg | hetero | 2 | 0.01 |" in (out / "report" / "s.md").read_text()
