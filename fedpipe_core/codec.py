@@ -94,3 +94,12 @@ def decode_delta(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, 
             A, B = _check_pair(module, parts, shapes[module])
             out[module] = to_dense((torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32))))
     return out
+
+
+def stored_delta(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Densify a ΔW this node validated when it arrived and kept as sent (``<module>::A|B|dW``)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, part = key.rpartition(SEP)
+        parts.setdefault(module, {})[part] = value.float()
+    return {m: p["dW"] if "dW" in p else to_dense((p["A"], p["B"])) for m, p in parts.items()}

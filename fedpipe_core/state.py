@@ -4,7 +4,10 @@ Clients are re-created for every message (a new process per message in deploymen
 node has merged must outlive the process:
 
 - ``delta``: the cumulative ΔW it has merged; ``version`` is the last server round included
-  (the server sends only the ΔW rounds a node has not merged yet);
+  (the server sends only the ΔW rounds a node has not merged yet). On disk it is kept as the server
+  sent it: one file per message under ``increments/`` (factors, or dense where smaller), so the bytes
+  a message writes scale with the adapters, not with the model; when the increments outweigh the
+  dense ΔW they are folded into one dense FP32 ``delta.safetensors`` (exact, nothing cut);
 - ``base``: its frozen block weights W0 + ΔW held at ``precision`` (NF4/NF8 codes and block
   scales, or FP16), so a round re-quantizes only the weights a new ΔW touched (eqs 11-12)
   instead of the whole base; empty for an FP32 base, which is W0 + ``delta`` exactly;
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedpipe_core.codec import SEP, decode_delta
+from fedpipe_core.codec import SEP, decode_delta, stored_delta
 from fedpipe_core.loading import Reader, load_linear, stream_model
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.model import default_cache_dir
@@ -48,11 +52,18 @@ class NodeState:
     """(smoothed sensitivity, uncertainty) per weight."""
     held: list[str] = field(default_factory=list)
     """Modules whose stored base leaves out the product of the node's own adapters (``round-start = continue``)."""
+    increments: list[str] = field(default_factory=list)
+    """The increment files (under ``increments/``) that, with a compacted ``delta.safetensors``, sum to ``delta``."""
+    compacted: bool = False
+    """``delta.safetensors`` holds the sum of the increments folded so far."""
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)
+    """This message's ΔW rounds as the server sent them (``<module>::A|B|dW``): what :func:`save_state` appends."""
 
-    def add(self, increment: dict[str, torch.Tensor], version: int) -> None:
-        """Accumulate one increment and advance the version."""
+    def add(self, increment: dict[str, torch.Tensor], version: int, sent: Mapping[str, np.ndarray] | None = None) -> None:
+        """Accumulate one increment (``sent``: as it came, for the disk) and advance the version."""
         for module, d in increment.items():
             self.delta[module] = self.delta[module] + d if module in self.delta else d.clone()
+        self.fresh = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in (sent or {}).items()}
         self.version = version
 
 
@@ -75,14 +86,23 @@ def remove_run_states(cache_dir: Path, run_id: int) -> Path | None:
     return directory
 
 
+INCREMENTS = "increments"
+COMPACTED = "delta.safetensors"
+
+
 def load_state(directory: Path) -> NodeState:
     """The saved state, or an empty one (version 0) if none was saved."""
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         return NodeState()
     meta = json.loads(meta_path.read_text())
-    tensors = directory / "delta.safetensors"
-    state = NodeState(int(meta["version"]), load_file(tensors) if tensors.is_file() else {})
+    compacted = bool(meta.get("compacted", "increments" not in meta))  # a state from before the increments: dense
+    state = NodeState(int(meta["version"]), compacted=compacted, increments=list(meta.get("increments", [])))
+    if compacted and (directory / COMPACTED).is_file():
+        state.delta = load_file(directory / COMPACTED)
+    for name in state.increments:
+        for module, d in stored_delta(load_file(directory / INCREMENTS / name)).items():
+            state.delta[module] = state.delta[module] + d if module in state.delta else d
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     state.held = list(meta.get("held", []))
     base_path = directory / "base.safetensors"
@@ -103,16 +123,40 @@ def _replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _save_delta(directory: Path, state: NodeState) -> None:
+    """Append this message's increment; fold every increment into the dense file once they outweigh it."""
+    log = directory / INCREMENTS
+    if state.fresh:
+        log.mkdir(exist_ok=True)
+        name = f"{state.version:06d}-{uuid.uuid4().hex[:8]}.safetensors"  # never the name of a file the old meta vouches for
+        _replace(log / name, lambda p: save_file(state.fresh, str(p)))
+        state.increments.append(name)
+        state.fresh = {}
+    logged = sum((log / name).stat().st_size for name in state.increments)
+    dense = sum(d.numel() * d.element_size() for d in state.delta.values())
+    if state.increments and logged > dense:
+        _replace(directory / COMPACTED, lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p)))
+        state.increments, state.compacted = [], True
+
+
+def _collect_garbage(directory: Path, state: NodeState) -> None:
+    """Remove the delta files the metadata just written no longer vouches for."""
+    log = directory / INCREMENTS
+    for path in log.glob("*.safetensors") if log.is_dir() else ():
+        if path.name not in state.increments:
+            path.unlink(missing_ok=True)
+    if not state.compacted:
+        (directory / COMPACTED).unlink(missing_ok=True)
+
+
 def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool = True) -> None:
-    """Write atomically: tensors first, then the metadata that vouches for them.
+    """Write atomically: tensors first, then the metadata that vouches for them, then drop what it no longer names.
 
     ``delta=False`` / ``base=False`` keep that file as it is (it did not change).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    if delta or not (directory / "delta.safetensors").is_file():
-        _replace(
-            directory / "delta.safetensors", lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p))
-        )
+    if delta:
+        _save_delta(directory, state)
     if base or not (directory / "base.safetensors").is_file():
         flat = {f"{name}{SEP}{part}": t.contiguous() for name, q in state.base.items() for part, t in q.tensors().items()}
         _replace(directory / "base.safetensors", lambda p: save_file(flat, str(p)))
@@ -122,8 +166,12 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
         "base": {name: list(q.shape) for name, q in state.base.items()},
         "importance": {m: list(v) for m, v in state.importance.items()},
         "held": state.held,
+        "increments": state.increments,
+        "compacted": state.compacted,
     }
     _replace(directory / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+    if delta:
+        _collect_garbage(directory, state)
 
 
 def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:
@@ -163,7 +211,7 @@ def node_base(
     if state.version != start:
         raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
     increment = decode_delta(payload, task.shapes)
-    state.add(increment, end)
+    state.add(increment, end, payload)
     had_base = bool(state.base)
     if state.precision != precision or precision == "fp32":
         state.base = {}

@@ -1,9 +1,12 @@
 """Where a node computes and what its round measured: device choice, peak memory, the GPU path."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fedpipe_core import device as device_module
 from fedpipe_core.cost import peak_memory
 from fedpipe_core.device import PeakMemory, compute_dtype, resolve_device
 from fedpipe_core.qlinear import place, stored_linear
@@ -30,6 +33,17 @@ def test_peak_memory_on_the_cpu_sees_an_allocation_that_is_gone_by_the_end():
         torch.ones(1).add_(total)
     assert 56 * 2**20 <= peak.increase_bytes <= 160 * 2**20
     assert peak.peak_bytes(1000) == 1000 + peak.increase_bytes
+
+
+def test_the_cpu_peak_sampler_takes_a_bounded_share_of_a_core(monkeypatch):
+    def slow(process):  # a heap walk of 10 ms
+        time.sleep(0.01)
+        return 0
+
+    monkeypatch.setattr(device_module, "_live_bytes", slow)
+    with PeakMemory(torch.device("cpu"), interval_s=0.001, max_share=0.05) as peak:
+        time.sleep(1.0)
+    assert 2 <= peak.samples <= 7  # every 0.2 s (10 ms / 5%), not every 1 ms
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import CACHE_MARKER, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
 from fedpipe_core.qlinear import effective_weight, stored_bytes
 from fedpipe_core.quantize import quantize
-from fedpipe_core.state import StateMismatch, load_state, node_base, save_importance
+from fedpipe_core.state import NodeState, StateMismatch, load_state, node_base, save_importance, save_state
 from fedpipe_core.structure import block_linears
 
 
@@ -77,11 +77,36 @@ def test_node_state_accumulates_rounds_and_detects_gaps(task, tmp_path):
     torch.testing.assert_close(state.delta[name], to_dense(inc1) + to_dense(inc2))
     torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc1) + to_dense(inc2))
     assert load_state(tmp_path).version == 2 and not load_state(tmp_path).base
+    # on disk as sent: one factored file per message, the bytes of the adapters (rank 2 + 3), not of the dense ΔW
+    files = sorted((tmp_path / "increments").glob("*.safetensors"))
+    assert len(files) == 2 and not (tmp_path / "delta.safetensors").exists()
+    assert sum(f.stat().st_size for f in files) < 4 * (2 + 3) * (out + fan_in) + 2000 < 4 * out * fan_in
+    torch.testing.assert_close(load_state(tmp_path).delta[name], to_dense(inc1) + to_dense(inc2))
     with pytest.raises(StateMismatch, match="at round 2, the server sent ΔW from round 1"):
         node_base(task, tmp_path, encode_delta({name: inc2}), 1, 2, "fp32")
     # from 0 the server resends everything: the node resets rather than double-counting
     model, state = node_base(task, tmp_path, encode_delta({name: inc1}), 0, 1, "fp32")
     torch.testing.assert_close(state.delta[name], to_dense(inc1))
+    assert len(list((tmp_path / "increments").glob("*.safetensors"))) == 1  # the old rounds' files are gone
+    torch.testing.assert_close(load_state(tmp_path).delta[name], to_dense(inc1))
+
+
+def test_node_state_folds_its_increments_into_one_dense_file_once_they_outweigh_it(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    state, total = NodeState(), torch.zeros(16, 12)
+    for version in range(1, 9):  # rank-4 increments: 112 floats (and a header) against 192 dense: they fold every second one
+        A, B = torch.randn(4, 12, generator=g), torch.randn(16, 4, generator=g)
+        sent = encode_delta({"m": (A, B)})
+        state.add({"m": to_dense((A, B))}, version, sent)
+        save_state(tmp_path, state)
+        total += to_dense((A, B))
+        loaded = load_state(tmp_path)
+        torch.testing.assert_close(loaded.delta["m"], total)  # exact: folding cuts nothing
+        kept = sorted(p.name for p in (tmp_path / "increments").glob("*.safetensors"))
+        assert kept == sorted(loaded.increments)  # every file on disk is one the metadata vouches for
+        dense = 16 * 12 * 4
+        assert sum((tmp_path / "increments" / n).stat().st_size for n in kept) <= dense
+    assert loaded.compacted and (tmp_path / "delta.safetensors").is_file() and loaded.version == 8
 
 
 def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches(task, tmp_path):
