@@ -132,7 +132,9 @@ class RunRecorder:
         """The round's metrics row; the server evaluates base + ``delta`` on its validation split when it holds data."""
         strategy = self.adapter.strategy
         cfg = strategy.task.config
+        started = time.perf_counter()
         loss = evaluate_validation(strategy.task, delta) if cfg.server_evaluates and cfg.evaluated(server_round) else None
+        eval_s = time.perf_counter() - started
         stats = self.adapter.stats.get(server_round)
         row = {
             "round": server_round,
@@ -148,6 +150,7 @@ class RunRecorder:
             "round_sim_s": stats.sim_time_s if stats else 0.0,
             "sim_time_s": self.totals.sim_time_s + (stats.sim_time_s if stats else 0.0),
             "wall_s": time.time() - self.started,
+            "server_eval_s": eval_s,
             **(stats.node_overhead() if stats else {}),
             "node_memory": stats.node_memory() if stats else {},
             **(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
@@ -78,6 +79,12 @@ class RoundStats:
     site_epsilon: dict[int, float] = field(default_factory=dict)
     """Per node training with DP-SGD: the ε it reports spent in this run so far."""
     privacy_refused: int = 0
+    started_s: float = 0.0
+    """Wall clock (``time.perf_counter``) when the round's plans began (:meth:`FlowerAdapter.configure_train`)."""
+    sent_s: float = 0.0
+    """... when its TRAIN messages were handed to Flower."""
+    replied_s: float = 0.0
+    """... when Flower handed back the replies (:meth:`FlowerAdapter.aggregate_train`)."""
 
     def node_memory(self) -> dict[str, dict[str, float]]:
         """Per node that replied: precision, predicted and measured peak, model bytes, and measured ÷ predicted."""
@@ -88,10 +95,14 @@ class RoundStats:
         }
 
     def node_overhead(self) -> dict[str, float]:
-        """Mean seconds per node of training, setup and process start, and the largest (setup + start) / train."""
+        """Mean seconds per node of training, setup and process start, and the largest (setup + start) / train; the
+        server's planning and message exchange; each node's handler seconds (``client_handler_s``)."""
         out = {"client_query_s": sum(self.query_s.values()) / len(self.query_s)} if self.query_s else {}
+        if self.replied_s:
+            out |= {"server_plan_s": self.sent_s - self.started_s, "exchange_s": self.replied_s - self.sent_s}
         if not self.timing:
             return out
+        out["client_handler_s"] = {str(n): t["train-s"] + t["setup-s"] + t["startup-s"] for n, t in sorted(self.timing.items())}
         keys = ("train-s", "setup-s", "startup-s")
         out |= {f"client_{k.replace('-', '_')}": sum(t[k] for t in self.timing.values()) / len(self.timing) for k in keys}
         out["client_overhead_ratio"] = max((t["setup-s"] + t["startup-s"]) / t["train-s"] for t in self.timing.values())
@@ -150,6 +161,7 @@ class FlowerAdapter(FlowerStrategy):
         wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
         node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
         stats = self.stats.setdefault(server_round, RoundStats())
+        stats.started_s = time.perf_counter()
         self.discover(grid, sorted(node_ids), stats)
         plans = self.strategy.plan_round(server_round, list(node_ids))
         self._check_budget(server_round, plans)
@@ -169,11 +181,13 @@ class FlowerAdapter(FlowerStrategy):
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             messages.append(train_message(node_id, record, instruction, config))
+        stats.sent_s = time.perf_counter()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.run_round(server_round)
         stats = self.stats.setdefault(server_round, RoundStats())
+        stats.replied_s = time.perf_counter()
         updates: Updates = {}
         parsed = []
         replies = list(replies)
