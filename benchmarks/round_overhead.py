@@ -57,7 +57,12 @@ def rounds(run: Path, workers: int) -> list[dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run directory (holds metrics.jsonl)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Ray actors (default: this machine's CPUs)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="Ray actors: CPUs ÷ client-resources-num-cpus (default: CPUs ÷ 2, Flower's default num-cpus)",
+    )
     args = parser.parse_args()
     table = rounds(args.run, args.workers)
     print("round | wall s | plan s | exchange s | node makespan s | eval s | rest s | wall ÷ work")
