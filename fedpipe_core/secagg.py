@@ -5,8 +5,9 @@ agree on a pair key (X25519, then HKDF-SHA256 bound to the round's ``context``);
 from it (ChaCha20 keystream) when k < j and subtracts it when k > j, and adds its self mask, all modulo 2^64 on
 a fixed-point encoding of its vector. Summed over every site that sent, the pair masks cancel; the server then
 removes the survivors' self masks and, for a site lost after masking, the pair masks the survivors added with it.
-For that, each site splits its private key and its self seed into Shamir shares (t of n; Flower's
-``flwr.common.secure_aggregation.crypto.shamir``, on pycryptodome) and gives one of each to every other site
+For that, each site splits its private key and its self seed into Shamir shares (t of n, over GF(2^128) in
+16-byte blocks: pycryptodome's ``Crypto.Protocol.SecretSharing.Shamir``, as Flower's secure aggregation uses it)
+and gives one of each to every other site
 (encrypted to it in transit by the protocol around this module); for each site the survivors reveal either the
 shares of its self seed (it sent) or of its private key (it did not), never both.
 
@@ -23,12 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 WORD = np.uint64
 """Masked vectors live in Z_{2^64}: numpy's unsigned arithmetic wraps exactly there."""
@@ -132,14 +133,19 @@ def new_self_seed() -> bytes:
 
 
 def split(secret: bytes, threshold: int, sites: int) -> list[bytes]:
-    """Shamir shares of ``secret``: any ``threshold`` of the ``sites`` shares rebuild it, fewer reveal nothing."""
-    if not 1 < threshold <= sites:
-        raise SecAggError(f"secure aggregation: threshold {threshold} must be in 2..{sites} (the number of sites)")
-    return create_shares(secret, threshold, sites)
+    """Shamir shares of a 32-byte ``secret``: any ``threshold`` of the ``sites`` shares rebuild it, fewer reveal
+    nothing. A share is its 1-based index (one byte) and one 16-byte share per 16-byte block of the secret."""
+    if not 1 < threshold <= sites <= 255:
+        raise SecAggError(f"secure aggregation: threshold {threshold} must be in 2..{sites} (the number of sites, ≤ 255)")
+    if len(secret) != 32:
+        raise SecAggError(f"secure aggregation: a secret to share is 32 bytes, got {len(secret)}")
+    blocks = [Shamir.split(threshold, sites, secret[i : i + 16], ssss=False) for i in (0, 16)]
+    return [bytes([index]) + b"".join(dict(block)[index] for block in blocks) for index in range(1, sites + 1)]
 
 
 def rebuild(shares: list[bytes], threshold: int) -> bytes:
-    """The secret from at least ``threshold`` shares."""
+    """The secret from at least ``threshold`` shares (fewer give a wrong one: refused here)."""
     if len(shares) < threshold:
         raise SecAggError(f"secure aggregation: {len(shares)} share(s) cannot rebuild a secret split {threshold}-of-n")
-    return combine_shares(shares[:threshold])
+    chosen = shares[:threshold]
+    return b"".join(Shamir.combine([(s[0], s[1 + 16 * b : 17 + 16 * b]) for s in chosen], ssss=False) for b in (0, 1))
