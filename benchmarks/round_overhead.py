@@ -18,6 +18,8 @@ import os
 import statistics
 from pathlib import Path
 
+from fedpipe_tools.run_report import read_jsonl
+
 
 def makespan(seconds: list[float], workers: int) -> float:
     """Longest-first list scheduling of jobs of these durations on ``workers`` identical workers (Ray's actors)."""
@@ -29,25 +31,24 @@ def makespan(seconds: list[float], workers: int) -> float:
 
 def rounds(run: Path, workers: int) -> list[dict[str, float]]:
     """Per round ≥ 1: wall, planning, exchange, evaluation, node makespan, the rest and the ratio."""
-    rows = sorted(
-        (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()), key=lambda r: r["round"]
-    )
+    rows = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["round"])
     out = []
     for before, row in zip(rows, rows[1:]):
         if "client_handler_s" not in row:
             raise SystemExit(f"{run}: round {row['round']} has no client_handler_s (a run from before this script)")
         wall = row["wall_s"] - before["wall_s"]
+        plan, exchange, evaluation = (row.get(k, 0.0) for k in ("server_plan_s", "exchange_s", "server_eval_s"))
         nodes = makespan(list(row["client_handler_s"].values()), workers)
-        work = nodes + row.get("server_plan_s", 0.0) + row.get("server_eval_s", 0.0)
+        work = nodes + plan + evaluation
         out.append(
             {
                 "round": row["round"],
                 "wall_s": wall,
-                "plan_s": row.get("server_plan_s", 0.0),
-                "exchange_s": row.get("exchange_s", 0.0),
+                "plan_s": plan,
+                "exchange_s": exchange,
                 "node_makespan_s": nodes,
-                "eval_s": row.get("server_eval_s", 0.0),
-                "rest_s": wall - row.get("server_plan_s", 0.0) - row.get("exchange_s", 0.0) - row.get("server_eval_s", 0.0),
+                "eval_s": evaluation,
+                "rest_s": wall - plan - exchange - evaluation,
                 "ratio": wall / work if work else float("nan"),
             }
         )

@@ -235,10 +235,11 @@ def plan_client(
     solver = exact if method == "exact" else greedy
     ranks = solver(spec, importance, batch, space, Budget(budget, memory, precision, act, max_params))
     elapsed = time.perf_counter() - started
-    steps = 0  # the strategy's (all of the run config's local steps)
-    if not ranks:  # a slow node still takes part, with the least work there is, for the steps that fit
-        ranks = least
-        steps = max(1, math.floor(budget / step_flops(spec, least, batch, space.seq) + 1e-9))
+    steps, fallback = 0, not ranks  # 0: the strategy's (all of the run config's local steps)
+    ranks = ranks or least
+    step = step_flops(spec, ranks, batch, space.seq)
+    if fallback:  # a slow node still takes part, with the least work there is, for the steps that fit
+        steps = min(space.local_steps, max(1, math.floor(budget / step + 1e-9)))
         log.warning(
             "%s search: no (weight, rank) plan fits the round budget of %.3g FLOPs at batch %d for %d local steps; "
             "training the cheapest adapter for %d",
@@ -246,16 +247,16 @@ def plan_client(
             budget,
             batch,
             space.local_steps,
-            min(steps, space.local_steps),
+            steps,
         )
     return Plan(
         batch_size=batch,
         precision=precision,
         ranks=ranks,
         flops_budget=budget,
-        step_flops=step_flops(spec, ranks, batch, space.seq),
+        step_flops=step,
         memory_bytes=peak_memory(spec, ranks, batch, space.seq, precision, act),
         search_s=elapsed,
-        local_steps=min(steps, space.local_steps),
-        over_budget=steps > 0 and step_flops(spec, ranks, batch, space.seq) > budget,
+        local_steps=steps,
+        over_budget=fallback and step > budget,
     )

@@ -143,13 +143,14 @@ def finished_row(suite_dir: Path, strategy: str, setting: str, seed: int, lr: fl
 def chosen_lr(suite: Suite, suite_dir: Path, strategy: str, setting: str) -> tuple[float | None, dict[str, float | None]]:
     """The row's learning rate: the ``lr-grid`` value whose trial on the first seed ended at the lowest final eval
     loss (None until every trial has finished), and each trial's loss by rate."""
-    losses: dict[str, float | None] = {}
+    losses: dict[float, float | None] = {}
     for lr in suite.lr_grid:
         run = finished(run_dir(suite_dir, strategy, setting, suite.seeds[0], lr))
         rows = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["round"]) if run else []
-        losses[f"{lr:g}"] = rows[-1].get("eval_loss") if rows else None
-    known = {float(k): v for k, v in losses.items() if v is not None}
-    return (min(known, key=known.__getitem__) if len(known) == len(suite.lr_grid) else None), losses
+        losses[lr] = rows[-1].get("eval_loss") if rows else None
+    known = {lr: loss for lr, loss in losses.items() if loss is not None}
+    chosen = min(known, key=known.__getitem__) if len(known) == len(suite.lr_grid) else None
+    return chosen, {f"{lr:g}": loss for lr, loss in losses.items()}
 
 
 def finished(directory: Path) -> Path | None:
@@ -265,9 +266,7 @@ def run_suite(
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
-    rates = {} if report_only else run_lr_trials(suite, suite_dir, app, timeout_s, failures)
-    if report_only and suite.lr_grid:
-        rates = {row: chosen_lr(suite, suite_dir, *row)[0] for row in suite.runs}
+    rates = lr_trials(suite, suite_dir, app, timeout_s, failures, run=not report_only)
     reported = reported_rows(out_root / "report" / "results.json", suite)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds if not suite.lr_grid or rates.get((s, t))]
     missing = [(s, t, seed) for s, t, seed in every if finished_row(suite_dir, s, t, seed, rates.get((s, t))) is None]
@@ -320,18 +319,18 @@ def run_all(
             progress.advance(bar)
 
 
-def run_lr_trials(
-    suite: Suite, suite_dir: Path, app: Path, timeout_s: float, failures: dict[str, str]
+def lr_trials(
+    suite: Suite, suite_dir: Path, app: Path, timeout_s: float, failures: dict[str, str], run: bool = True
 ) -> dict[tuple[str, str], float | None]:
-    """With an ``lr-grid``: one run per rate and row on the first seed (those not finished yet), then each row's rate
-    (:func:`chosen_lr`), written with every trial's loss to ``<suite>/lr.json``; empty without a grid."""
+    """With an ``lr-grid``: one run per rate and row on the first seed (with ``run``, those not finished yet), then each
+    row's rate (:func:`chosen_lr`), written with every trial's loss to ``<suite>/lr.json``; empty without a grid."""
     if not suite.lr_grid:
         return {}
     seed = suite.seeds[0]
     todo = [
         (s, t, seed, lr) for s, t in suite.runs for lr in suite.lr_grid if finished(run_dir(suite_dir, s, t, seed, lr)) is None
     ]
-    run_all(suite, todo, suite_dir, app, timeout_s, failures, trial=True)
+    run_all(suite, todo if run else [], suite_dir, app, timeout_s, failures, trial=True)
     chosen = {row: chosen_lr(suite, suite_dir, *row) for row in suite.runs}
     record = {"/".join(row): {"chosen": lr, "final_eval_loss": losses} for row, (lr, losses) in chosen.items()}
     (suite_dir / "lr.json").write_text(json.dumps({"rule": "lowest final eval loss on seed " + str(seed), **record}, indent=2))

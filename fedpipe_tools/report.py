@@ -149,10 +149,9 @@ class Target(NamedTuple):
 
     def __str__(self) -> str:
         sign = "÷" if self.compare == "ratio" else "−"
-        peer = "/".join(self.peer_row) if "/" in self.peer else self.peer
-        mine = f"fedpipe/{self.setting}" if "/" in self.peer else "fedpipe"
-        where = "" if "/" in self.peer else f" in {self.setting}"
-        return f"{mine} {sign} {peer} {self.metric}{where} {self.op} {self.bound:g}"
+        if "/" in self.peer:  # another row: both named by strategy/setting
+            return f"fedpipe/{self.setting} {sign} {self.peer} {self.metric} {self.op} {self.bound:g}"
+        return f"fedpipe {sign} {self.peer} {self.metric} in {self.setting} {self.op} {self.bound:g}"
 
 
 COMPARE = {"ratio": operator.truediv, "difference": operator.sub}

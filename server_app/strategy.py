@@ -80,7 +80,7 @@ class RoundStats:
     """Per node training with DP-SGD: the ε it reports spent in this run so far."""
     privacy_refused: int = 0
     started_s: float = 0.0
-    """Wall clock (``time.perf_counter``) when the round's plans began (:meth:`FlowerAdapter.configure_train`)."""
+    """``time.perf_counter()`` when the round's plans began (:meth:`FlowerAdapter.configure_train`)."""
     sent_s: float = 0.0
     """... when its TRAIN messages were handed to Flower."""
     replied_s: float = 0.0
@@ -102,8 +102,8 @@ class RoundStats:
             out |= {"server_plan_s": self.sent_s - self.started_s, "exchange_s": self.replied_s - self.sent_s}
         if not self.timing:
             return out
-        out["client_handler_s"] = {str(n): t["train-s"] + t["setup-s"] + t["startup-s"] for n, t in sorted(self.timing.items())}
         keys = ("train-s", "setup-s", "startup-s")
+        out["client_handler_s"] = {str(n): sum(t[k] for k in keys) for n, t in sorted(self.timing.items())}
         out |= {f"client_{k.replace('-', '_')}": sum(t[k] for t in self.timing.values()) / len(self.timing) for k in keys}
         out["client_overhead_ratio"] = max((t["setup-s"] + t["startup-s"]) / t["train-s"] for t in self.timing.values())
         return out

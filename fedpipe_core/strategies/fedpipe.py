@@ -74,6 +74,7 @@ class FedPipe(Strategy):
         round_time = self.round_time_s(node_ids)
         space = SearchSpace(cfg.rank_candidates(), cfg.max_seq_len, cfg.local_steps)
         importance = self.current_importance(server_round)
+        max_params = self.upload_params()
         return {
             node: replace(
                 plan_client(
@@ -85,7 +86,7 @@ class FedPipe(Strategy):
                     space,
                     method=cfg.search,
                     precision=cfg.base_precision,
-                    max_params=self.upload_params(),
+                    max_params=max_params,
                 ),
                 scores=importance,
             )
