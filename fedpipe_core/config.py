@@ -166,7 +166,7 @@ class RunConfig:
     """`fedpipe.dispatch`: how the round's averaged ΔW goes to the nodes: `svd` (best factors of the largest candidate
     rank, the rest carried to the next round) or `exact` (rank Σ r_k)."""
     adapter_upgrade_every: int = 1
-    """`fedadapter.upgrade-every`: `fedadapter`: rounds between configuration upgrades."""
+    """`fedadapter.upgrade-every`: `fedadapter`: every this many rounds its trial groups decide the configuration."""
     profile: str = "simulated"
     """`sim.profile`: node profiles when a node declares none: `simulated` (drawn) or `measure`."""
     memory_scale: float = 1.0

@@ -153,6 +153,7 @@ class RunRecorder:
             "server_eval_s": eval_s,
             **(stats.node_overhead() if stats else {}),
             "node_memory": stats.node_memory() if stats else {},
+            **strategy.round_record(server_round),
             **(
                 {"site_epsilon": {str(n): e for n, e in sorted(stats.site_epsilon.items())}}
                 if stats and stats.site_epsilon

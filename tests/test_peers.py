@@ -23,13 +23,21 @@ from fedpipe_core.codec import (
     encode_dense,
     encode_factors,
 )
+from fedpipe_core.config import ConfigError
 from fedpipe_core.cost import step_flops
 from fedpipe_core.local import lora_alphas, run_full_round
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import TrainReply
 from fedpipe_core.strategies import STRATEGIES, FedAdapter, FlexLoRA, FullFT, HetLoRA, Legend
 from fedpipe_core.strategies.base import deadline_steps
-from fedpipe_core.strategies.peer_rules import capability_rank, fedadapter_config, legend_ranks, rising_ranks
+from fedpipe_core.strategies.peer_rules import (
+    AdapterConfig,
+    capability_rank,
+    fedadapter_start,
+    fedadapter_trials,
+    legend_ranks,
+    rising_ranks,
+)
 from fedpipe_flower.messages import from_record
 from server_app.strategy import FlowerAdapter
 
@@ -119,10 +127,77 @@ def test_legend_depth_grows_with_capacity_and_ranks_rise_to_the_output(task):
     assert depths[0] == 1 and depths == sorted(depths) and depths[-1] == spec.num_layers
 
 
-def test_fedadapter_upgrades_alternately_deeper_and_wider():
-    configs = [fedadapter_config(r, 30, (2, 4, 8), every=1) for r in range(1, 7)]
-    assert configs == [(3, 2), (6, 2), (6, 4), (12, 4), (12, 8), (24, 8)]
-    assert fedadapter_config(3, 30, (2, 4, 8), every=2) == (6, 2)
+def test_fedadapter_starts_shallow_and_narrow_and_tries_one_step_deeper_and_one_wider():
+    start = fedadapter_start(30, (2, 4, 8))
+    assert start == AdapterConfig(5, 2)  # the top sixth (its paper's 2 of 12 layers) at the smallest rank
+    assert fedadapter_trials(start, 30, (2, 4, 8)) == [start, AdapterConfig(10, 2), AdapterConfig(5, 4)]
+    assert fedadapter_trials(AdapterConfig(28, 4), 30, (2, 4, 8)) == [
+        AdapterConfig(28, 4),
+        AdapterConfig(30, 4),
+        AdapterConfig(28, 8),
+    ]
+    assert fedadapter_trials(AdapterConfig(30, 8), 30, (2, 4, 8)) == [AdapterConfig(30, 8)]  # nothing left to try
+
+
+def _scaled_update(strategy, ranks, seed, std, examples=8):
+    """A node's update with factors of this standard deviation (no norm check: large ones are meant to wreck the model)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = strategy.task.shapes
+    factors = {
+        m: (std * torch.randn(r, shapes[m][1], generator=g), std * torch.randn(shapes[m][0], r, generator=g))
+        for m, r in ranks.items()
+    }
+    report = TrainReply(num_examples=examples, train_loss=2.0, state_version=0)
+    return strategy.decode_update(encode_factors(factors), ranks, examples), report
+
+
+def test_fedadapter_trial_groups_keep_the_configuration_whose_model_scores_best_on_validation(task):
+    strategy = FedAdapter(task)
+    strategy.profiles = {n: ClientProfile(64 * 2**30, 20e12, "declared") for n in (1, 2, 3, 4)}
+    start = strategy.current
+    deeper, wider = fedadapter_trials(start, len(strategy.layers), task.config.rank_candidates())[1:]
+    plans = strategy.plan_round(1, [4, 2, 3, 1])
+    # the nodes split in turn by id: current, deeper, wider, current
+    assert {n: p.ranks for n, p in plans.items()} == {
+        1: strategy.ranks_of(start),
+        2: strategy.ranks_of(deeper),
+        3: strategy.ranks_of(wider),
+        4: strategy.ranks_of(start),
+    }
+    assert len(plans[2].ranks) == 2 * len(plans[1].ranks) and set(plans[3].ranks.values()) == {4}
+    # the deeper group's update leaves the model as it is; the others' wreck it
+    updates = {n: _scaled_update(strategy, plans[n].ranks, n, 1e-4 if n == 2 else 1.0) for n in (1, 2, 3, 4)}
+    strategy.combine(1, updates)
+    assert strategy.current == deeper
+    trials = strategy.round_record(1)["fedadapter_trials"]
+    assert [(t["depth"], t["width"], t["nodes"], t["chosen"]) for t in trials] == [
+        (start.depth, start.width, [1, 4], False),
+        (deeper.depth, deeper.width, [2], True),
+        (wider.depth, wider.width, [3], False),
+    ]
+    chosen_loss, others = trials[1]["eval_loss"], [trials[0]["eval_loss"], trials[2]["eval_loss"]]
+    assert chosen_loss < 2 * chosen_loss < min(others)  # the untouched base against wrecked ones
+    module = next(iter(plans[1].ranks))  # trained by every group: the global factors are the deeper group's alone
+    A, B = strategy.factors[module]
+    torch.testing.assert_close(A[:2], updates[2][0].factors[module][0])
+    torch.testing.assert_close(B[:, :2], updates[2][0].factors[module][1])
+    # the next decision round tries from the configuration chosen
+    assert {frozenset(p.ranks.items()) for p in strategy.plan_round(2, [1, 2, 3]).values()} == {
+        frozenset(strategy.ranks_of(c).items()) for c in fedadapter_trials(deeper, len(strategy.layers), (2, 4, 8))
+    }
+    state, tensors = strategy.state_dict()
+    resumed = FedAdapter(task)
+    resumed.load_state_dict(state, tensors)
+    assert resumed.current == deeper
+
+
+def test_fedadapter_decides_every_upgrade_every_rounds_and_needs_a_server_validation_split(task):
+    strategy = FedAdapter(replace(task, config=replace(task.config, adapter_upgrade_every=2)))
+    strategy.profiles = {n: ClientProfile(64 * 2**30, 20e12, "declared") for n in (1, 2, 3)}
+    assert {len(p.ranks) for p in strategy.plan_round(1, [1, 2, 3]).values()} == {len(strategy.ranks_of(strategy.current))}
+    assert len({frozenset(p.ranks.items()) for p in strategy.plan_round(2, [1, 2, 3]).values()}) == 3
+    with pytest.raises(ConfigError, match="'eval.where'.*trial groups"):
+        FedAdapter(replace(task, config=replace(task.config, eval_where="sites")))
 
 
 def test_deadline_cuts_local_steps_and_leaves_out_a_node_that_cannot_finish_one(task):
@@ -174,6 +249,8 @@ def test_every_strategy_runs_a_round_on_plain_arrays_and_moves_the_global_delta(
     strategy.combine(1, updates)
     delta = strategy.global_delta()
     trained = set().union(*(plans[n].ranks for n in (1, 2, 3)))
+    if name == "fedadapter":  # its trial groups: only the chosen configuration's group counts
+        trained = set(strategy.ranks_of(strategy.current))
     assert {m for m, d in delta.items() if float(d.abs().sum()) > 0} == trained
     assert set(strategy.payloads(2, strategy.plan_round(2, [1, 2, 3]))) == {1, 2, 3}  # round 2 dispatches from the new state
 

@@ -219,6 +219,10 @@ class Strategy(ABC):
     def on_failure(self, node_id: int) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Hook: a node's reply was an error or was rejected."""
 
+    def round_record(self, server_round: int) -> dict[str, Any]:
+        """What the strategy decided in ``server_round`` beyond the plans, for the round's metrics row (none by default)."""
+        return {}
+
     # --- 4. global ΔW ---------------------------------------------------------------------------
     @abstractmethod
     def global_delta(self) -> dict[str, torch.Tensor]:

@@ -8,12 +8,13 @@ zero-padded to the global rank and A and B averaged separately:
   aggregation weighted by each update's Frobenius norm (sparsity-weighted aggregation).
 - ``legend``: per device LoRA on the last L layers with ranks rising towards the output (LCD
   greedy under the device's capacity); per-layer aggregation over the devices that trained it.
-- ``fedadapter`` (Cai et al. 2022): one adapter configuration for all, upgraded progressively.
+- ``fedadapter`` (Cai et al. 2022): one adapter configuration for all, upgraded by trial groups of nodes.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,10 +27,18 @@ from fedpipe_core.aggregate import (
     truncate_factors,
 )
 from fedpipe_core.codec import decode_factors, encode_factors
+from fedpipe_core.config import ConfigError, key_of
+from fedpipe_core.evaluate import evaluate_validation
 from fedpipe_core.lora import Factors, fresh_factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
-from fedpipe_core.strategies.peer_rules import fedadapter_config, layers_top_down, legend_ranks
+from fedpipe_core.strategies.peer_rules import (
+    AdapterConfig,
+    fedadapter_start,
+    fedadapter_trials,
+    layers_top_down,
+    legend_ranks,
+)
 
 
 def truncated_payload(factors: Factors, plan: Plan) -> Arrays:
@@ -66,8 +75,11 @@ class FactorStrategy(ArrayState):
         return truncated_payload(state, plan)
 
     def combine(self, server_round: int, updates: Updates) -> None:
-        """Zero-padded average of the factors; rank components that no node trained keep their value
-        (the fresh LoRA initialisation, random A row and zero B column, until a node first trains them):
+        self._factors = self.averaged(updates)
+
+    def averaged(self, updates: Updates) -> Factors:
+        """The global factors with these updates' zero-padded average; rank components that no node trained keep their
+        value (the fresh LoRA initialisation, random A row and zero B column, until a node first trains them):
         averaging them as zeros would leave a component with a zero A row and B column, which gets no
         gradient ever again (FedAdapter widening, HetLoRA and LEGEND ranks no node reached)."""
         previous = self.factors
@@ -76,11 +88,15 @@ class FactorStrategy(ArrayState):
         for module, (A, B) in averaged.items():
             trained = max(u.factors[module][0].shape[0] for u, _ in updates.values() if module in u.factors)
             A[trained:], B[:, trained:] = previous[module][0][trained:], previous[module][1][:, trained:]
-        self._factors = {**previous, **averaged}
+        return {**previous, **averaged}
+
+    def delta_of(self, factors: Factors) -> dict[str, torch.Tensor]:
+        """ΔW = s · B A of every module of ``factors``."""
+        scale = self.scaling()
+        return {m: scale * to_dense(lowrank) for m, lowrank in factors.items()}
 
     def global_delta(self) -> dict[str, torch.Tensor]:
-        scale = self.scaling()
-        return {m: scale * to_dense(lowrank) for m, lowrank in self.factors.items()}
+        return self.delta_of(self.factors)
 
     def global_arrays(self) -> Arrays:
         return encode_factors(self.factors)
@@ -142,22 +158,71 @@ class Legend(FactorStrategy):
 
 
 class FedAdapter(FactorStrategy):
-    """FedAdapter: one adapter configuration (depth = top layers, width = rank) for all nodes.
+    """FedAdapter: one adapter configuration (depth = top layers, width = rank), chosen by trial groups.
 
-    Training starts shallow and narrow and is upgraded every ``fedadapter.upgrade-every`` rounds,
-    alternately deeper and wider (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_config`);
-    FedAvg of A and B.
+    It starts shallow and narrow (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_start`). Every
+    ``fedadapter.upgrade-every`` rounds is a decision round: the nodes split, in turn by id, into trial groups training
+    the current, a deeper and a wider configuration (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_trials`)
+    from the same global factors; each group's updates are averaged (FedAvg of A and B) and scored on the server's
+    validation split, and the group with the lowest loss gives the next global factors and configuration. The other
+    groups' work is dropped, the price the paper pays for searching while training. Other rounds every node trains
+    the current configuration.
     """
 
     name = "fedadapter"
-    missing = (
-        "bottleneck adapters (LoRA components of growing rank stand in for them) and the search for the configuration "
-        "on trial groups of clients (a fixed shallow-to-deep, narrow-to-wide schedule instead)"
-    )
+    missing = "bottleneck adapters (LoRA components at the configuration's width stand in for them)"
+
+    def __init__(self, task) -> None:
+        super().__init__(task)
+        if not task.config.server_evaluates:
+            raise ConfigError(
+                f"run config {key_of('eval_where')!r}: fedadapter picks its configuration by the validation loss of its "
+                "trial groups' models on the server's validation split; set it to 'server' or 'both'"
+            )
+        self.layers = layers_top_down(task.spec, list(task.targets))
+        self.current = fedadapter_start(len(self.layers), task.config.rank_candidates())
+        self.groups: dict[int, AdapterConfig] = {}
+        """This round's trial configuration of each node."""
+        self.trials: dict[int, list[dict[str, Any]]] = {}
+        """Each decision round's trials: configuration, nodes, validation loss, whether it was chosen."""
+
+    def ranks_of(self, config: AdapterConfig) -> dict[str, int]:
+        """The configuration's adapters: every target of the top ``depth`` layers at ``width``."""
+        return {m: config.width for _, names in self.layers[: config.depth] for m in names}
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        cfg = self.task.config
-        layers = layers_top_down(self.task.spec, list(self.task.targets))
-        depth, width = fedadapter_config(server_round, len(layers), cfg.rank_candidates(), cfg.adapter_upgrade_every)
-        ranks = {m: width for _, names in layers[:depth] for m in names}
-        return {node: self.fit_plan(node, ranks, cfg.batch_size) for node in node_ids}
+        every = self.task.config.adapter_upgrade_every
+        trials = [self.current]
+        if (server_round - 1) % every == every - 1:
+            trials = fedadapter_trials(self.current, len(self.layers), self.task.config.rank_candidates())
+        trials = trials[: len(node_ids)]
+        self.groups = {node: trials[i % len(trials)] for i, node in enumerate(sorted(node_ids))}
+        return {
+            node: self.fit_plan(node, self.ranks_of(config), self.task.config.batch_size) for node, config in self.groups.items()
+        }
+
+    def combine(self, server_round: int, updates: Updates) -> None:
+        by_config: dict[AdapterConfig, Updates] = {}
+        for node, update in sorted(updates.items()):
+            by_config.setdefault(self.groups[node], {})[node] = update
+        candidates = {config: self.averaged(group) for config, group in by_config.items()}
+        if len(candidates) == 1:
+            ((self.current, self._factors),) = candidates.items()
+            return
+        losses = {config: evaluate_validation(self.task, self.delta_of(f)).loss for config, f in candidates.items()}
+        chosen = min(losses, key=lambda c: (losses[c], c != self.current))  # a tie keeps the current configuration
+        self.trials[server_round] = [
+            {**asdict(c), "nodes": sorted(by_config[c]), "eval_loss": losses[c], "chosen": c == chosen} for c in candidates
+        ]
+        self.current, self._factors = chosen, candidates[chosen]
+
+    def round_record(self, server_round: int) -> dict[str, Any]:
+        return {"fedadapter_trials": self.trials[server_round]} if server_round in self.trials else {}
+
+    def state_dict(self) -> tuple[dict[str, object], Arrays]:
+        state, tensors = super().state_dict()
+        return {**state, "fedadapter": asdict(self.current)}, tensors
+
+    def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
+        super().load_state_dict(state, tensors)
+        self.current = AdapterConfig(**dict(state["fedadapter"]))

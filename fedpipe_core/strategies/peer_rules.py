@@ -5,11 +5,16 @@
 - LEGEND (adaptive LoRA depth and rank distribution): per device, LoRA on the last L layers only,
   ranks rising towards the output; L is chosen greedily (the LCD algorithm) as the deepest
   configuration the device's capacity for the round affords.
-- FedAdapter (Cai et al., 2022): one adapter configuration for every device, depth (top layers)
-  and width (here the LoRA rank), upgraded progressively as training goes on.
+- FedAdapter (Cai et al., 2022): one adapter configuration, depth (top layers) and width (here the
+  LoRA rank), that starts shallow and narrow and is upgraded by trial groups: in a decision round the
+  devices split into groups training the current, a deeper and a wider configuration, and the group
+  whose model scores best becomes the global model and configuration.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 from fedpipe_core.cost import ModelSpec, step_flops
 
@@ -59,17 +64,31 @@ def legend_ranks(
     return chosen or {m: min(candidates) for m in layers[0][1]}
 
 
-def fedadapter_config(server_round: int, num_layers: int, candidates: tuple[int, ...], every: int) -> tuple[int, int]:
-    """FedAdapter's progressive configuration (depth, width) for ``server_round``.
+@dataclass(frozen=True)
+class AdapterConfig:
+    """A FedAdapter configuration: adapters on the top ``depth`` layers at ``width`` (here the LoRA rank)."""
 
-    Training starts shallow and narrow (the top eighth of the layers, the smallest rank); every
-    ``every`` rounds the configuration is upgraded, alternately twice as deep and one rank wider.
-    """
-    depth, widths = max(1, num_layers // 8), sorted(candidates)
-    width = 0
-    for upgrade in range((server_round - 1) // every):
-        if upgrade % 2 == 0:
-            depth = min(num_layers, depth * 2)
-        else:
-            width = min(len(widths) - 1, width + 1)
-    return depth, widths[width]
+    depth: int
+    width: int
+
+
+def depth_step(num_layers: int) -> int:
+    """FedAdapter's depth unit: a sixth of the layers (its paper's 2 of BERT-base's 12)."""
+    return max(1, math.ceil(num_layers / 6))
+
+
+def fedadapter_start(num_layers: int, candidates: tuple[int, ...]) -> AdapterConfig:
+    """Where FedAdapter starts: shallow and narrow, one depth unit on top at the smallest width."""
+    return AdapterConfig(depth_step(num_layers), min(candidates))
+
+
+def fedadapter_trials(current: AdapterConfig, num_layers: int, candidates: tuple[int, ...]) -> list[AdapterConfig]:
+    """FedAdapter's trial configurations for a decision round: the current one, one depth unit deeper and one width
+    wider (the next candidate rank), the last two only where the model and the candidates leave room."""
+    trials = [current]
+    if current.depth < num_layers:
+        trials.append(AdapterConfig(min(num_layers, current.depth + depth_step(num_layers)), current.width))
+    wider = [w for w in sorted(candidates) if w > current.width]
+    if wider:
+        trials.append(AdapterConfig(current.depth, wider[0]))
+    return trials
