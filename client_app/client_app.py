@@ -2,7 +2,8 @@
 
 Flower starts a fresh ClientApp process for every message, so this module imports only what a QUERY
 needs (Flower and the profile); a TRAIN message imports :mod:`client_app.local_round` (torch,
-transformers, peft) when it arrives. Node config ``messages`` (default ``query,train,evaluate``) lists the message
+transformers, peft) when it arrives, unless the node's warm worker (node config ``worker-socket``,
+:mod:`client_app.worker`) takes the round. Node config ``messages`` (default ``query,train,evaluate``) lists the message
 types this site answers; any other is refused with an error reply before anything is loaded (a site that
 leaves out ``evaluate`` refuses the final scoring on its test share).
 """
@@ -10,15 +11,19 @@ leaves out ``evaluate`` refuses the final scoring on its test share).
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import psutil
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
+from client_app import worker_wire
 from fedpipe_core.profile import ClientProfile, declared_on_device
-from fedpipe_flower.messages import profile_reply
+from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS
+from fedpipe_flower.messages import from_record, profile_reply, to_record
 
 MESSAGE_TYPES = ("query", "train", "evaluate")
 """What this ClientApp answers; a site narrows it with node config ``messages``."""
@@ -75,9 +80,42 @@ def train(msg: Message, context: Context) -> Message:
     entered, entered_wall = time.perf_counter(), time.time()
     startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
+    if "worker-socket" in context.node_config:
+        reply = through_worker(msg, context, entered, startup)
+        if reply is not None:
+            return reply
     from client_app import local_round  # the training stack, loaded for TRAIN messages only
 
     return local_round.train(msg, context, entered, startup)
+
+
+def through_worker(msg: Message, context: Context, entered: float, startup: float) -> Message | None:
+    """The round run by the node's warm worker (node config ``worker-socket``, :mod:`client_app.worker`); None when
+    no worker answers or it runs another app version (the round then runs in this process), an error reply when the
+    worker took the round and failed it. ``setup-s`` is this handler's time besides the worker's training."""
+    path = str(context.node_config["worker-socket"])
+    job = {
+        "kind": "train",
+        "config": dict(msg.content[CONFIG]),
+        "run_config": dict(context.run_config),
+        "node_config": dict(context.node_config),
+        "run_id": context.run_id,
+        "node_id": context.node_id,
+    }
+    timeout = float(context.node_config.get("worker-timeout-s", 3600))
+    try:
+        header, arrays = worker_wire.ask(path, job, from_record(msg.content[ARRAYS]), timeout)
+    except (worker_wire.WorkerUnavailable, worker_wire.WorkerRefused) as exc:
+        log(WARNING, "node %d: %s; training in the ClientApp's process", context.node_id, exc)
+        return None
+    except worker_wire.WorkerFailed as exc:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
+    if "refused_round" in header:
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(header["refused_round"])), reply_to=msg)
+    metrics = dict(header["metrics"])
+    metrics["startup-s"] = startup
+    metrics["setup-s"] = time.perf_counter() - entered - float(metrics.get("train-s", 0.0))
+    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -7,8 +7,9 @@ that a QUERY is answered without them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from flwr.app import Context, Error, Message
@@ -27,6 +28,7 @@ from fedpipe_core.local import (
     run_client_round,
     run_full_round,
 )
+from fedpipe_core.lora import strip_lora
 from fedpipe_core.metrics import meteor_missing
 from fedpipe_core.node_cache import cached_profile
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
@@ -41,12 +43,12 @@ from fedpipe_core.round_start import (
     save_adapters,
     shared_a,
 )
-from fedpipe_core.state import node_base, node_state_dir, save_importance
+from fedpipe_core.state import WarmBase, node_base, node_state_dir, save_importance
 from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
 from fedpipe_flower.messages import Arrays, final_reply, read_final, read_instruction, train_reply
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def _partition(context: Context | Site) -> tuple[int, int]:
     node = context.node_config
     if "data-path" in node:  # a site with its own data file: one whole "partition"
         return int(node.get("partition-id", 0)), 1
@@ -55,7 +57,7 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
-def node_data(task: Task, context: Context) -> NodeData:
+def node_data(task: Task, context: Context | Site) -> NodeData:
     """The node's own data file when its node config names one, else its partition of the run's data, split
     into its training, validation and test shares (:class:`~fedpipe_core.task.NodeData`)."""
     if "data-path" in context.node_config:
@@ -64,13 +66,20 @@ def node_data(task: Task, context: Context) -> NodeData:
     return partition_data(task, *_partition(context))
 
 
-def _device(context: Context) -> torch.device:
+def _device(context: Context | Site) -> torch.device:
     """The node's accelerator: node config ``device`` (``auto`` by default: CUDA when present, else CPU)."""
     return resolve_device(str(context.node_config.get("device", "auto")))
 
 
 def _adapters_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds, dp: DpSgd | None
+    task: Task,
+    context: Context | Site,
+    order: TrainInstruction,
+    payload: Arrays,
+    data: NodeData,
+    seeds: RoundSeeds,
+    dp: DpSgd | None,
+    warm: WarmBase | None = None,
 ) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds; its own adapters continued, or fresh ones with ``round-start = restart``;
     eqs 11-12, :mod:`fedpipe_core.round_start`) and ``factors`` (start from the sent A, B)."""
@@ -89,7 +98,7 @@ def _adapters_round(
         before = fitted(saved, order.ranks)
         start_factors = before
     held = products(before, adapter_scaling(task.config))
-    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held)
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm)
     out = run_client_round(
         task,
         device=_device(context),
@@ -107,6 +116,8 @@ def _adapters_round(
         optimizer_state=moments,
         frozen_a=frozen,
     )
+    if warm is not None:
+        warm.keep(strip_lora(model), directory, end, order.precision, sorted(held))
     save_importance(directory, state, out.importance_history)
     after = decode_factors(out.arrays, task.shapes)
     if carried:
@@ -121,9 +132,17 @@ def _adapters_round(
 
 
 def _full_round(
-    task: Task, context: Context, order: TrainInstruction, payload: Arrays, data: NodeData, seeds: RoundSeeds, dp: DpSgd | None
+    task: Task,
+    context: Context | Site,
+    order: TrainInstruction,
+    payload: Arrays,
+    data: NodeData,
+    seeds: RoundSeeds,
+    dp: DpSgd | None,
+    warm: WarmBase | None = None,
 ) -> tuple[ClientRound, int]:
-    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW."""
+    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW (built each message: a warm worker keeps
+    no full fine-tuning base)."""
     out = run_full_round(
         task,
         device=_device(context),
@@ -152,7 +171,7 @@ ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
 """The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
 
 
-def profile(context: Context) -> ClientProfile:
+def profile(context: Context | Site) -> ClientProfile:
     """This node's profile when it is not declared: simulated for the run's model, or measured here; worked out once
     per run and kept in the node's state (node config ``profile-changes = true``: every message)."""
     declared = declared_on_device(context.node_config)
@@ -164,36 +183,63 @@ def profile(context: Context) -> ClientProfile:
     return cached_profile(directory, lambda: node_profile(task, context.node_config, _partition(context)[0]), changes)
 
 
+@dataclass(frozen=True)
+class Site:
+    """What a local round reads of its node: the attributes of Flower's ``Context`` it uses, without Flower (the warm
+    worker gets them over its socket)."""
+
+    run_config: Mapping[str, Any]
+    node_config: Mapping[str, Any]
+    run_id: int
+    node_id: int
+
+
 def train(msg: Message, context: Context, entered: float, startup_s: float) -> Message:
+    """One local round in this process (:func:`train_round`) as a reply to ``msg``; a refusal is an error reply."""
+    order, payload = read_instruction(msg)
+    try:
+        arrays, report = train_round(context, order, payload, entered, startup_s)
+    except RoundRefused as refusal:
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(refusal)), reply_to=msg)
+    return train_reply(msg, arrays, report)
+
+
+class RoundRefused(RuntimeError):
+    """The node refuses this round (its privacy settings); the reply says why."""
+
+
+def train_round(
+    site: Context | Site, order: TrainInstruction, payload: Arrays, entered: float, startup_s: float, warm: WarmBase | None = None
+) -> tuple[Arrays, TrainReply]:
     """One local round; the instruction says which modules, which ranks and which ΔW to merge.
 
     ``entered`` is when the handler was entered (``time.perf_counter()``) and ``startup_s`` how long the
-    process took to get there; ``setup-s`` is what this handler spent besides local training.
+    process took to get there; ``setup-s`` is what this handler spent besides local training. ``warm``: the base a
+    long-lived worker holds for this node between messages (:class:`~fedpipe_core.state.WarmBase`).
     """
-    task = load_task(RunConfig.from_mapping(context.run_config))
-    partition_id, _ = _partition(context)
-    data = node_data(task, context)
-    order, payload = read_instruction(msg)
+    task = load_task(RunConfig.from_mapping(site.run_config))
+    partition_id, _ = _partition(site)
+    data = node_data(task, site)
     unknown = sorted(set(order.ranks) - set(task.shapes))
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
     seeds = round_seeds(task.config, order.server_round, partition_id)
-    ledger = site_ledger(task, context)
+    ledger = site_ledger(task, site)
     try:
         dp = private_round(task, ledger, order, data, seeds.data)
     except (PrivacyRefusal, PrivacyBudgetSpent) as refusal:
-        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(refusal)), reply_to=msg)
-    out, version = ROUTINES[order.mode](task, context, order, payload, data, seeds, dp)
+        raise RoundRefused(str(refusal)) from refusal
+    out, version = ROUTINES[order.mode](task, site, order, payload, data, seeds, dp, warm)
     spent = None
     if ledger is not None and dp is not None:
         spent = ledger.record(dp.rate, out.result.steps)
-        ledger.save(node_state_dir(task, context.run_id, context.node_id))
+        ledger.save(node_state_dir(task, site.run_id, site.node_id))
     report = TrainReply(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,
         steps=out.result.steps,
         state_version=version,
-        profile=profile(context),
+        profile=profile(site),
         train_s=out.train_s,
         setup_s=time.perf_counter() - entered - out.train_s,
         startup_s=startup_s,
@@ -205,14 +251,14 @@ def train(msg: Message, context: Context, entered: float, startup_s: float) -> M
         weight_norms=out.weight_norms,
         epsilon_spent=spent,
     )
-    return train_reply(msg, out.arrays, report)
+    return out.arrays, report
 
 
 class PrivacyRefusal(RuntimeError):
     """A site that asks for DP-SGD was sent a TRAIN message without the DP instruction."""
 
 
-def site_ledger(task: Task, context: Context) -> PrivacyLedger | None:
+def site_ledger(task: Task, context: Context | Site) -> PrivacyLedger | None:
     """This site's privacy ledger when it trains with DP-SGD: its node config's ``dp-epsilon`` / ``dp-delta``, else the
     run config's ``privacy.site-epsilon`` / ``privacy.site-delta``; None when its ε is 0 (no DP)."""
     cfg, node = task.config, context.node_config

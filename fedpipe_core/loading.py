@@ -98,6 +98,18 @@ def stream_model(checkpoint: Path, block_layer: BlockLayer, dtype: torch.dtype =
     return model
 
 
+def rebuild_layers(checkpoint: Path, model: PreTrainedModel, names: list[str], block_layer: BlockLayer) -> None:
+    """Rebuild these block linears of a built ``model`` in place with ``block_layer``, each from its meta-device module
+    (as :func:`stream_model` gives it) and its own checkpoint tensors; the rest of the model is untouched."""
+    blanks = skeleton(checkpoint)
+    device = next(model.parameters()).device
+    with checkpoint_reader(checkpoint, model.base_model_prefix) as read:
+        for name in names:
+            layer = block_layer(name, blanks.get_submodule(name), lambda local, name=name: read(f"{name}.{local}"))
+            model.set_submodule(name, layer.to(device))
+            trim_heap()
+
+
 def _initialise_buffers(model: PreTrainedModel) -> None:
     """Compute the non-persistent buffers (not in any checkpoint) with transformers' initialisation,
     every loaded tensor marked as initialised so that nothing else is touched."""

@@ -126,6 +126,17 @@ def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
     }
 
 
+def strip_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (wrapped in place by :func:`attach_lora`) with every LoRA layer replaced by the base layer it wraps
+    and peft's marks removed, for the next round to attach its own (what ``PeftModel.unload`` does, without the
+    wrapper object)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            model.set_submodule(name, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)
+    return model
+
+
 def fresh_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], seed: int) -> Factors:
     """The (A, B) :func:`attach_lora` would draw for these modules (in the model's order), without a model:
     peft's draws replayed (A's and B's layers built, then A Kaiming-uniform, B zero), so a server can start

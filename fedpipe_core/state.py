@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedpipe_core.codec import SEP, decode_delta, stored_delta
-from fedpipe_core.loading import Reader, load_linear, stream_model
+from fedpipe_core.loading import Reader, load_linear, rebuild_layers, stream_model
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.model import default_cache_dir
 from fedpipe_core.qlinear import stored_linear
@@ -174,6 +174,36 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
         _collect_garbage(directory, state)
 
 
+@dataclass
+class WarmBase:
+    """A node's base as a long-lived worker holds it between messages (``fedpipe-node-worker``): the model after its
+    last round (adapters stripped) and the state it reflects, so the next round rewrites only the weights it changes."""
+
+    model: PreTrainedModel | None = None
+    directory: Path | None = None
+    version: int = -1
+    precision: str = ""
+    held: list[str] = field(default_factory=list)
+
+    def keep(self, model: PreTrainedModel, directory: Path, version: int, precision: str, held: list[str]) -> None:
+        """Hold ``model`` as the base of ``directory``'s state at ``version``, ``precision``, ``held``."""
+        self.model, self.directory, self.version, self.precision, self.held = model, directory, version, precision, held
+
+    def release(self) -> None:
+        """Let the model go (the next round builds the base again)."""
+        self.model, self.directory, self.version = None, None, -1
+
+    def serves(self, directory: Path, version: int, precision: str, state: NodeState) -> bool:
+        """Whether the held model is this state's base at ``version`` and ``precision``."""
+        return (
+            self.model is not None
+            and self.directory == directory
+            and self.version == version == state.version
+            and self.precision == precision == state.precision
+            and self.held == state.held
+        )
+
+
 def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:
     """This node's state directory for the run."""
     return state_dir(default_cache_dir(task.config.cache_dir), run_id, node_id)
@@ -191,6 +221,7 @@ def node_base(
     end: int,
     precision: str,
     held: Mapping[str, torch.Tensor] | None = None,
+    warm: WarmBase | None = None,
 ) -> tuple[PreTrainedModel, NodeState]:
     """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
 
@@ -203,6 +234,9 @@ def node_base(
 
     ``held``: the products s·B·A the node's own continued adapters hold, left out of its base (W0 + ΣΔW − s·B·A;
     :mod:`fedpipe_core.round_start`); a module held now or last round is re-quantized.
+
+    ``warm``: the model a worker kept from this node's last round; when it is that state's base, only the weights this
+    round changes are read and rebuilt in it (the same layers a fresh build gives), instead of the whole model.
     """
     held = dict(held or {})
     state = load_state(directory)
@@ -210,6 +244,7 @@ def node_base(
         state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
     if state.version != start:
         raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
+    reuse = warm is not None and warm.serves(directory, start, precision, state)
     increment = decode_delta(payload, task.shapes)
     state.add(increment, end, payload)
     had_base = bool(state.base)
@@ -232,10 +267,15 @@ def node_base(
         bias = read("bias").float() if getattr(module, "bias", None) is not None else None
         return stored_linear(state.base[name], bias)
 
-    model = stream_model(task.checkpoint, block_layer)
-    blocks = {name for name, _ in block_linears(model)}  # stored layers are nn.Linear too
-    outside = {m: state.delta.get(m, 0.0) - held.get(m, 0.0) for m in set(state.delta) | set(held) if m not in blocks}
-    merge_delta(model, {m: d for m, d in outside.items() if isinstance(d, torch.Tensor)})
+    touched = set(increment) | set(held) | set(state.held)
+    if reuse and all(m in dict(block_linears(warm.model)) for m in touched):
+        model = warm.model
+        rebuild_layers(task.checkpoint, model, sorted(touched), block_layer)
+    else:
+        model = stream_model(task.checkpoint, block_layer)
+        blocks = {name for name, _ in block_linears(model)}  # stored layers are nn.Linear too
+        outside = {m: state.delta.get(m, 0.0) - held.get(m, 0.0) for m in set(state.delta) | set(held) if m not in blocks}
+        merge_delta(model, {m: d for m, d in outside.items() if isinstance(d, torch.Tensor)})
     state.held = sorted(held)
     state.precision = precision
     save_state(directory, state, delta=bool(increment) or start == 0, base=bool(requantized) or (had_base and not state.base))
