@@ -8,15 +8,23 @@ node has merged must outlive the process:
   sent it: one file per message under ``increments/`` (factors, or dense where smaller), so the bytes
   a message writes scale with the adapters, not with the model; when the increments outweigh the
   dense ΔW they are folded into one dense FP32 ``delta.safetensors`` (exact, nothing cut);
-- ``base``: its frozen block weights W0 + ΔW held at ``precision`` (NF4/NF8 codes and block
-  scales, or FP16), so a round re-quantizes only the weights a new ΔW touched (eqs 11-12)
-  instead of the whole base; empty for an FP32 base, which is W0 + ``delta`` exactly;
+- ``base``: the block weights W0 quantized at ``precision`` (NF4/NF8 codes and block scales, or
+  FP16), written once per precision: a weight no ΔW has reached is taken from it without reading W0,
+  and a weight with a ΔW (or held adapters) is quantized from W0 + ΣΔW when the base is built
+  (eqs 11-12), never written, so a message writes bytes that scale with the adapters, not with the
+  model; empty for an FP32 base, which is W0 + ``delta`` exactly;
 - ``importance``: the EMA sensitivity and uncertainty per weight (eqs 5-6), carried across rounds.
+
+Every tensor file is listed in ``meta.json`` with its SHA-256; a file that fails it (truncated, corrupted,
+missing) makes :func:`load_state` raise :class:`StateCorrupt`, and the node is rebuilt from the server's whole ΔW
+history instead of training on it (:func:`node_base`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -26,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -58,6 +67,8 @@ class NodeState:
     """``delta.safetensors`` holds the sum of the increments folded so far."""
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)
     """This message's ΔW rounds as the server sent them (``<module>::A|B|dW``): what :func:`save_state` appends."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """SHA-256 of every tensor file of the state, by its path under the state's directory."""
 
     def add(self, increment: dict[str, torch.Tensor], version: int, sent: Mapping[str, np.ndarray] | None = None) -> None:
         """Accumulate one increment (``sent``: as it came, for the disk) and advance the version."""
@@ -90,29 +101,64 @@ INCREMENTS = "increments"
 COMPACTED = "delta.safetensors"
 
 
+class StateCorrupt(RuntimeError):
+    """A file of the node's saved state is missing, truncated or fails its checksum."""
+
+
+BASE = "base.safetensors"
+BASE_OF = "w0"
+"""What ``base.safetensors`` holds: Q(W0) (a state from before kept Q(W0 + ΣΔW) there and is rebuilt)."""
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read(directory: Path, name: str, checksums: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """A tensor file of the state, checked against its recorded SHA-256 (when the state records one)."""
+    path = directory / name
+    try:
+        if name in checksums and _digest(path) != checksums[name]:
+            raise StateCorrupt(f"node state {path}: fails its SHA-256 checksum (corrupted or truncated)")
+        return load_file(path)
+    except (OSError, ValueError) as exc:  # missing, or not a whole safetensors file
+        raise StateCorrupt(f"node state {path}: cannot be read ({exc})") from None
+    except Exception as exc:  # safetensors' own error type for a malformed header
+        if type(exc).__name__ == "SafetensorError":
+            raise StateCorrupt(f"node state {path}: not a safetensors file ({exc})") from None
+        raise
+
+
 def load_state(directory: Path) -> NodeState:
-    """The saved state, or an empty one (version 0) if none was saved."""
+    """The saved state, or an empty one (version 0) if none was saved; StateCorrupt when a file of it is damaged."""
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         return NodeState()
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        version = int(meta["version"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateCorrupt(f"node state {meta_path}: unreadable metadata ({exc})") from None
+    checksums = dict(meta.get("checksums", {}))
     compacted = bool(meta.get("compacted", "increments" not in meta))  # a state from before the increments: dense
-    state = NodeState(int(meta["version"]), compacted=compacted, increments=list(meta.get("increments", [])))
+    state = NodeState(version, compacted=compacted, increments=list(meta.get("increments", [])), checksums=checksums)
     if compacted and (directory / COMPACTED).is_file():
-        state.delta = load_file(directory / COMPACTED)
+        state.delta = _read(directory, COMPACTED, checksums)
     for name in state.increments:
-        for module, d in stored_delta(load_file(directory / INCREMENTS / name)).items():
+        for module, d in stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)).items():
             state.delta[module] = state.delta[module] + d if module in state.delta else d
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     state.held = list(meta.get("held", []))
-    base_path = directory / "base.safetensors"
-    if meta.get("base") and base_path.is_file():
+    if meta.get("base_of") == BASE_OF and (directory / BASE).is_file():
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(base_path).items():
+        for key, value in _read(directory, BASE, checksums).items():
             name, _, part = key.rpartition(SEP)
             parts.setdefault(name, {})[part] = value
+        with safe_open(directory / BASE, framework="pt") as handle:
+            shapes = json.loads((handle.metadata() or {}).get("shapes", "{}"))
         state.precision = str(meta["precision"])
-        for name, shape in meta["base"].items():
+        for name, shape in shapes.items():
             state.base[name] = QuantizedWeight.from_tensors(state.precision, tuple(shape), parts[name])
     return state
 
@@ -123,19 +169,28 @@ def _replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _write_tensors(
+    directory: Path, name: str, tensors: dict[str, torch.Tensor], state: NodeState, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a tensor file of the state atomically and record its SHA-256 (the metadata written after vouches for it)."""
+    path = directory / name
+    _replace(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    state.checksums[name] = _digest(path)
+
+
 def _save_delta(directory: Path, state: NodeState) -> None:
     """Append this message's increment; fold every increment into the dense file once they outweigh it."""
     log = directory / INCREMENTS
     if state.fresh:
         log.mkdir(exist_ok=True)
         name = f"{state.version:06d}-{uuid.uuid4().hex[:8]}.safetensors"  # never the name of a file the old meta vouches for
-        _replace(log / name, lambda p: save_file(state.fresh, str(p)))
+        _write_tensors(directory, f"{INCREMENTS}/{name}", state.fresh, state)
         state.increments.append(name)
         state.fresh = {}
     logged = sum((log / name).stat().st_size for name in state.increments)
     dense = sum(d.numel() * d.element_size() for d in state.delta.values())
     if state.increments and logged > dense:
-        _replace(directory / COMPACTED, lambda p: save_file({k: v.contiguous() for k, v in state.delta.items()}, str(p)))
+        _write_tensors(directory, COMPACTED, {k: v.contiguous() for k, v in state.delta.items()}, state)
         state.increments, state.compacted = [], True
 
 
@@ -157,13 +212,17 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
     directory.mkdir(parents=True, exist_ok=True)
     if delta:
         _save_delta(directory, state)
-    if base or not (directory / "base.safetensors").is_file():
+    if base or not (directory / BASE).is_file():
         flat = {f"{name}{SEP}{part}": t.contiguous() for name, q in state.base.items() for part, t in q.tensors().items()}
-        _replace(directory / "base.safetensors", lambda p: save_file(flat, str(p)))
+        shapes = json.dumps({name: list(q.shape) for name, q in state.base.items()})
+        _write_tensors(directory, BASE, flat, state, {"shapes": shapes})  # written once per precision, with its shapes
+    named = {BASE, *(f"{INCREMENTS}/{n}" for n in state.increments), *([COMPACTED] if state.compacted else [])}
+    state.checksums = {k: v for k, v in state.checksums.items() if k in named}
     meta = {
         "version": state.version,
         "precision": state.precision,
-        "base": {name: list(q.shape) for name, q in state.base.items()},
+        "base_of": BASE_OF,
+        "checksums": state.checksums,
         "importance": {m: list(v) for m, v in state.importance.items()},
         "held": state.held,
         "increments": state.increments,
@@ -227,30 +286,42 @@ def node_base(
 
     Merges the server's ΔW rounds ``start+1..end`` into the state saved on the node's disk. The
     model is streamed weight by weight from the checkpoint (:mod:`.loading`), never whole at FP32.
-    The quantized block weights are saved too, so at an unchanged precision only the weights this
-    round's ΔW touches are read and re-quantized; at a new precision the whole base is. A weight
-    is held as Q(W0 + ΣΔW) rather than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW
-    smaller than a quantization step, so a node's base would stop following the global model.
+    Q(W0) of every block weight is saved once per precision, so a weight no ΔW has reached is taken
+    from it without reading W0; a weight with a ΔW is read and quantized as Q(W0 + ΣΔW) and not
+    saved (a message writes its increment, not the model). A weight is held as Q(W0 + ΣΔW) rather
+    than Q(deQ(W_t) + ΔW_t): the iterated form drops every ΔW smaller than a quantization step, so a
+    node's base would stop following the global model.
 
     ``held``: the products s·B·A the node's own continued adapters hold, left out of its base (W0 + ΣΔW − s·B·A;
-    :mod:`fedpipe_core.round_start`); a module held now or last round is re-quantized.
+    :mod:`fedpipe_core.round_start`).
+
+    A damaged saved state (:class:`StateCorrupt`) is never trained on: with ``start = 0`` (the server's whole ΔW
+    history) the node starts over from it, otherwise the error goes back in the reply, and the server answers a failed
+    node with its whole history next time.
 
     ``warm``: the model a worker kept from this node's last round; when it is that state's base, only the weights this
     round changes are read and rebuilt in it (the same layers a fresh build gives), instead of the whole model.
     """
     held = dict(held or {})
-    state = load_state(directory)
+    try:
+        state = load_state(directory)
+    except StateCorrupt as exc:
+        if start != 0:
+            raise  # the reply is an error: the server sends the whole ΔW history with the next message
+        logging.getLogger(__name__).warning("%s; rebuilding it from the server's whole ΔW history", exc)
+        state = NodeState()
     if start == 0 and (state.version or state.delta):
         state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
     if state.version != start:
         raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
     reuse = warm is not None and warm.serves(directory, start, precision, state)
     increment = decode_delta(payload, task.shapes)
+    touched = set(increment) | set(held) | set(state.held)  # the weights this message changes
     state.add(increment, end, payload)
     had_base = bool(state.base)
     if state.precision != precision or precision == "fp32":
         state.base = {}
-    requantized: list[str] = []
+    cached: list[str] = []
 
     def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
         """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
@@ -261,13 +332,16 @@ def node_base(
     def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
         if precision == "fp32":
             return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
-        if name not in state.base or name in increment or name in held or name in state.held:
-            state.base[name] = quantize(merged(name, module, read), precision)
-            requantized.append(name)
+        if name in state.delta or name in held:
+            stored = quantize(merged(name, module, read), precision)  # Q(W0 + ΣΔW − held): rebuilt, never written
+        else:
+            if name not in state.base:
+                state.base[name] = quantize(oriented(module, read("weight").float()), precision)
+                cached.append(name)
+            stored = state.base[name]  # Q(W0), W0 not read
         bias = read("bias").float() if getattr(module, "bias", None) is not None else None
-        return stored_linear(state.base[name], bias)
+        return stored_linear(stored, bias)
 
-    touched = set(increment) | set(held) | set(state.held)
     if reuse and all(m in dict(block_linears(warm.model)) for m in touched):
         model = warm.model
         rebuild_layers(task.checkpoint, model, sorted(touched), block_layer)
@@ -278,7 +352,7 @@ def node_base(
         merge_delta(model, {m: d for m, d in outside.items() if isinstance(d, torch.Tensor)})
     state.held = sorted(held)
     state.precision = precision
-    save_state(directory, state, delta=bool(increment) or start == 0, base=bool(requantized) or (had_base and not state.base))
+    save_state(directory, state, delta=bool(increment) or start == 0, base=bool(cached) or (had_base and not state.base))
     return model, state
 
 

@@ -13,7 +13,15 @@ from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import CACHE_MARKER, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
 from fedpipe_core.qlinear import effective_weight, stored_bytes
 from fedpipe_core.quantize import quantize
-from fedpipe_core.state import NodeState, StateMismatch, load_state, node_base, save_importance, save_state
+from fedpipe_core.state import (
+    NodeState,
+    StateCorrupt,
+    StateMismatch,
+    load_state,
+    node_base,
+    save_importance,
+    save_state,
+)
 from fedpipe_core.structure import block_linears
 
 
@@ -109,7 +117,7 @@ def test_node_state_folds_its_increments_into_one_dense_file_once_they_outweigh_
     assert loaded.compacted and (tmp_path / "delta.safetensors").is_file() and loaded.version == 8
 
 
-def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches(task, tmp_path):
+def test_node_keeps_q_w0_once_and_quantizes_only_what_a_delta_touches_from_w0(task, tmp_path):
     name, other = task.targets[0], task.targets[1]
     out, fan_in = task.shapes[name]
     g = torch.Generator().manual_seed(1)
@@ -120,17 +128,19 @@ def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches
     q0 = quantize(w0, "nf4").dequantize()
     torch.testing.assert_close(_weight(model, name), q0)
     stored_before = {m: q.data.clone() for m, q in load_state(tmp_path).base.items()}
+    base_file = (tmp_path / "base.safetensors").stat()
 
     model, state = node_base(task, tmp_path, encode_delta({name: inc}), 0, 1, "nf4")
     saved = load_state(tmp_path)
     assert saved.version == 1 and saved.precision == "nf4"
-    # eqs 11-12: the touched weight is Q(W0 + ΣΔW), every other stored code is unchanged
+    # eqs 11-12: the touched weight is Q(W0 + ΣΔW); the saved Q(W0) of every weight is kept as it was, not rewritten
     expected = quantize(w0 + to_dense(inc), "nf4").dequantize()
     torch.testing.assert_close(_weight(model, name), expected)
-    torch.testing.assert_close(saved.base[name].dequantize(), expected)
-    assert not torch.equal(saved.base[name].data, stored_before[name])
-    assert all(torch.equal(saved.base[m].data, stored_before[m]) for m in saved.base if m != name)
-    torch.testing.assert_close(_weight(model, other), load_state(tmp_path).base[other].dequantize())
+    assert all(torch.equal(saved.base[m].data, stored_before[m]) for m in saved.base)
+    assert (tmp_path / "base.safetensors").stat().st_mtime_ns == base_file.st_mtime_ns
+    torch.testing.assert_close(_weight(model, other), saved.base[other].dequantize())
+    model, _ = node_base(task, tmp_path, {}, 1, 1, "nf4")  # the next message rebuilds Q(W0 + ΣΔW) from the state
+    torch.testing.assert_close(_weight(model, name), expected)
 
     assert type(model.get_submodule(name)).__name__ == "Linear4bit"  # really stored at 4 bits, not held in FP32
     nf4_bytes = stored_bytes(model)
@@ -146,6 +156,76 @@ def test_node_keeps_its_quantized_base_and_requantizes_only_what_a_delta_touches
     assert stored_bytes(model) > nf8_bytes
     torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc))
     assert not load_state(tmp_path).base
+
+
+def _written(directory, before):
+    """Bytes of the files under ``directory`` that are new or changed since the snapshot ``before``."""
+    now = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+    return sum(size for p, (size, mtime) in now.items() if before.get(p) != (size, mtime))
+
+
+def _snapshot(directory):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("precision", ["nf4", "fp32"])
+def test_state_bytes_a_message_writes_do_not_grow_with_the_model(tmp_path, precision):
+    from transformers import LlamaConfig
+
+    from fedpipe_core.config import RunConfig
+    from fedpipe_core.task import load_task
+    from fedpipe_tools.checkpoints import builtin_vocab_size, write_random_checkpoint
+
+    written, model_bytes = {}, {}
+    for layers in (2, 6):  # the same adapted weight in both; the second model is three times the first's blocks
+        config = LlamaConfig(
+            num_hidden_layers=layers,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=builtin_vocab_size(),
+        )
+        checkpoint = write_random_checkpoint(tmp_path / f"llama{layers}", config)
+        task = load_task(RunConfig(model=str(checkpoint), cache_dir=str(tmp_path / "cache")))
+        module = "model.layers.0.self_attn.q_proj"
+        directory = tmp_path / f"state{layers}"
+        node_base(task, directory, {}, 0, 0, precision)
+        g = torch.Generator().manual_seed(0)
+        per_message = []
+        for version in (1, 2, 3):
+            before = _snapshot(directory)
+            inc = (0.01 * torch.randn(4, 128, generator=g), 0.01 * torch.randn(128, 4, generator=g))
+            model, _ = node_base(task, directory, encode_delta({module: inc}), version - 1, version, precision)
+            per_message.append(_written(directory, before))
+        written[layers] = per_message
+        model_bytes[layers] = sum(p.numel() * 4 for p in model.parameters())
+    assert written[2] == written[6]  # the increment and the metadata: the same bytes, whatever the model's size
+    assert max(written[6]) < 0.01 * model_bytes[6]
+
+
+def test_a_damaged_state_file_is_detected_and_rebuilt_from_the_whole_history(task, tmp_path):
+    name = task.targets[0]
+    out, fan_in = task.shapes[name]
+    g = torch.Generator().manual_seed(2)
+    inc = (0.1 * torch.randn(2, fan_in, generator=g), 0.1 * torch.randn(out, 2, generator=g))
+    node_base(task, tmp_path, {}, 0, 0, "nf8")
+    good, _ = node_base(task, tmp_path, encode_delta({name: inc}), 0, 1, "nf8")
+    (increment,) = (tmp_path / "increments").glob("*.safetensors")
+    data = bytearray(increment.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside a tensor: still a readable file, but not the one written
+    increment.write_bytes(bytes(data))
+    with pytest.raises(StateCorrupt, match="fails its SHA-256 checksum"):
+        load_state(tmp_path)
+    with pytest.raises(StateCorrupt):  # the server sends round 2's ΔW: the node refuses to train on a damaged state
+        node_base(task, tmp_path, {}, 1, 1, "nf8")
+    (tmp_path / "base.safetensors").write_bytes((tmp_path / "base.safetensors").read_bytes()[:1000])  # truncated too
+    rebuilt, state = node_base(task, tmp_path, encode_delta({name: inc}), 0, 1, "nf8")  # the whole history, start = 0
+    assert state.version == 1 and load_state(tmp_path).version == 1
+    torch.testing.assert_close(_weight(rebuilt, name), _weight(good, name))
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(StateCorrupt, match="unreadable metadata"):
+        load_state(tmp_path)
 
 
 def test_importance_history_survives_between_messages(task, tmp_path):
