@@ -43,7 +43,7 @@ from fedpipe_core.round_start import (
     save_adapters,
     shared_a,
 )
-from fedpipe_core.state import WarmBase, node_base, node_state_dir, save_importance
+from fedpipe_core.state import WarmBase, bytes_written, files_on_disk, node_base, node_state_dir, save_importance
 from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
 from fedpipe_flower.messages import Arrays, final_reply, read_final, read_instruction, train_reply
 
@@ -80,6 +80,7 @@ def _adapters_round(
     seeds: RoundSeeds,
     dp: DpSgd | None,
     warm: WarmBase | None = None,
+    phases: dict[str, float] | None = None,
 ) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds; its own adapters continued, or fresh ones with ``round-start = restart``;
     eqs 11-12, :mod:`fedpipe_core.round_start`) and ``factors`` (start from the sent A, B)."""
@@ -98,7 +99,10 @@ def _adapters_round(
         before = fitted(saved, order.ranks)
         start_factors = before
     held = products(before, adapter_scaling(task.config))
+    built = time.perf_counter()
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm)
+    if phases is not None:
+        phases["base-s"] = time.perf_counter() - built
     out = run_client_round(
         task,
         device=_device(context),
@@ -140,6 +144,7 @@ def _full_round(
     seeds: RoundSeeds,
     dp: DpSgd | None,
     warm: WarmBase | None = None,
+    phases: dict[str, float] | None = None,
 ) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW (built each message: a warm worker keeps
     no full fine-tuning base)."""
@@ -217,9 +222,13 @@ def train_round(
     process took to get there; ``setup-s`` is what this handler spent besides local training. ``warm``: the base a
     long-lived worker holds for this node between messages (:class:`~fedpipe_core.state.WarmBase`).
     """
+    loaded = time.perf_counter()  # since ``entered``: the training stack's import (none in a warm worker)
     task = load_task(RunConfig.from_mapping(site.run_config))
     partition_id, _ = _partition(site)
     data = node_data(task, site)
+    phases = {"import-s": loaded - entered, "data-s": time.perf_counter() - loaded}
+    directory = node_state_dir(task, site.run_id, site.node_id)
+    on_disk = files_on_disk(directory)
     unknown = sorted(set(order.ranks) - set(task.shapes))
     if unknown:
         raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
@@ -229,11 +238,12 @@ def train_round(
         dp = private_round(task, ledger, order, data, seeds.data)
     except (PrivacyRefusal, PrivacyBudgetSpent) as refusal:
         raise RoundRefused(str(refusal)) from refusal
-    out, version = ROUTINES[order.mode](task, site, order, payload, data, seeds, dp, warm)
+    out, version = ROUTINES[order.mode](task, site, order, payload, data, seeds, dp, warm, phases)
     spent = None
     if ledger is not None and dp is not None:
         spent = ledger.record(dp.rate, out.result.steps)
-        ledger.save(node_state_dir(task, site.run_id, site.node_id))
+        ledger.save(directory)
+    phases["state-bytes"] = float(bytes_written(directory, on_disk))
     report = TrainReply(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,
@@ -250,6 +260,7 @@ def train_round(
         eval_examples=len(validation_share(task, data)) if out.start_eval else 0,
         weight_norms=out.weight_norms,
         epsilon_spent=spent,
+        phases=phases,
     )
     return out.arrays, report
 

@@ -40,6 +40,8 @@ adapters (``fedpipe``, eqs 11-12); or fine-tune whole weights (``ft``)."""
 
 IMPORTANCE_PREFIX = "importance::"
 WEIGHT_NORM_PREFIX = "weight-norm::"
+PHASE_PREFIX = "phase::"
+"""Reply metrics of where a TRAIN handler's time and disk went (:attr:`TrainReply.phases`)."""
 MODELS = ("federated", "base", "local_only")
 """The models a site scores after the last round: the final global one, the untrained base, and its own
 model fine-tuned alone (``eval.local-baseline``)."""
@@ -158,6 +160,9 @@ class TrainReply:
     """‖W‖_F of each trained weight as the node holds it: the scale a server without weights judges updates by."""
     epsilon_spent: float | None = None
     """With DP-SGD at the site: its ε spent in this run so far, this round included."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Where the handler's time and the node's disk went: ``import-s`` (the training stack), ``data-s`` (task and data),
+    ``base-s`` (the base built or updated), ``state-bytes`` (bytes of the node's state written by this message)."""
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps}
@@ -183,6 +188,7 @@ class TrainReply:
         ):
             if value is not None:
                 out[key] = value
+        out |= {f"{PHASE_PREFIX}{k}": v for k, v in self.phases.items()}
         return out | {f"{IMPORTANCE_PREFIX}{m}": v for m, v in self.importance.items()}
 
     @classmethod
@@ -233,6 +239,7 @@ class TrainReply:
             eval_examples=evaluation[1] if evaluation else 0,
             weight_norms=norms,
             epsilon_spent=float(values["epsilon-spent"]) if "epsilon-spent" in values else None,
+            phases={k: v for k, v in _prefixed(values, PHASE_PREFIX).items() if v >= 0},
         )
 
     def timing(self) -> dict[str, float] | None:

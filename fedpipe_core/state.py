@@ -263,6 +263,18 @@ class WarmBase:
         )
 
 
+def files_on_disk(directory: Path) -> dict[Path, tuple[int, int]]:
+    """(size, modification time) of every file under ``directory`` (none when it does not exist)."""
+    if not directory.is_dir():
+        return {}
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+def bytes_written(directory: Path, before: dict[Path, tuple[int, int]]) -> int:
+    """Bytes of the files under ``directory`` that are new or changed since ``before`` (:func:`files_on_disk`)."""
+    return sum(size for p, (size, mtime) in files_on_disk(directory).items() if before.get(p) != (size, mtime))
+
+
 def node_state_dir(task: Task, run_id: int, node_id: int) -> Path:
     """This node's state directory for the run."""
     return state_dir(default_cache_dir(task.config.cache_dir), run_id, node_id)

@@ -69,6 +69,8 @@ class RoundStats:
     sim_time_s: float = 0.0
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
     timing: dict[int, dict[str, float]] = field(default_factory=dict)
+    phases: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Each node's reported handler phases (:attr:`~fedpipe_core.protocol.TrainReply.phases`)."""
     """Per node: seconds of local training and of the node's own overhead around it (setup, process start)."""
     memory: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per node: the cost model's predicted peak and, once it replied, the measured peak and the model's bytes."""
@@ -100,6 +102,8 @@ class RoundStats:
         out = {"client_query_s": sum(self.query_s.values()) / len(self.query_s)} if self.query_s else {}
         if self.replied_s:
             out |= {"server_plan_s": self.sent_s - self.started_s, "exchange_s": self.replied_s - self.sent_s}
+        if self.phases:  # per node: its reported phases and timing
+            out["client_phases"] = {str(n): {**self.timing.get(n, {}), **p} for n, p in sorted(self.phases.items())}
         if not self.timing:
             return out
         keys = ("train-s", "setup-s", "startup-s")
@@ -226,6 +230,8 @@ class FlowerAdapter(FlowerStrategy):
             timing = report.timing()
             if timing is not None:
                 stats.timing[node_id] = timing
+            if report.phases:
+                stats.phases[node_id] = report.phases
             if report.peak_bytes is not None and report.model_bytes is not None:
                 stats.memory[node_id] |= {"measured_peak_bytes": report.peak_bytes, "model_bytes": report.model_bytes}
             self.strategy.observe_profile(node_id, report.profile)

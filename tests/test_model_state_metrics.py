@@ -17,6 +17,8 @@ from fedpipe_core.state import (
     NodeState,
     StateCorrupt,
     StateMismatch,
+    bytes_written,
+    files_on_disk,
     load_state,
     node_base,
     save_importance,
@@ -158,16 +160,6 @@ def test_node_keeps_q_w0_once_and_quantizes_only_what_a_delta_touches_from_w0(ta
     assert not load_state(tmp_path).base
 
 
-def _written(directory, before):
-    """Bytes of the files under ``directory`` that are new or changed since the snapshot ``before``."""
-    now = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
-    return sum(size for p, (size, mtime) in now.items() if before.get(p) != (size, mtime))
-
-
-def _snapshot(directory):
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
-
-
 @pytest.mark.parametrize("precision", ["nf4", "fp32"])
 def test_state_bytes_a_message_writes_do_not_grow_with_the_model(tmp_path, precision):
     from transformers import LlamaConfig
@@ -194,10 +186,10 @@ def test_state_bytes_a_message_writes_do_not_grow_with_the_model(tmp_path, preci
         g = torch.Generator().manual_seed(0)
         per_message = []
         for version in (1, 2, 3):
-            before = _snapshot(directory)
+            before = files_on_disk(directory)
             inc = (0.01 * torch.randn(4, 128, generator=g), 0.01 * torch.randn(128, 4, generator=g))
             model, _ = node_base(task, directory, encode_delta({module: inc}), version - 1, version, precision)
-            per_message.append(_written(directory, before))
+            per_message.append(bytes_written(directory, before))
         written[layers] = per_message
         model_bytes[layers] = sum(p.numel() * 4 for p in model.parameters())
     assert written[2] == written[6]  # the increment and the metadata: the same bytes, whatever the model's size

@@ -1,0 +1,162 @@
+"""Scale benchmark: what a node's message costs besides training, on a real deployment, with and without a warm worker.
+
+A local deployment on 127.0.0.1 (``scripts/local_deployment.py``, plain HTTP): 2 SuperNodes × ``--rounds`` rounds of
+FedPipe on ``--model`` (default: the ~1.1B random LLaMA the memory benchmark writes, TinyLlama-1.1B's architecture),
+run twice: ``in-process`` (Flower's fresh ClientApp process trains each message) and ``worker`` (each node's TRAIN
+messages go to its own ``fedpipe-node-worker`` over a Unix socket, node config ``worker-socket``). Per message it
+prints the node's process start-up, the training stack's import, data (task and data), base (built, or updated in the
+worker), training, the rest of the handler (adapters, reply encoding, state writes) in seconds, and the bytes of node
+state the message wrote.
+
+Targets, fixed before the runs: with the worker, (start-up + setup) ÷ training ≤ 0.10 over the run's messages; in both
+modes the state bytes a message writes ≤ 1% of the model's bytes (the first message of a quantized node also writes
+Q(W0) once; it is shown apart). The last line is one JSON object ``{mode: {"overhead_ratio", "state_bytes_per_message",
+"first_message_state_bytes", "model_bytes", "train_s", "eval_loss"}}``.
+
+    python benchmarks/scale.py [--model tinyllama-1.1b] [--rounds 3] [--steps 2] [--workdir /tmp/fedpipe-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from local_deployment import Deployment, run_app  # noqa: E402
+
+TARGETS = {"worker_overhead_ratio": 0.10, "state_bytes_share": 0.01}
+MODES = ("in-process", "worker")
+
+
+def checkpoint(model: str) -> str:
+    """The run config's ``model.name``: a random LLaMA written once (``tinyllama-1.1b``, or ``tiny`` for tests)."""
+    from transformers import LlamaConfig
+
+    from fedpipe_core.model import default_cache_dir
+    from fedpipe_tools.checkpoints import TINYLLAMA_1B, builtin_vocab_size, write_random_checkpoint
+
+    shapes = {
+        "tinyllama-1.1b": TINYLLAMA_1B,
+        "tiny": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+        },
+    }
+    if model not in shapes:
+        raise SystemExit(f"--model {model!r}: one of {', '.join(shapes)}")
+    target = default_cache_dir() / "models" / f"{model}-random"
+    return str(write_random_checkpoint(target, LlamaConfig(vocab_size=builtin_vocab_size(), **shapes[model])))
+
+
+def run_mode(mode: str, workdir: Path, model: str, rounds: int, steps: int, memory_gb: float, timeout_s: float) -> Path:
+    """One deployment in ``mode``; the run's directory."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    deployment = Deployment(workdir, tls=False)
+    runs = workdir / "runs"
+    try:
+        deployment.start_superlink()
+        for index in range(2):
+            config = f'partition-id={index} num-partitions=2 memory-gb={memory_gb:g} tflops={9 + 8 * index} device="cpu"'
+            if mode == "worker":
+                sock = workdir / f"worker-{index}.sock"
+                deployment.start(f"worker-{index}", ["fedpipe-node-worker", "--socket", str(sock), "--device", "cpu"])
+                _wait_for(sock, 300.0)
+                config += f' worker-socket="{sock}"'
+            deployment.join(index, config)
+        run_config = (
+            f'num-server-rounds={rounds} output-dir="{runs}" strategy.min-train-nodes=2 model.name="{model}" '
+            f"train.local-steps={steps} train.batch-size=1 fedpipe.batch-min=1 train.max-seq-len=64 eval.examples=4 "
+            "eval.test-groups=1 "
+            "eval.max-new-tokens=4 eval.base-generation=false"
+        )
+        done = run_app(deployment, run_config, timeout_s)
+    finally:
+        deployment.stop()
+    summaries = sorted(runs.glob("*/summary.json"))
+    if done.returncode != 0 or not summaries:
+        raise RuntimeError(f"{mode}: the run failed\n{(done.stdout + done.stderr)[-3000:]}")
+    return summaries[-1].parent
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"no worker socket at {path} after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def messages(run: Path) -> list[dict[str, float]]:
+    """Every TRAIN message of the run: round, node and its reported phases and timing."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out = []
+    for row in rows:
+        for node, phases in sorted(row.get("client_phases", {}).items()):
+            out.append({"round": row["round"], "node": node, **phases})
+    return out
+
+
+def summarise(run: Path) -> dict[str, float]:
+    """The mode's figures from its run (see the module's last-line JSON)."""
+    found = messages(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = {m["node"]: m for m in sorted(found, key=lambda m: m["round"], reverse=True)}  # each node's first message
+    later = [m["state-bytes"] for m in found if m not in first.values()]
+    model_bytes = max(int(v.get("model_bytes", 0)) for row in rows for v in row.get("node_memory", {}).values())
+    train = sum(m["train-s"] for m in found)
+    return {
+        "overhead_ratio": sum(m["startup-s"] + m["setup-s"] for m in found) / train,
+        "state_bytes_per_message": statistics.fmean(later) if later else 0.0,
+        "first_message_state_bytes": max(m["state-bytes"] for m in first.values()),
+        "model_bytes": model_bytes,
+        "train_s": train,
+        "eval_loss": rows[-1]["eval_loss"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tinyllama-1.1b", help="tinyllama-1.1b (random weights, written once) or tiny")
+    parser.add_argument("--rounds", type=int, default=3, help="server rounds per mode")
+    parser.add_argument("--steps", type=int, default=2, help="local steps per round (batch 1, sequence 64)")
+    parser.add_argument("--memory-gb", type=float, default=3.0, help="each node's declared memory (its plan's precision)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedpipe-scale"), help="where the deployments run")
+    parser.add_argument("--timeout-s", type=float, default=5400.0, help="limit per mode")
+    args = parser.parse_args(argv)
+    model = checkpoint(args.model)
+    results = {}
+    for mode in MODES:
+        run = run_mode(mode, args.workdir / mode, model, args.rounds, args.steps, args.memory_gb, args.timeout_s)
+        print(f"{mode}: {run}")
+        print("  round node  start-up s  import s  data s  base s  train s  rest s  state bytes")
+        for m in messages(run):
+            rest = m["setup-s"] - m.get("import-s", 0.0) - m.get("data-s", 0.0) - m.get("base-s", 0.0)
+            print(
+                f"  {m['round']:5d} {m['node'][-4:]:>4}  {m['startup-s']:10.2f}  {m.get('import-s', 0.0):8.2f}  "
+                f"{m.get('data-s', 0.0):6.2f}  "
+                f"{m.get('base-s', 0.0):6.2f}  {m['train-s']:7.2f}  {rest:6.2f}  {int(m.get('state-bytes', 0)):11d}"
+            )
+        results[mode] = summarise(run)
+        share = results[mode]["state_bytes_per_message"] / results[mode]["model_bytes"]
+        print(
+            f"  (start-up + setup) / training = {results[mode]['overhead_ratio']:.3f}; state bytes per message after the "
+            f"first = {share:.2e} of the model's {results[mode]['model_bytes'] / 1e9:.2f} GB "
+            f"(target ≤ {TARGETS['state_bytes_share']:g}: ratio {share / TARGETS['state_bytes_share']:.2f})"
+        )
+    ratio = results["worker"]["overhead_ratio"] / TARGETS["worker_overhead_ratio"]
+    print(f"worker overhead ratio ÷ target {TARGETS['worker_overhead_ratio']:g}: {ratio:.2f}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
