@@ -1,0 +1,33 @@
+"""benchmarks/scale.py at tiny size: a real deployment in both modes, the same numbers, adapter-sized state writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.deployment
+def test_the_scale_benchmark_runs_both_modes_with_the_same_numbers_and_a_warm_worker(tmp_path, capsys):
+    scale = _scale()
+    assert scale.main(["--model", "tiny", "--rounds", "2", "--steps", "1", "--workdir", str(tmp_path), "--timeout-s", "900"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(results) == {"in-process", "worker"}
+    assert results["worker"]["eval_loss"] == results["in-process"]["eval_loss"]  # the worker trains the same rounds
+    for mode in results.values():
+        assert 0 < mode["state_bytes_per_message"] <= 0.01 * mode["model_bytes"]
+    runs = {mode: next((tmp_path / mode / "runs").glob("*/summary.json")).parent for mode in results}
+    imports = {mode: [m["import-s"] for m in scale.messages(run)] for mode, run in runs.items()}
+    assert len(imports["worker"]) == len(imports["in-process"]) == 4  # 2 nodes × 2 rounds, each message's phases
+    assert max(imports["worker"]) < 0.5 < min(imports["in-process"])  # the worker imported torch once, before any job
