@@ -40,7 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedpipe_core.codec import SEP, decode_delta, stored_delta
-from fedpipe_core.loading import Reader, load_linear, rebuild_layers, stream_model
+from fedpipe_core.loading import BlockLayer, Reader, load_linear, rebuild_layers, stream_model
 from fedpipe_core.lora import merge_delta
 from fedpipe_core.model import default_cache_dir
 from fedpipe_core.qlinear import stored_linear
@@ -315,45 +315,16 @@ def node_base(
     round changes are read and rebuilt in it (the same layers a fresh build gives), instead of the whole model.
     """
     held = dict(held or {})
-    try:
-        state = load_state(directory)
-    except StateCorrupt as exc:
-        if start != 0:
-            raise  # the reply is an error: the server sends the whole ΔW history with the next message
-        logging.getLogger(__name__).warning("%s; rebuilding it from the server's whole ΔW history", exc)
-        state = NodeState()
-    if start == 0 and (state.version or state.delta):
-        state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
-    if state.version != start:
-        raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
+    state = resume_state(directory, start)
     reuse = warm is not None and warm.serves(directory, start, precision, state)
     increment = decode_delta(payload, task.shapes)
     touched = set(increment) | set(held) | set(state.held)  # the weights this message changes
     state.add(increment, end, payload)
     had_base = bool(state.base)
     if state.precision != precision or precision == "fp32":
-        state.base = {}
+        state.base = {}  # the stored Q(W0) is of another precision (or there is none at FP32)
     cached: list[str] = []
-
-    def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
-        """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
-        weight = oriented(module, read("weight").float())
-        weight = weight + state.delta[name] if name in state.delta else weight
-        return weight - held[name] if name in held else weight
-
-    def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
-        if precision == "fp32":
-            return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
-        if name in state.delta or name in held:
-            stored = quantize(merged(name, module, read), precision)  # Q(W0 + ΣΔW − held): rebuilt, never written
-        else:
-            if name not in state.base:
-                state.base[name] = quantize(oriented(module, read("weight").float()), precision)
-                cached.append(name)
-            stored = state.base[name]  # Q(W0), W0 not read
-        bias = read("bias").float() if getattr(module, "bias", None) is not None else None
-        return stored_linear(stored, bias)
-
+    block_layer = layer_rule(state, held, precision, cached)
     if reuse and all(m in dict(block_linears(warm.model)) for m in touched):
         model = warm.model
         rebuild_layers(task.checkpoint, model, sorted(touched), block_layer)
@@ -366,6 +337,51 @@ def node_base(
     state.precision = precision
     save_state(directory, state, delta=bool(increment) or start == 0, base=bool(cached) or (had_base and not state.base))
     return model, state
+
+
+def resume_state(directory: Path, start: int) -> NodeState:
+    """The saved state the server's ΔW rounds from ``start`` continue: a fresh one when the server resends the whole
+    history (``start = 0``: a new node, a resync, or a damaged state rebuilt); StateCorrupt or StateMismatch when the
+    rounds sent cannot be merged into what this node holds."""
+    try:
+        state = load_state(directory)
+    except StateCorrupt as exc:
+        if start != 0:
+            raise  # the reply is an error: the server sends the whole ΔW history with the next message
+        logging.getLogger(__name__).warning("%s; rebuilding it from the server's whole ΔW history", exc)
+        state = NodeState()
+    if start == 0 and (state.version or state.delta):
+        state = NodeState(importance=state.importance)  # the server resends every ΔW round: start over
+    if state.version != start:
+        raise StateMismatch(f"node state is at round {state.version}, the server sent ΔW from round {start}")
+    return state
+
+
+def layer_rule(state: NodeState, held: Mapping[str, torch.Tensor], precision: str, cached: list[str]) -> BlockLayer:
+    """How one block linear of the base is built at ``precision`` (eqs 11-12): W0 + ΣΔW − held exactly at FP32; else
+    Q(W0 + ΣΔW − held) for a weight with a ΔW or held adapters (quantized now, never stored), and the stored Q(W0)
+    for the others (quantized and appended to ``state.base`` and ``cached`` the first time)."""
+
+    def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
+        """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
+        weight = oriented(module, read("weight").float())
+        weight = weight + state.delta[name] if name in state.delta else weight
+        return weight - held[name] if name in held else weight
+
+    def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
+        if precision == "fp32":
+            return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
+        if name in state.delta or name in held:
+            stored = quantize(merged(name, module, read), precision)
+        else:
+            if name not in state.base:
+                state.base[name] = quantize(oriented(module, read("weight").float()), precision)
+                cached.append(name)
+            stored = state.base[name]  # Q(W0), W0 not read
+        bias = read("bias").float() if getattr(module, "bias", None) is not None else None
+        return stored_linear(stored, bias)
+
+    return block_layer
 
 
 def save_importance(directory: Path, state: NodeState, history: dict[str, tuple[float, float]]) -> None:
