@@ -30,6 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from local_deployment import Deployment, run_app  # noqa: E402
 
+from fedpipe_tools.run_report import read_jsonl  # noqa: E402
+
 TARGETS = {"worker_overhead_ratio": 0.10, "state_bytes_share": 0.01}
 MODES = ("in-process", "worker")
 
@@ -97,7 +99,11 @@ def _wait_for(path: Path, timeout_s: float) -> None:
 
 def messages(run: Path) -> list[dict[str, float]]:
     """Every TRAIN message of the run: round, node and its reported phases and timing."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return phases_of(read_jsonl(run / "metrics.jsonl"))
+
+
+def phases_of(rows: list[dict]) -> list[dict[str, float]]:
+    """The TRAIN messages of these metrics rows (:func:`messages`)."""
     out = []
     for row in rows:
         for node, phases in sorted(row.get("client_phases", {}).items()):
@@ -107,8 +113,8 @@ def messages(run: Path) -> list[dict[str, float]]:
 
 def summarise(run: Path) -> dict[str, float]:
     """The mode's figures from its run (see the module's last-line JSON)."""
-    found = messages(run)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "metrics.jsonl")
+    found = phases_of(rows)
     first = {m["node"]: m for m in sorted(found, key=lambda m: m["round"], reverse=True)}  # each node's first message
     later = [m["state-bytes"] for m in found if m not in first.values()]
     model_bytes = max(int(v.get("model_bytes", 0)) for row in rows for v in row.get("node_memory", {}).values())

@@ -14,7 +14,7 @@ import time
 from logging import WARNING
 
 import psutil
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
@@ -22,8 +22,8 @@ from flwr.common.logger import log
 
 from client_app import worker_wire
 from fedpipe_core.profile import ClientProfile, declared_on_device
-from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS
-from fedpipe_flower.messages import from_record, profile_reply, to_record
+from fedpipe_core.protocol import ARRAYS, CONFIG
+from fedpipe_flower.messages import from_record, metrics_reply, profile_reply
 
 MESSAGE_TYPES = ("query", "train", "evaluate")
 """What this ClientApp answers; a site narrows it with node config ``messages``."""
@@ -115,7 +115,7 @@ def through_worker(msg: Message, context: Context, entered: float, startup: floa
     metrics = dict(header["metrics"])
     metrics["startup-s"] = startup
     metrics["setup-s"] = time.perf_counter() - entered - float(metrics.get("train-s", 0.0))
-    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return metrics_reply(msg, arrays, metrics)
 
 
 @app.evaluate()

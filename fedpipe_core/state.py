@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -115,19 +115,18 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _read(directory: Path, name: str, checksums: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """A tensor file of the state, checked against its recorded SHA-256 (when the state records one)."""
+def _read(directory: Path, name: str, checksums: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A tensor file of the state and its metadata, checked against its recorded SHA-256 (when the state records one)."""
     path = directory / name
     try:
         if name in checksums and _digest(path) != checksums[name]:
             raise StateCorrupt(f"node state {path}: fails its SHA-256 checksum (corrupted or truncated)")
-        return load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
     except (OSError, ValueError) as exc:  # missing, or not a whole safetensors file
         raise StateCorrupt(f"node state {path}: cannot be read ({exc})") from None
-    except Exception as exc:  # safetensors' own error type for a malformed header
-        if type(exc).__name__ == "SafetensorError":
-            raise StateCorrupt(f"node state {path}: not a safetensors file ({exc})") from None
-        raise
+    except SafetensorError as exc:  # a malformed header
+        raise StateCorrupt(f"node state {path}: not a safetensors file ({exc})") from None
 
 
 def load_state(directory: Path) -> NodeState:
@@ -144,19 +143,19 @@ def load_state(directory: Path) -> NodeState:
     compacted = bool(meta.get("compacted", "increments" not in meta))  # a state from before the increments: dense
     state = NodeState(version, compacted=compacted, increments=list(meta.get("increments", [])), checksums=checksums)
     if compacted and (directory / COMPACTED).is_file():
-        state.delta = _read(directory, COMPACTED, checksums)
+        state.delta, _ = _read(directory, COMPACTED, checksums)
     for name in state.increments:
-        for module, d in stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)).items():
+        for module, d in stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)[0]).items():
             state.delta[module] = state.delta[module] + d if module in state.delta else d
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     state.held = list(meta.get("held", []))
     if meta.get("base_of") == BASE_OF and (directory / BASE).is_file():
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in _read(directory, BASE, checksums).items():
+        tensors, metadata = _read(directory, BASE, checksums)
+        for key, value in tensors.items():
             name, _, part = key.rpartition(SEP)
             parts.setdefault(name, {})[part] = value
-        with safe_open(directory / BASE, framework="pt") as handle:
-            shapes = json.loads((handle.metadata() or {}).get("shapes", "{}"))
+        shapes = json.loads(metadata.get("shapes", "{}"))
         state.precision = str(meta["precision"])
         for name, shape in shapes.items():
             state.base[name] = QuantizedWeight.from_tensors(state.precision, tuple(shape), parts[name])
@@ -248,10 +247,6 @@ class WarmBase:
         """Hold ``model`` as the base of ``directory``'s state at ``version``, ``precision``, ``held``."""
         self.model, self.directory, self.version, self.precision, self.held = model, directory, version, precision, held
 
-    def release(self) -> None:
-        """Let the model go (the next round builds the base again)."""
-        self.model, self.directory, self.version = None, None, -1
-
     def serves(self, directory: Path, version: int, precision: str, state: NodeState) -> bool:
         """Whether the held model is this state's base at ``version`` and ``precision``."""
         return (
@@ -325,7 +320,7 @@ def node_base(
         state.base = {}  # the stored Q(W0) is of another precision (or there is none at FP32)
     cached: list[str] = []
     block_layer = layer_rule(state, held, precision, cached)
-    if reuse and all(m in dict(block_linears(warm.model)) for m in touched):
+    if reuse and touched <= {name for name, _ in block_linears(warm.model)}:
         model = warm.model
         rebuild_layers(task.checkpoint, model, sorted(touched), block_layer)
     else:

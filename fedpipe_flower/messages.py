@@ -76,7 +76,12 @@ def read_instruction(msg: Message) -> tuple[TrainInstruction, Arrays]:
 
 
 def train_reply(msg: Message, arrays: Arrays, reply: TrainReply) -> Message:
-    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(reply.to_metrics())}), reply_to=msg)
+    return metrics_reply(msg, arrays, reply.to_metrics())
+
+
+def metrics_reply(msg: Message, arrays: Arrays, metrics: dict[str, int | float]) -> Message:
+    """A TRAIN reply from its arrays and its report's metrics as they are (a warm worker's, already encoded)."""
+    return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def read_train_reply(reply: Message) -> tuple[Arrays, TrainReply, int]:
