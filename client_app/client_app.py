@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from client_app import worker_wire
 from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_core.protocol import ARRAYS, CONFIG
+from fedpipe_flower import secure
 from fedpipe_flower.messages import from_record, metrics_reply, profile_reply
 
 MESSAGE_TYPES = ("query", "train", "evaluate")
@@ -60,7 +61,10 @@ def _profile(context: Context) -> ClientProfile:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report this node's profile (declared, simulated or measured) and what the reply cost this process."""
+    """Report this node's profile (declared, simulated or measured) and what the reply cost this process; or take
+    this node's part in a stage of secure aggregation (:mod:`fedpipe_flower.secure`)."""
+    if secure.is_stage(msg):
+        return _refusing(msg, lambda: secure.answer_stage(msg, context))
     entered = time.time()
     startup = entered - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
@@ -80,6 +84,14 @@ def train(msg: Message, context: Context) -> Message:
     entered, entered_wall = time.perf_counter(), time.time()
     startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
+    reply = _local_round(msg, context, entered, startup)
+    if reply.has_error() or not secure.is_secure_train(msg):
+        return reply
+    return _refusing(msg, lambda: secure.masked_reply(msg, reply, context))
+
+
+def _local_round(msg: Message, context: Context, entered: float, startup: float) -> Message:
+    """The round by the node's warm worker when it has one that answers, else in this process."""
     if "worker-socket" in context.node_config:
         reply = through_worker(msg, context, entered, startup)
         if reply is not None:
@@ -87,6 +99,14 @@ def train(msg: Message, context: Context) -> Message:
     from client_app import local_round  # the training stack, loaded for TRAIN messages only
 
     return local_round.train(msg, context, entered, startup)
+
+
+def _refusing(msg: Message, answer) -> Message:
+    """``answer()``, or an error reply naming what secure aggregation refused (the round goes on without this node)."""
+    try:
+        return answer()
+    except (ValueError, KeyError) as exc:  # SecAggError is a ValueError
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(exc)), reply_to=msg)
 
 
 def through_worker(msg: Message, context: Context, entered: float, startup: float) -> Message | None:

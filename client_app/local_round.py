@@ -89,7 +89,7 @@ def _adapters_round(
     directory = node_state_dir(task, context.run_id, context.node_id)
     cfg = task.config
     carried = cfg.round_start == "continue" and fedpipe
-    frozen = cfg.privacy_frozen_a and fedpipe
+    frozen = cfg.trains_frozen_a and fedpipe
     saved, moments = load_adapters(directory) if carried else ({}, {})
     if frozen:
         a = shared_a(task.shapes, task.targets, max(cfg.rank_candidates()), cfg.seed)

@@ -144,6 +144,15 @@ class RunConfig:
     """`privacy.frozen-a`: FedPipe nodes train only B against a frozen A drawn from the run seed at the largest candidate
     rank (its first r_k rows) and send B zero-padded, so the average Σ n_k B_k A = (Σ n_k B_k) A is a plain sum (what
     secure aggregation can compute) and DP noise is not amplified through A (FFA-LoRA)."""
+    privacy_mode: str = "plain"
+    """`privacy.mode`: `plain` (each node's update reaches the server) or `secure` (FedPipe with a frozen A; the server
+    learns only the sums Σ n_k B_k, Σ n_k and the aggregate losses, by secure aggregation)."""
+    privacy_secagg_threshold: int = 0
+    """`privacy.secagg-threshold`: sites needed to unmask a secure round (and the most that may collude with the server,
+    less one); 0: a majority of the round's sites (at least 2)."""
+    privacy_secagg_range: float = 1e6
+    """`privacy.secagg-range`: every value a site masks (n_k·B_k, its example count and losses) must lie within ± this;
+    a site whose vector leaves it drops out of the round."""
     search: str = "greedy"
     """`fedpipe.search`: configuration search: `greedy` (Algorithm 1) or `exact` (MILP, pulp/CBC)."""
     batch_min: int = 2
@@ -178,6 +187,15 @@ class RunConfig:
     """`sim.heterogeneity`: simulated profiles: `hetero` (paper-like spread) or `ideal` (every client the middle of the
     ranges)."""
 
+    @property
+    def trains_frozen_a(self) -> bool:
+        """FedPipe nodes train B against the frozen A: ``privacy.frozen-a``, or implied by ``privacy.mode = secure``."""
+        return self.privacy_frozen_a or self.privacy_mode == "secure"
+
+    @property
+    def secure(self) -> bool:
+        return self.privacy_mode == "secure"
+
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         check_choice("partitioner", self.partitioner, PARTITIONERS)
@@ -202,7 +220,18 @@ class RunConfig:
                 f"run config {key_of('privacy_site_epsilon')!r} = {self.privacy_site_epsilon:g} needs "
                 f"{key_of('privacy_clip_norm')!r} > 0 (DP-SGD's clipping bound)"
             )
-        if self.upload_budget_mb > 0 and self.privacy_frozen_a:
+        check_choice("privacy_mode", self.privacy_mode, ("plain", "secure"))
+        _check_min("privacy_secagg_threshold", self.privacy_secagg_threshold, 0)
+        if self.privacy_secagg_threshold == 1 or not self.privacy_secagg_range > 0:
+            raise ConfigError(
+                f"run config {key_of('privacy_secagg_threshold')!r} must be 0 or >= 2 and {key_of('privacy_secagg_range')!r} "
+                f"> 0, got {self.privacy_secagg_threshold!r} and {self.privacy_secagg_range!r}"
+            )
+        if self.privacy_mode == "secure" and self.strategy != "fedpipe":
+            raise ConfigError(
+                f"run config {key_of('privacy_mode')!r} = 'secure' needs strategy 'fedpipe', got {self.strategy!r}"
+            )
+        if self.upload_budget_mb > 0 and self.trains_frozen_a:
             raise ConfigError(
                 f"run config {key_of('upload_budget_mb')!r} bounds (A, B) uploads; with {key_of('privacy_frozen_a')!r} a node "
                 "sends B zero-padded to the largest rank whatever its plan, so set one of them only"

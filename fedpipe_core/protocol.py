@@ -192,20 +192,13 @@ class TrainReply:
         return out | {f"{IMPORTANCE_PREFIX}{m}": v for m, v in self.importance.items()}
 
     @classmethod
-    def from_metrics(cls, values: Mapping[str, Any]) -> TrainReply:
+    def from_metrics(cls, values: Mapping[str, Any], masked: bool = False) -> TrainReply:
         """Read and check a reply's metrics: UpdateError for what makes the update unusable.
 
-        A malformed profile, timing or importance is dropped (the update itself stays usable).
+        A malformed profile, timing or importance is dropped (the update itself stays usable). ``masked``: a secure
+        round's reply, whose example count and losses travel only inside the masked sum (0 and NaN here).
         """
-        for key in ("num-examples", "train-loss"):
-            if key not in values:
-                raise UpdateError(f"reply metrics lack {key!r}")
-        num_examples = values["num-examples"]
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-            raise UpdateError(f"num-examples must be a positive integer, got {num_examples!r}")
-        train_loss = float(values["train-loss"])
-        if not math.isfinite(train_loss):
-            raise UpdateError(f"train-loss is not finite: {values['train-loss']!r}")
+        num_examples, train_loss = (0, math.nan) if masked else _counted(values)
         profile = None
         if "profile-memory-bytes" in values and "profile-flops" in values:
             try:
@@ -250,6 +243,20 @@ class TrainReply:
         if not (values["train-s"] > 0 and all(math.isfinite(v) and v >= 0 for v in values.values())):
             return None
         return values
+
+
+def _counted(values: Mapping[str, Any]) -> tuple[int, float]:
+    """A plain reply's (num-examples, train-loss), checked."""
+    for key in ("num-examples", "train-loss"):
+        if key not in values:
+            raise UpdateError(f"reply metrics lack {key!r}")
+    num_examples = values["num-examples"]
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise UpdateError(f"num-examples must be a positive integer, got {num_examples!r}")
+    train_loss = float(values["train-loss"])
+    if not math.isfinite(train_loss):
+        raise UpdateError(f"train-loss is not finite: {values['train-loss']!r}")
+    return num_examples, train_loss
 
 
 def _prefixed(values: Mapping[str, Any], prefix: str) -> dict[str, float]:

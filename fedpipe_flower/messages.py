@@ -84,13 +84,14 @@ def metrics_reply(msg: Message, arrays: Arrays, metrics: dict[str, int | float])
     return Message(RecordDict({ARRAYS: to_record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def read_train_reply(reply: Message) -> tuple[Arrays, TrainReply, int]:
-    """A TRAIN reply's arrays, report and array bytes; UpdateError when it cannot be used."""
+def read_train_reply(reply: Message, masked: bool = False) -> tuple[Arrays, TrainReply, int]:
+    """A TRAIN reply's arrays, report and array bytes; UpdateError when it cannot be used. ``masked``: a secure round's
+    reply (:meth:`TrainReply.from_metrics`)."""
     content = reply.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise UpdateError(f"reply lacks its {ARRAYS!r} or {METRICS!r} record")
     record = content.array_records[ARRAYS]
-    return from_record(record), TrainReply.from_metrics(content.metric_records[METRICS]), record.count_bytes()
+    return from_record(record), TrainReply.from_metrics(content.metric_records[METRICS], masked), record.count_bytes()
 
 
 def final_message(node_id: int, arrays: ArrayRecord, instruction: FinalInstruction) -> Message:

@@ -77,7 +77,7 @@ class RunRecorder:
         self.last_round = server_round
         stats = self.adapter.stats.get(server_round)
         if self.pending is not None:
-            self._complete(stats.site_eval if stats else {})
+            self._complete(stats.site_eval if stats else {}, stats.secure_eval if stats else None)
         delta = self.adapter.strategy.final_delta()  # the model the run would save at this round: evaluated and kept
         row = self._evaluate(server_round, delta)
         cfg = self.adapter.config
@@ -98,23 +98,24 @@ class RunRecorder:
         if self.pending is not None:
             self._complete({n: (r.eval_loss, r.eval_examples) for n, r in final.items() if r.eval_loss is not None})
 
-    def _complete(self, site_eval: dict[int, tuple[float, int]]) -> None:
-        """Add the sites' evaluation to the waiting row, log it, and write the row."""
+    def _complete(self, site_eval: dict[int, tuple[float, int]], aggregate: tuple[float, int] | None = None) -> None:
+        """Add the sites' evaluation to the waiting row, log it, and write the row. ``aggregate``: a secure round's
+        (loss, examples), known only summed over the sites (the row then has no per-site losses)."""
         row, delta = self.pending, self.pending_delta
         self.pending, self.pending_delta = None, {}
-        mean, per_site = site_mean(site_eval)
+        mean, per_site = (aggregate[0], {}) if aggregate else site_mean(site_eval)
         row["federated_eval_loss"], row["site_eval"] = mean, per_site
         if mean is None:
             log(WARNING, "FedPipe round %d: no site returned an evaluation of its model", row["round"])
         else:
             log(
                 INFO,
-                "FedPipe round %d/%d | federated eval loss %.4f over %d site(s), %d examples | %s",
+                "FedPipe round %d/%d | federated eval loss %.4f over %s, %d examples | %s",
                 row["round"],
                 self.adapter.config.num_server_rounds,
                 mean,
-                len(per_site),
-                sum(int(v["examples"]) for v in per_site.values()),
+                f"{len(per_site)} site(s)" if per_site else "the sites (a secure sum)",
+                aggregate[1] if aggregate else sum(int(v["examples"]) for v in per_site.values()),
                 " ".join(f"{n}: {v['loss']:.4f}" for n, v in per_site.items()),
             )
         self._write(row, delta)

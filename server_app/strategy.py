@@ -23,7 +23,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpipe_core.codec import encode_dense
 from fedpipe_core.plan import Plan
-from fedpipe_core.protocol import FinalInstruction, FinalReply, UpdateError
+from fedpipe_core.protocol import FinalInstruction, FinalReply, TrainReply, UpdateError
+from fedpipe_core.secagg import SecAggError
+from fedpipe_core.secure_round import Layout, ServerRound, fixed_point
 from fedpipe_core.strategies.base import Strategy, Updates
 from fedpipe_flower.messages import (
     final_message,
@@ -35,6 +37,8 @@ from fedpipe_flower.messages import (
     to_record,
     train_message,
 )
+from fedpipe_flower.secure import MASKED
+from server_app.secure_rounds import close_round, open_round
 
 
 class RunEnds(Exception):
@@ -81,6 +85,8 @@ class RoundStats:
     site_epsilon: dict[int, float] = field(default_factory=dict)
     """Per node training with DP-SGD: the ε it reports spent in this run so far."""
     privacy_refused: int = 0
+    secure_eval: tuple[float, int] | None = None
+    """In a secure round: (loss, examples) of the sites' evaluation, known only as a sum over the sites."""
     started_s: float = 0.0
     """``time.perf_counter()`` when the round's plans began (:meth:`FlowerAdapter.configure_train`)."""
     sent_s: float = 0.0
@@ -129,6 +135,8 @@ class FlowerAdapter(FlowerStrategy):
         self.stats: dict[int, RoundStats] = {}
         self.sim_time_s = 0.0
         """Simulated seconds of the rounds finished so far (the recorder keeps it), against ``time-budget-s``."""
+        self.secure_round: tuple[ServerRound, Layout, Grid] | None = None
+        """The secure round whose TRAIN replies are awaited (``privacy.mode = secure``)."""
 
     def run_round(self, flower_round: int) -> int:
         """The run's round number of Flower's round ``flower_round`` (they differ in a resumed run)."""
@@ -185,7 +193,20 @@ class FlowerAdapter(FlowerStrategy):
             record = to_record(payload)
             stats.bytes_down += record.count_bytes()
             messages.append(train_message(node_id, record, instruction, config))
+        if cfg.secure and messages:
+            messages = self._open_secure(grid, server_round, messages, stats)
         stats.sent_s = time.perf_counter()
+        return messages
+
+    def _open_secure(self, grid: Grid, server_round: int, messages: list[Message], stats: RoundStats) -> list[Message]:
+        """The keys and shares stages; the TRAIN messages of the nodes that dealt their shares."""
+        cfg = self.config
+        modules = sorted({m for ranks in stats.ranks.values() for m in ranks})
+        layout = Layout(tuple((m, self.strategy.task.shapes[m][0]) for m in modules), max(cfg.rank_candidates()))
+        rnd, messages = open_round(
+            grid, server_round, messages, layout, cfg.privacy_secagg_threshold, cfg.privacy_secagg_range, cfg.round_timeout_s
+        )
+        self.secure_round = (rnd, layout, grid) if rnd is not None else None
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -195,13 +216,11 @@ class FlowerAdapter(FlowerStrategy):
         updates: Updates = {}
         parsed = []
         replies = list(replies)
+        if self.secure_round is not None:
+            return self._aggregate_secure(server_round, replies, stats)
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, reply.error.reason)
-                self.strategy.on_failure(node_id)
-                stats.rejected += 1
-                stats.privacy_refused += str(reply.error.reason).startswith(PRIVACY_REFUSAL)
+            if self._failed(server_round, reply, stats):
                 continue
             try:
                 parsed.append((node_id, *read_train_reply(reply)))
@@ -225,18 +244,8 @@ class FlowerAdapter(FlowerStrategy):
             stats.bytes_up += size
             updates[node_id] = (update, report)
             self._note_site_eval(server_round, node_id, report.eval_loss, report.eval_examples, stats)
-            if report.epsilon_spent is not None:
-                stats.site_epsilon[node_id] = report.epsilon_spent
-            timing = report.timing()
-            if timing is not None:
-                stats.timing[node_id] = timing
-            if report.phases:
-                stats.phases[node_id] = report.phases
-            if report.peak_bytes is not None and report.model_bytes is not None:
-                stats.memory[node_id] |= {"measured_peak_bytes": report.peak_bytes, "model_bytes": report.model_bytes}
-            self.strategy.observe_profile(node_id, report.profile)
-        if not updates and replies and stats.privacy_refused == len(replies):
-            raise PrivacySpent(f"round {server_round}: every node refused it, no site has privacy budget left")
+            self._note_report(node_id, report, stats)
+        self._check_privacy_spent(server_round, bool(updates), len(replies), stats)
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
             return None, None
@@ -246,6 +255,75 @@ class FlowerAdapter(FlowerStrategy):
         stats.client_steps = sum(r.steps for _, r in updates.values())
         stats.train_loss = sum(r.train_loss * u.num_examples for u, r in updates.values()) / stats.num_examples
         self.strategy.combine(server_round, updates)
+        metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
+        return to_record(self.strategy.global_arrays()), metrics
+
+    def _failed(self, server_round: int, reply: Message, stats: RoundStats) -> bool:
+        """Log and count a reply that is an error (a failure, or a refusal such as a spent privacy budget)."""
+        if not reply.has_error():
+            return False
+        node_id = reply.metadata.src_node_id
+        log(WARNING, "round %d: node %d failed: %s", server_round, node_id, reply.error.reason)
+        self.strategy.on_failure(node_id)
+        stats.rejected += 1
+        stats.privacy_refused += str(reply.error.reason).startswith(PRIVACY_REFUSAL)
+        return True
+
+    def _note_report(self, node_id: int, report: TrainReply, stats: RoundStats) -> None:
+        """What a reply says besides its update: ε spent, timing, phases, measured memory, profile."""
+        if report.epsilon_spent is not None:
+            stats.site_epsilon[node_id] = report.epsilon_spent
+        timing = report.timing()
+        if timing is not None:
+            stats.timing[node_id] = timing
+        if report.phases:
+            stats.phases[node_id] = report.phases
+        if report.peak_bytes is not None and report.model_bytes is not None:
+            stats.memory[node_id] |= {"measured_peak_bytes": report.peak_bytes, "model_bytes": report.model_bytes}
+        self.strategy.observe_profile(node_id, report.profile)
+
+    @staticmethod
+    def _check_privacy_spent(server_round: int, updated: bool, replied: int, stats: RoundStats) -> None:
+        if not updated and replied and stats.privacy_refused == replied:
+            raise PrivacySpent(f"round {server_round}: every node refused it, no site has privacy budget left")
+
+    def _aggregate_secure(self, server_round: int, replies: list[Message], stats: RoundStats):
+        """A secure round: the masked uploads summed and unmasked (:func:`close_round`); the strategy gets the sums."""
+        rnd, layout, grid = self.secure_round
+        self.secure_round = None
+        reports: dict[int, TrainReply] = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if self._failed(server_round, reply, stats):
+                continue
+            try:
+                arrays, report, size = read_train_reply(reply, masked=True)
+                if set(arrays) != {MASKED} or report.state_version is None:
+                    raise UpdateError(f"a secure reply carries {MASKED!r} alone and its state version")
+                rnd.admit_upload(node_id, arrays[MASKED], layout.size)
+            except (UpdateError, SecAggError) as exc:
+                log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
+                self.strategy.on_failure(node_id)
+                stats.rejected += 1
+                continue
+            stats.bytes_up += size
+            reports[node_id] = report
+            self._note_report(node_id, report, stats)
+        self._check_privacy_spent(server_round, bool(reports), len(replies), stats)
+        words = close_round(grid, rnd, self.config.round_timeout_s) if reports else None
+        if words is None:
+            for node_id in reports:
+                self.strategy.on_failure(node_id)
+            log(WARNING, "round %d: no unmasked sum; the global state is unchanged", server_round)
+            return None, None
+        sent, _ = rnd.survivors()
+        sums, weights, tail = layout.unflatten(fixed_point(self.config.privacy_secagg_range, len(rnd.roster)).decode(words))
+        stats.clients, stats.num_examples = len(sent), round(tail["examples"])
+        stats.client_steps = sum(reports[n].steps for n in sent)
+        stats.train_loss = tail["loss-sum"] / tail["examples"]
+        if tail["eval-examples"] >= 1:
+            stats.secure_eval = (tail["eval-loss-sum"] / tail["eval-examples"], round(tail["eval-examples"]))
+        self.strategy.combine_sum(server_round, sums, weights, {n: int(reports[n].state_version) for n in sent})
         metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
         return to_record(self.strategy.global_arrays()), metrics
 

@@ -13,6 +13,7 @@ from fedpipe_core.aggregate import (
     LowRank,
     aggregate_lowrank,
     concat_lowrank,
+    lowrank_svd,
     module_weights,
     to_dense,
     truncate_with_feedback,
@@ -126,7 +127,7 @@ class FedPipe(Strategy):
 
     def decode_update(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """With a frozen A a node sends B alone, zero-padded to the largest candidate rank; else (A, B) as usual."""
-        if not self.task.config.privacy_frozen_a:
+        if not self.task.config.trains_frozen_a:
             return self._decode_change(arrays, assigned, num_examples)
         rank, factors = max(self.task.config.rank_candidates()), {}
         for key, value in arrays.items():
@@ -164,17 +165,31 @@ class FedPipe(Strategy):
         """Eq 10's average of ΔW_k = s_k B_k A_k (eq 9), cut for dispatch under ``svd``; importance averaged."""
         increment = (
             average_b([u for u, _ in updates.values()], self.frozen_a)
-            if self.task.config.privacy_frozen_a
+            if self.task.config.trains_frozen_a
             else aggregate_lowrank([u for u, _ in updates.values()])
         )
+        self._commit(server_round, increment, {n: int(reply.state_version) for n, (_, reply) in updates.items()})
+        self.importance.update(importance_of(updates))
+
+    def combine_sum(
+        self, server_round: int, sums: dict[str, np.ndarray], weights: dict[str, float], versions: dict[int, int]
+    ) -> None:
+        """Eq 10 from secure aggregation's sums (``privacy.mode = secure``): per module Σ n_k B_k over the sites that
+        trained it and Σ n_k, so ΔW = s (Σ n_k B_k / Σ n_k) A exactly, as :func:`average_b` computes it per site. No site
+        sent importance: each module's is the mean singular value of this increment (eq 3's factor the server can see)."""
+        a, scale = self.frozen_a, self.scaling()
+        increment = {m: (a[m], torch.from_numpy(scale * sums[m] / weights[m]).float()) for m in sorted(sums)}
+        self._commit(server_round, increment, versions)
+        self.importance.update({m: mean_singular_value(lowrank) for m, lowrank in increment.items()})
+
+    def _commit(self, server_round: int, increment: dict[str, LowRank], versions: dict[int, int]) -> None:
+        """The round's ΔW becomes an increment (cut for dispatch under ``svd``); the nodes that sent are in sync."""
         if self.task.config.dispatch == "svd":
             increment, self.residual = truncate_with_feedback(increment, self.residual, max(self.task.config.rank_candidates()))
         self.increments[server_round] = increment
         if self._total is not None:
             self._total = _accumulate(self._total, increment)
-        for node_id, (_, reply) in updates.items():
-            self.synced[node_id] = int(reply.state_version)
-        self.importance.update(importance_of(updates))
+        self.synced.update(versions)
 
     def on_failure(self, node_id: int) -> None:
         self.synced.pop(node_id, None)  # resend the whole ΔW history next time
@@ -224,6 +239,11 @@ def _accumulate(total: dict[str, torch.Tensor], increment: dict[str, LowRank]) -
         dense = to_dense(lowrank)
         out[module] = out[module] + dense if module in out else dense
     return out
+
+
+def mean_singular_value(lowrank: LowRank) -> float:
+    """Eq 3's first factor: the mean of ΔW's singular values over its rank (``lowrank`` with the scale in B)."""
+    return float(lowrank_svd(lowrank)[1].mean())
 
 
 def average_b(updates: list[ClientUpdate], a: dict[str, torch.Tensor]) -> dict[str, LowRank]:
