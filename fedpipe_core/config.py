@@ -228,9 +228,7 @@ class RunConfig:
                 f"> 0, got {self.privacy_secagg_threshold!r} and {self.privacy_secagg_range!r}"
             )
         if self.privacy_mode == "secure" and self.strategy != "fedpipe":
-            raise ConfigError(
-                f"run config {key_of('privacy_mode')!r} = 'secure' needs strategy 'fedpipe', got {self.strategy!r}"
-            )
+            raise ConfigError(f"run config {key_of('privacy_mode')!r} = 'secure' needs strategy 'fedpipe', got {self.strategy!r}")
         if self.upload_budget_mb > 0 and self.trains_frozen_a:
             raise ConfigError(
                 f"run config {key_of('upload_budget_mb')!r} bounds (A, B) uploads; with {key_of('privacy_frozen_a')!r} a node "

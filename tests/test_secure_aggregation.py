@@ -3,7 +3,6 @@ and the server that learns the exact sums, with one of four sites lost after mas
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
