@@ -302,10 +302,16 @@ class Deployment:
         return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout_s, check=False)
 
     def start_supernode(
-        self, index: int, node_config: str, key: Path | None = None, isolation: str = "subprocess"
+        self,
+        index: int,
+        node_config: str,
+        key: Path | None = None,
+        isolation: str = "subprocess",
+        trusted_entities: Path | None = None,
     ) -> subprocess.Popen:
         """A SuperNode; with ``isolation="process"`` its ClientApps run in a separate ``flower-superexec``
-        (what a GPU site runs in the CUDA image), which reaches the node's Runtime API on 127.0.0.1."""
+        (what a GPU site runs in the CUDA image), which reaches the node's Runtime API on 127.0.0.1. With
+        ``trusted_entities`` (a YAML of ed25519 keys) it runs only apps signed by one of them."""
         runtime_port = free_port()
         cmd = [
             "flower-supernode",
@@ -327,6 +333,8 @@ class Deployment:
         ]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
+        if trusted_entities is not None:
+            cmd += ["--trusted-entities", str(trusted_entities)]
         node = self.start(f"supernode-{index}", cmd)
         if isolation == "process":
             wait_port(runtime_port, 60.0)

@@ -274,3 +274,53 @@ def test_sites_with_their_own_files_and_a_server_without_data_or_weights(tmp_pat
         f"server peak RSS {summary['server_peak_rss_bytes'] / 1e6:.0f} MB; PPL per site (base / local only / federated): "
         f"{per_site}; federated eval loss per round: {losses}"
     )
+
+
+def _signing_key() -> tuple[object, str]:
+    """An ed25519 key pair: the private key and the public key as OpenSSH writes it (what --trusted-entities lists)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    return key, key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+def test_flower_s_app_pin_accepts_only_a_fab_signed_by_a_trusted_key():
+    """The check a SuperNode with --trusted-entities applies to each run's app (Flower's own ``_verify_fab``): a
+    signature by a listed key over this app's bundle passes; another key's, or a signature over another bundle, fails."""
+    import base64
+    import hashlib
+
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    content, other = b"the app's FAB bytes", b"an altered FAB"
+    (trusted, trusted_pub), (stranger, _) = _signing_key(), _signing_key()
+
+    def signed(key, body: bytes, signed_at: int = 1_700_000_000) -> Fab:
+        signature = key.sign(create_message_to_sign(hashlib.sha256(body).digest(), signed_at))
+        record = {"signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode(), "signed_at": signed_at}
+        return Fab(hashlib.sha256(content).hexdigest(), content, {"fpk_site": json.dumps(record), "valid_license": "Valid"})
+
+    entities = {"fpk_site": trusted_pub}
+    assert _verify_fab(signed(trusted, content), entities)
+    assert not _verify_fab(signed(stranger, content), entities)  # signed, but not by a key the site trusts
+    assert not _verify_fab(signed(trusted, other), entities)  # the trusted key signed a different bundle
+
+
+def test_a_node_that_pins_signed_apps_refuses_this_unsigned_app_and_the_run_goes_on_without_it(tmp_path):
+    _, public = _signing_key()
+    entities = tmp_path / "trusted-entities.yaml"
+    entities.write_text(f"fpk_hospital_review: '{public}'\n")
+    with _federation(tmp_path, tls=False, nodes=1) as deployment:
+        deployment.start_supernode(1, deploy.node_config(1, 2), trusted_entities=entities)
+        runs = tmp_path / "runs"
+        done = deploy.run_app(
+            deployment, f'num-server-rounds=1 output-dir="{runs}" strategy.min-train-nodes=2 {SMALL}', timeout_s=600
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        refusal = _log_has(tmp_path / "supernode-1.log", ("The FAB could not be verified",), 30)
+        assert refusal, (tmp_path / "supernode-1.log").read_text()[-2000:]
+    rows = [json.loads(line) for line in next(runs.glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 1  # the pinned node ran none of it
