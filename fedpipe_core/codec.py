@@ -13,9 +13,8 @@ import torch
 
 from fedpipe_core.aggregate import LowRank, is_cheaper_dense, to_dense
 from fedpipe_core.lora import Factors
-from fedpipe_core.protocol import UpdateError
+from fedpipe_core.protocol import SEP, UpdateError
 
-SEP = "::"
 Shapes = Mapping[str, tuple[int, int]]
 
 

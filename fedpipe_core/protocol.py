@@ -33,6 +33,8 @@ class UpdateError(ValueError):
 
 CONFIG, ARRAYS, METRICS, PROFILE = "config", "arrays", "metrics", "profile"
 """Record names inside a message's content."""
+SEP = "::"
+"""Between a module's name and its array's part in an array key (``<module>::A``)."""
 
 MODES = ("factors", "fedpipe", "ft")
 """How a node trains: start from the sent A, B (``factors``); merge the sent ΔW and train fresh

@@ -12,8 +12,7 @@ from dataclasses import asdict
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedpipe_core.codec import SEP
-from fedpipe_core.protocol import ARRAYS, CONFIG, IMPORTANCE_PREFIX, METRICS
+from fedpipe_core.protocol import ARRAYS, CONFIG, IMPORTANCE_PREFIX, METRICS, SEP
 from fedpipe_core.secure_round import Layout, SiteSecrets, advertise, deal, fixed_point, mask, reveal
 from fedpipe_flower.messages import from_record, to_record
 

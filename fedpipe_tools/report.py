@@ -101,6 +101,7 @@ SEEDED = (
     "base_eval_loss",
     "final_eval_loss",
     "peak_memory_bytes",
+    "epsilon_spent",
 )
 TO_TARGET = ("sim_time_to_target_s", "bytes_to_target", *EQUAL_COST.values())
 
@@ -221,12 +222,19 @@ def summarize(run: Path) -> dict[str, Any]:
         "wall_s": summary.get("wall_s"),
         "sim_time_s": summary.get("sim_time_s"),
         "peak_memory_bytes": peak_memory(rows),
+        "epsilon_spent": epsilon_spent(rows),
         "base_eval_loss": points[0].loss if points else None,
         "final_eval_loss": points[-1].loss if points else None,
         "clients_per_round": [r.get("clients", 0) for r in sorted(rows, key=lambda r: r["round"]) if r["round"] > 0],
         "run_dir": str(run),
         "_curve": points,
     }
+
+
+def epsilon_spent(rows: list[dict[str, Any]]) -> float | None:
+    """The largest ε any site reports spent by the run's end (``site_epsilon`` of metrics.jsonl); None without DP."""
+    spent = [e for r in rows for e in (r.get("site_epsilon") or {}).values()]
+    return max(spent) if spent else None
 
 
 def peak_memory(rows: list[dict[str, Any]]) -> float | None:
@@ -509,6 +517,10 @@ def markdown(
             f"| {_reached(r)} | {_fmt(_mb(r['bytes_to_target']), 2)} "
             f"| {_fmt(r['time_to_target_vs_fedpipe'], 2)} | {_fmt(r['bytes_to_target_vs_fedpipe'], 2)} | {_fmt(r['wall_s'], 0)} |"
         )
+    private = [(key, r) for key, r in results.items() if r.get("epsilon_spent") is not None]
+    if private:
+        lines += ["", "ε spent by the run's end (the largest over the sites, δ as each site set it):", ""]
+        lines += [f"- {strategy} / {setting}: {_pm(r, 'epsilon_spent', 3)}" for (strategy, setting), r in private]
     gaps = [(key, r["final_eval_loss_gap_to_centralized"]) for key, r in results.items() if key[1] != CENTRALIZED]
     if any(gap is not None for _, gap in gaps):
         lines += ["", f"Eval loss above the `{CENTRALIZED}` reference (one client, all the data, the same total steps):", ""]

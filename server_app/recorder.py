@@ -110,13 +110,13 @@ class RunRecorder:
         else:
             log(
                 INFO,
-                "FedPipe round %d/%d | federated eval loss %.4f over %s, %d examples | %s",
+                "FedPipe round %d/%d | federated eval loss %.4f over %s, %d examples%s",
                 row["round"],
                 self.adapter.config.num_server_rounds,
                 mean,
                 f"{len(per_site)} site(s)" if per_site else "the sites (a secure sum)",
                 aggregate[1] if aggregate else sum(int(v["examples"]) for v in per_site.values()),
-                " ".join(f"{n}: {v['loss']:.4f}" for n, v in per_site.items()),
+                "".join(f" | {n}: {v['loss']:.4f}" for n, v in per_site.items()),
             )
         self._write(row, delta)
 
