@@ -21,6 +21,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+STRATEGY_NAMES = ("fedpipe", "lora-fedavg", "hetlora", "flexlora", "legend", "fedadapter", "ft")
+"""`strategy.name`'s choices: the registry of :mod:`fedpipe_core.strategies`, named here so that a config is checked without
+importing the strategies (torch)."""
 TASKS = ("e2e", "alpaca")
 PARTITIONERS = ("iid", "dirichlet")
 SEARCHES = ("greedy", "exact")
@@ -198,6 +201,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
+        check_choice("strategy", self.strategy, STRATEGY_NAMES)
         check_choice("partitioner", self.partitioner, PARTITIONERS)
         check_choice("search", self.search, SEARCHES)
         check_choice("profile", self.profile, PROFILES)

@@ -18,9 +18,9 @@ import torch
 
 from fedpipe_core.aggregate import svd_truncate
 from fedpipe_core.lora import attach_lora, merge_delta, set_lora_factors
+from fedpipe_core.results import DEFAULT_MAX_ERROR
 from fedpipe_core.task import Task
 
-DEFAULT_MAX_ERROR = 0.01
 """Default bound on a module's relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F when the rank is chosen."""
 REPORT_FILE = "fedpipe_export.json"
 

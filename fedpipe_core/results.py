@@ -14,12 +14,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from fedpipe_core.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # torch loads when a ΔW is saved or read, not with the module (a command's --help stays fast)
+    import torch
 
 RESULTS_VERSION = 2
 """Bumped whenever the same run config gives other numbers (2: updates weighted by the examples processed, rounds
@@ -28,6 +28,9 @@ and the benchmark reuses only runs of the current version."""
 DELTA_FILE = "delta.safetensors"
 BEST_DIR = "best"
 WHICH = ("best", "last")
+"""Which model of a run a command reads: the best round's (``best/``) or the last round's."""
+DEFAULT_MAX_ERROR = 0.01
+"""An exported peft adapter's default bound on ‖ΔW − B·A‖_F / ‖ΔW‖_F per module (its rank is the smallest that meets it)."""
 RUN_EXTRAS = ("run-id", "checkpoint", "target-modules")
 """What config.json records besides the run config."""
 
@@ -77,6 +80,8 @@ class RunWriter:
         path = self.dir / BEST_DIR / DELTA_FILE if best else self.dir / DELTA_FILE
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
+        from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp))
         os.replace(tmp, path)
         return path
@@ -107,4 +112,6 @@ def load_run(run_dir: Path, which: str = "last") -> tuple[RunConfig, dict[str, t
             "it was written by another version of the app"
         )
     config = RunConfig.from_mapping({k: v for k, v in stored.items() if k in known})
+    from safetensors.torch import load_file
+
     return config, load_file(str(delta_file))

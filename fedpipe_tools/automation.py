@@ -19,25 +19,30 @@ import time
 
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
 from fedpipe_core.config import RunConfig
-from fedpipe_core.cost import step_flops
-from fedpipe_core.data import collate
-from fedpipe_core.device import measure
-from fedpipe_core.lora import attach_lora
-from fedpipe_core.quantize import PRECISIONS, quantize
-from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client, round_budget_s
-from fedpipe_core.strategies.base import deadline_steps
-from fedpipe_core.structure import block_linears
-from fedpipe_core.task import load_task, node_profile
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--instances", type=int, default=10)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fedpipe-automation", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8, help="simulated clients whose round-1 plans are shown (default 8)")
+    parser.add_argument(
+        "--instances", type=int, default=10, help="random importance instances greedy and the exact MILP solve (default 10)"
+    )
+    args = parser.parse_args(argv)
+    # the model stack (torch, transformers, pulp) once the arguments are good
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedpipe_core.cost import step_flops
+    from fedpipe_core.data import collate
+    from fedpipe_core.device import measure
+    from fedpipe_core.lora import attach_lora
+    from fedpipe_core.quantize import PRECISIONS, quantize
+    from fedpipe_core.search import Budget, SearchSpace, batch_sizes, exact, greedy, plan_client, round_budget_s
+    from fedpipe_core.strategies.base import deadline_steps
+    from fedpipe_core.structure import block_linears
+    from fedpipe_core.task import load_task, node_profile
+
     console = Console()
     cfg = RunConfig()
     task = load_task(cfg)

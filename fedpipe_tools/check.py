@@ -13,16 +13,15 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from fedpipe_core.config import ConfigError, RunConfig
-from fedpipe_core.data import Fields, load_examples, split_examples
 from fedpipe_core.metrics import meteor_missing
-from fedpipe_core.model import BUILTIN_MODELS
-from fedpipe_core.strategies import strategy_class
-from fedpipe_core.task import file_hash, held_out_shares
+
+if TYPE_CHECKING:
+    from fedpipe_core.data import Fields
 
 
 def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,12 +50,17 @@ def read_run_config(path: Path, overrides: str = "") -> RunConfig:
         except tomllib.TOMLDecodeError:
             values[key] = raw
     config = RunConfig.from_mapping(values)
+    from fedpipe_core.strategies import strategy_class  # the strategies (torch) once the file has been read
+
     strategy_class(config.strategy)
     return config
 
 
 def check_data(config: RunConfig, data: str, fields: Fields) -> str:
     """One line on a site's data file: examples, groups and its train / validation / test shares."""
+    from fedpipe_core.data import load_examples, split_examples
+    from fedpipe_core.task import file_hash, held_out_shares
+
     examples = load_examples(config.task, data, where="--data", fields=fields)
     shares = held_out_shares(split_examples(examples), file_hash(data), f"--data {data!r}")
     groups = len({e.group for e in examples})
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-field", default="", help="the site's node config prompt-field (default: the run config's)")
     parser.add_argument("--response-field", default="", help="the site's node config response-field")
     args = parser.parse_args(argv)
+    from fedpipe_core.data import Fields
+    from fedpipe_core.model import BUILTIN_MODELS
+
     try:
         config = read_run_config(args.config, args.run_config)
         summary = f"strategy {config.strategy}, task {config.task}, evaluation at {config.eval_where}"

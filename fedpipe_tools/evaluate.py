@@ -17,16 +17,17 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError
-from fedpipe_core.data import Example, load_examples
-from fedpipe_core.evaluate import score_test
 from fedpipe_core.metrics import scorer
 from fedpipe_core.results import WHICH, load_run
-from fedpipe_core.task import load_task
+
+if TYPE_CHECKING:
+    from fedpipe_core.data import Example
 
 
 def sample_groups(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    from fedpipe_core.data import load_examples  # the model stack (torch) once the arguments are good
+    from fedpipe_core.evaluate import score_test
+    from fedpipe_core.task import load_task
+
     try:
         config, delta = load_run(args.run_dir, args.which)
         if config.task != "e2e":

@@ -18,10 +18,7 @@ import sys
 from pathlib import Path
 
 from fedpipe_core.config import ConfigError
-from fedpipe_core.export import DEFAULT_MAX_ERROR, export_merged, export_peft
-from fedpipe_core.model_card import model_card
-from fedpipe_core.results import WHICH, load_run
-from fedpipe_core.task import load_task
+from fedpipe_core.results import DEFAULT_MAX_ERROR, WHICH, load_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {str(args.out)!r} exists and is not an empty directory")
+    from fedpipe_core.export import export_merged, export_peft  # the model stack (torch) once the arguments are good
+    from fedpipe_core.model_card import model_card
+    from fedpipe_core.task import load_task
+
     try:
         config, delta = load_run(args.run_dir, args.which)
         task = load_task(config)

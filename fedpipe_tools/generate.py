@@ -14,10 +14,7 @@ import sys
 from pathlib import Path
 
 from fedpipe_core.config import ConfigError
-from fedpipe_core.data import task_prompt
-from fedpipe_core.evaluate import generate, global_model
 from fedpipe_core.results import WHICH, load_run
-from fedpipe_core.task import load_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one input (arguments or --file)")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    from fedpipe_core.data import task_prompt  # the model stack (torch) once the arguments are good
+    from fedpipe_core.evaluate import generate, global_model
+    from fedpipe_core.task import load_task
+
     try:
         config, delta = load_run(args.run_dir, args.which)
         task = load_task(config)

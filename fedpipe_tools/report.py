@@ -31,14 +31,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from fedpipe_core.metrics import SCORER
-from fedpipe_core.strategies import strategy_class
-from fedpipe_tools.run_report import read_jsonl, write_run_report
+from fedpipe_tools.run_report import pyplot, read_jsonl, write_run_report
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl")
 CENTRALIZED = "centralized"
@@ -525,6 +519,8 @@ def markdown(
     if any(gap is not None for _, gap in gaps):
         lines += ["", f"Eval loss above the `{CENTRALIZED}` reference (one client, all the data, the same total steps):", ""]
         lines += [f"- {strategy} / {setting}: {_fmt(gap, 4)}" for (strategy, setting), gap in gaps]
+    from fedpipe_core.strategies import strategy_class  # the strategies (torch) only when a report is written
+
     omissions = {strategy: strategy_class(strategy).missing for strategy, _ in results}
     if any(omissions.values()):
         lines += ["", "Left out of a method's paper in this implementation:", ""]
@@ -547,6 +543,8 @@ def markdown(
 
 
 def plot_loss(suite: str, results: dict[tuple[str, str], dict[str, Any]], path: Path) -> None:
+    """Each row's eval loss against simulated time (its first seed's curve)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (strategy, setting), r in results.items():
         points = r["_curve"]
@@ -559,6 +557,8 @@ def plot_loss(suite: str, results: dict[tuple[str, str], dict[str, Any]], path: 
 
 
 def plot_bytes(suite: str, runs: dict[tuple[str, str], Path], path: Path) -> None:
+    """MB up + down per round of each row's run."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (strategy, setting), run in runs.items():
         rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["round"] > 0]

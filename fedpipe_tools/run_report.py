@@ -17,11 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file ([] when there is none)."""
@@ -43,9 +38,20 @@ def loss_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[dict[str, An
     return curves
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn (a command's --help stays fast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_loss(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Eval loss per round and against simulated time (round 0: the base model): the server's, the federated
     mean and each site's (dashed) where the sites evaluate."""
+    plt = pyplot()
     fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(9, 3.8))
     for label, points in loss_curves(rows).items():
         style = {"linestyle": "--", "alpha": 0.7} if label.startswith("node") else {"linewidth": 2}
@@ -81,6 +87,7 @@ def site_table(summary: dict[str, Any]) -> list[str]:
 
 def plot_bytes(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """MB sent to the nodes and received from them, per round."""
+    plt = pyplot()
     trained = [r for r in rows if r["round"] > 0]
     rounds = [r["round"] for r in trained]
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -95,6 +102,7 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def plot_plans(plans: list[dict[str, Any]], path: Path, title: str) -> None:
     """Per node, the rank of every module (rows) in every round (columns); precision and batch on top."""
+    plt = pyplot()
     nodes = sorted({p["node_id"] for p in plans})
     modules = sorted({m for p in plans for m in p["ranks"]}, key=_module_order)
     rounds = sorted({p["round"] for p in plans})
@@ -121,6 +129,7 @@ def plot_plans(plans: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def plot_timing(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Mean seconds per node and round: local training, setup, process start-up (stacked)."""
+    plt = pyplot()
     timed = [r for r in rows if r["round"] > 0 and "client_train_s" in r]
     rounds = [r["round"] for r in timed]
     fig, ax = plt.subplots(figsize=(7, 3.8))

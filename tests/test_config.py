@@ -75,3 +75,12 @@ def test_round_trip_and_coercion():
     cfg = RunConfig.from_mapping({"train.lr": 1, "eval.base-generation": "false", "train.local-steps": 3.0})
     assert cfg.lr == 1.0 and cfg.eval_base_generation is False and cfg.local_steps == 3
     assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+def test_the_config_names_the_registry_s_strategies():
+    from fedpipe_core.config import STRATEGY_NAMES
+    from fedpipe_core.strategies import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+    with pytest.raises(ConfigError, match="'strategy.name': 'fedavg' is not one of fedpipe, lora-fedavg"):
+        RunConfig(strategy="fedavg")
