@@ -61,8 +61,8 @@ def measure_one(model_name: str, precision: str, steps: int, evaluate: bool, dev
     from fedpipe_core.device import compute_dtype, resolve_device
     from fedpipe_core.local import lora_alphas, run_client_round
     from fedpipe_core.lora import attach_lora, set_lora_factors
+    from fedpipe_core.node.state import node_base
     from fedpipe_core.qlinear import place, stored_bytes
-    from fedpipe_core.state import node_base
     from fedpipe_core.structure import block_linears
     from fedpipe_core.task import client_examples, load_task
 

@@ -3,7 +3,7 @@
 Flower starts a fresh ClientApp process for every message, so this module imports only what a QUERY
 needs (Flower and the profile); a TRAIN message imports :mod:`client_app.local_round` (torch,
 transformers, peft) when it arrives, unless the node's warm worker (node config ``worker-socket``,
-:mod:`client_app.worker`) takes the round. Node config ``messages`` (default ``query,train,evaluate``) lists the message
+:mod:`fedpipe_core.node.worker`) takes the round. Node config ``messages`` (default ``query,train,evaluate``) lists the message
 types this site answers; any other is refused with an error reply before anything is loaded (a site that
 leaves out ``evaluate`` refuses the final scoring on its test share).
 """
@@ -20,7 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from client_app import worker_wire
+from fedpipe_core.node import wire
 from fedpipe_core.profile import ClientProfile, declared_on_device
 from fedpipe_core.protocol import ARRAYS, CONFIG
 from fedpipe_flower import secure
@@ -54,9 +54,9 @@ def _profile(context: Context) -> ClientProfile:
     profile = declared_on_device(context.node_config)
     if profile is not None:
         return profile
-    from client_app import local_round
+    from fedpipe_core.node.round import profile  # the training stack: a profile to simulate or measure
 
-    return local_round.profile(context)
+    return profile(context)
 
 
 @app.query()
@@ -110,7 +110,7 @@ def _refusing(msg: Message, answer) -> Message:
 
 
 def through_worker(msg: Message, context: Context, entered: float, startup: float) -> Message | None:
-    """The round run by the node's warm worker (node config ``worker-socket``, :mod:`client_app.worker`); None when
+    """The round run by the node's warm worker (node config ``worker-socket``, :mod:`fedpipe_core.node.worker`); None when
     no worker answers or it runs another app version (the round then runs in this process), an error reply when the
     worker took the round and failed it. ``setup-s`` is this handler's time besides the worker's training."""
     path = str(context.node_config["worker-socket"])
@@ -124,11 +124,11 @@ def through_worker(msg: Message, context: Context, entered: float, startup: floa
     }
     timeout = float(context.node_config.get("worker-timeout-s", 3600))
     try:
-        header, arrays = worker_wire.ask(path, job, from_record(msg.content[ARRAYS]), timeout)
-    except (worker_wire.WorkerUnavailable, worker_wire.WorkerRefused) as exc:
+        header, arrays = wire.ask(path, job, from_record(msg.content[ARRAYS]), timeout)
+    except (wire.WorkerUnavailable, wire.WorkerRefused) as exc:
         log(WARNING, "node %d: %s; training in the ClientApp's process", context.node_id, exc)
         return None
-    except worker_wire.WorkerFailed as exc:
+    except wire.WorkerFailed as exc:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
     if "refused_round" in header:
         return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(header["refused_round"])), reply_to=msg)
@@ -141,7 +141,7 @@ def through_worker(msg: Message, context: Context, entered: float, startup: floa
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """After the last round: this site's scores of the final model on its own held-out shares
-    (:func:`client_app.local_round.final_scores`)."""
+    (:func:`fedpipe_core.node.round.final_scores`)."""
     from client_app import local_round
 
-    return local_round.final_scores(msg, context)
+    return local_round.evaluate(msg, context)

@@ -2,7 +2,7 @@
 
 The model is first built on the meta device (shapes only, no memory). Each block linear is then
 replaced by the layer a caller builds from that weight alone (for a node: W0 + ΣΔW quantized to
-its precision, :func:`~fedpipe_core.state.node_base`), reading one tensor at a time from the
+its precision, :func:`~fedpipe_core.node.state.node_base`), reading one tensor at a time from the
 safetensors shards (with ``pread``: a memory map would keep every page read resident), so the
 whole model never exists at FP32: peak memory is the model as held plus one FP32 weight. The
 other parameters (embeddings, norms, LM head) are read as they are, the tied ones tied, and the

@@ -95,7 +95,7 @@ def run_client_round(
     optimizer_state: OptimizerState | None = None,
     frozen_a: bool = False,
 ) -> ClientRound:
-    """Attach adapters to the prepared base (see :func:`~fedpipe_core.state.node_base`), train them on
+    """Attach adapters to the prepared base (see :func:`~fedpipe_core.node.state.node_base`), train them on
     ``device`` (the CPU by default), score them (eqs 3-7); the round's peak memory is measured.
 
     ``seed`` orders the batches; ``init_seed`` (default: ``seed``) draws the fresh adapters' A. With

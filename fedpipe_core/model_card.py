@@ -8,6 +8,7 @@ Everything comes from the run directory's files; nothing is typed by hand.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,36 @@ def _scores_row(label: str, scores: dict[str, Any] | None) -> str:
     )
 
 
-def model_card(run_dir: Path, config: RunConfig, which: str, export_format: str) -> str:
-    """The card's markdown for the run in ``run_dir`` exported from its ``which`` (best or last) round."""
+def adapter_section(modules: Sequence[Any], config: RunConfig, max_error: float, fixed_rank: int | None) -> list[str]:
+    """What a peft export kept of ΔW, module by module (``modules``: :class:`fedpipe_core.export.ModuleExport`), and why
+    its rank is not the run's: ΔW is the sum of every round's increment, so its rank grows with the rounds."""
+    ranks = sorted(m.rank for m in modules)
+    worst = max(modules, key=lambda m: m.rel_error)
+    chosen = (
+        f"`--rank {fixed_rank}` on every module" if fixed_rank else f"the smallest rank with a relative error ≤ {max_error:g}"
+    )
+    lines = [
+        "## Adapter",
+        "",
+        f"- **Rank**: {chosen}: {ranks[0]} to {ranks[-1]} (median {ranks[len(ranks) // 2]}) over {len(ranks)} modules; "
+        f"largest relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F = {worst.rel_error:.3g} "
+        f"(`{worst.module}`, ΔW of rank {worst.delta_rank}).",
+        f"- **Why not rank {max(config.rank_candidates())}**: the sites trained adapters of rank at most "
+        f"{max(config.rank_candidates())}, but the global ΔW is the sum of {config.num_server_rounds} rounds' averaged "
+        "updates, each its own rank-r directions, so ΔW has up to rounds × r independent directions (and more where the "
+        "sites' ranks differ). A peft adapter holds one B·A per module: to stay within a small error it needs most of "
+        "ΔW's rank; a small fixed `--rank` keeps ΔW's leading directions and drops the rest (the error above says how "
+        "much). Choose `--max-error` for the error you accept, or export `--format merged` to keep ΔW exactly.",
+        "",
+        "| module | rank | ΔW's rank | relative error |",
+        "|---|---|---|---|",
+    ]
+    return lines + [f"| `{m.module}` | {m.rank} | {m.delta_rank} | {m.rel_error:.3g} |" for m in modules] + [""]
+
+
+def model_card(run_dir: Path, config: RunConfig, which: str, export_format: str, adapter: Sequence[str] = ()) -> str:
+    """The card's markdown for the run in ``run_dir`` exported from its ``which`` (best or last) round; ``adapter``:
+    :func:`adapter_section`'s lines for a peft export."""
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     stored = json.loads((run_dir / "config.json").read_text())
     best = json.loads((run_dir / "best" / "round.json").read_text()) if (run_dir / "best" / "round.json").is_file() else None
@@ -89,7 +118,8 @@ def model_card(run_dir: Path, config: RunConfig, which: str, export_format: str)
         lines += ["", "## Site data (SHA-256 as each site reported it; the data itself never left the site)", ""]
         lines += ["| site | data hash | note |", "|---|---|---|"]
         lines += [f"| {node} | `{site.get('data_hash', '')}` | {site.get('note', '')} |" for node, site in sites.items()]
-    lines += ["", "## Run config", "", "```json", json.dumps(config.to_mapping(), indent=2, sort_keys=True), "```", ""]
+    lines += ["", *adapter]
+    lines += ["## Run config", "", "```json", json.dumps(config.to_mapping(), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from fedpipe_core.device import measure
 from fedpipe_core.loading import skeleton
 from fedpipe_core.lora import module_shape, resolve_target_modules
 from fedpipe_core.model import default_cache_dir, load_model, load_tokenizer, resolve_checkpoint
-from fedpipe_core.node_cache import cache_key, cached_shares
+from fedpipe_core.node.cache import cache_key, cached_shares
 from fedpipe_core.profile import MEMORY_RANGE, ClientProfile, declared_on_device, simulated
 
 
@@ -113,7 +113,7 @@ class NodeData:
 
 def site_data(task: Task, data_path: str, prompt_field: str = "", response_field: str = "") -> NodeData:
     """A site's own data file (node config ``data-path``) split into its train / validation / test shares; parsed
-    and split once, then read from the node's cache (:mod:`fedpipe_core.node_cache`) while the file is unchanged."""
+    and split once, then read from the node's cache (:mod:`fedpipe_core.node.cache`) while the file is unchanged."""
     cfg = task.config
     try:
         digest = file_hash(data_path)
@@ -165,7 +165,7 @@ def partition_data(task: Task, partition_id: int, num_partitions: int) -> NodeDa
 
 
 def node_data_dir(task: Task) -> Path:
-    """Where the nodes on this machine keep their data's shares (:mod:`fedpipe_core.node_cache`)."""
+    """Where the nodes on this machine keep their data's shares (:mod:`fedpipe_core.node.cache`)."""
     return default_cache_dir(task.config.cache_dir) / "node-data"
 
 

@@ -38,20 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {str(args.out)!r} exists and is not an empty directory")
     from fedpipe_core.export import export_merged, export_peft  # the model stack (torch) once the arguments are good
-    from fedpipe_core.model_card import model_card
+    from fedpipe_core.model_card import adapter_section, model_card
     from fedpipe_core.task import load_task
 
     try:
         config, delta = load_run(args.run_dir, args.which)
         task = load_task(config)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "README.md").write_text(model_card(args.run_dir, config, args.which, args.format))
         if args.format == "merged":
             export_merged(task, delta, args.out)
+            (args.out / "README.md").write_text(model_card(args.run_dir, config, args.which, args.format))
             print(f"merged model ({len(delta)} modules with ΔW) in {args.out}")
             print(json.dumps({"format": "merged", "out": str(args.out), "modules": len(delta)}))
             return 0
         report = export_peft(task, delta, args.out, args.rank, args.max_error)
+        adapter = adapter_section(report, config, args.max_error, args.rank)
+        (args.out / "README.md").write_text(model_card(args.run_dir, config, args.which, args.format, adapter))
     except (ConfigError, ValueError) as exc:
         print(f"fedpipe-export: {exc}", file=sys.stderr)
         return 2

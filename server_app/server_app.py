@@ -13,8 +13,8 @@ from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.evaluate import score_test
 from fedpipe_core.metrics import meteor_missing, scorer
 from fedpipe_core.model import default_cache_dir
+from fedpipe_core.node.state import remove_run_states
 from fedpipe_core.results import RunWriter, output_root
-from fedpipe_core.state import remove_run_states
 from fedpipe_core.strategies import strategy_class
 from fedpipe_core.task import load_task
 from fedpipe_flower.messages import to_record

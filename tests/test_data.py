@@ -130,7 +130,7 @@ def test_bad_data_files_give_clear_errors(tmp_path, task_name, content, name, fr
 def test_a_site_trains_on_its_own_file_named_in_node_config(task, tmp_path):
     from types import SimpleNamespace
 
-    from client_app.local_round import _partition, node_data
+    from fedpipe_core.node.round import _partition, node_data
     from fedpipe_core.task import client_examples
 
     def _examples(task, context):

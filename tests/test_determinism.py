@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedpipe_core.local import run_client_round
+from fedpipe_core.node.state import node_base
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import TrainReply
-from fedpipe_core.state import node_base
 from fedpipe_core.strategies import FedPipe
 from fedpipe_core.task import client_examples
 

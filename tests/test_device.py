@@ -65,7 +65,7 @@ def test_stored_layers_on_cuda_match_the_cpu_reference(precision):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "nf8", "nf4"])
 def test_a_cuda_client_round_trains_and_reports_the_allocator_peak(task, tmp_path, precision, batch):
     from fedpipe_core.local import run_client_round
-    from fedpipe_core.state import node_base
+    from fedpipe_core.node.state import node_base
 
     model, _ = node_base(task, tmp_path, {}, 0, 0, precision)
     ranks = {m: 4 for m in task.targets}
@@ -91,7 +91,7 @@ def test_a_cuda_client_round_trains_and_reports_the_allocator_peak(task, tmp_pat
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "nf8", "nf4"])
 def test_the_cost_model_predicts_a_cpu_round_within_20_percent(task, tmp_path, precision, batch):
     from fedpipe_core.local import run_client_round
-    from fedpipe_core.state import node_base
+    from fedpipe_core.node.state import node_base
 
     model, _ = node_base(task, tmp_path, {}, 0, 0, precision)
     ranks = task.uniform_ranks()

@@ -192,6 +192,13 @@ def test_best_and_last_rounds_and_the_model_card(task, tmp_path, capsys):
     assert "round 1 (lowest eval loss, 1.7500)" in card and "SmolLM2-135M-Instruct.Q4_1.gguf" in card
     assert "Meaning representation: {input}\nReference:" in card and "`f00d`" in card
     assert "| site 5 (12 test examples): federated | 9 | 20 |" in card and '"strategy.name": "fedpipe"' in card
+    kept = json.loads((tmp_path / "out" / "fedpipe_export.json").read_text())["modules"]
+    worst = max(m["rel_error"] for m in kept)
+    assert "## Adapter" in card and f"largest relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F = {worst:.3g}" in card
+    assert f"the sum of {task.config.num_server_rounds} rounds' averaged updates" in card
+    assert all(f"| `{m['module']}` | {m['rank']} | {m['delta_rank']} |" in card for m in kept)
+    assert export([str(run), "--format", "peft", "--out", str(tmp_path / "fixed"), "--rank", "1"]) == 0
+    assert "`--rank 1` on every module: 1 to 1" in (tmp_path / "fixed" / "README.md").read_text()
 
 
 def test_generate_takes_its_flags_before_the_inputs(task, tmp_path, capsys):
@@ -276,8 +283,8 @@ def test_a_time_budget_stops_the_run_before_a_round_that_would_overrun(task):
 
 
 def test_a_node_parses_its_data_once_per_run_and_measures_its_profile_once(task, tmp_path, monkeypatch):
+    import fedpipe_core.node.round as local_round
     import fedpipe_core.task as task_module
-    from client_app import local_round
     from fedpipe_core.profile import ClientProfile
 
     local = replace(task, config=replace(task.config, cache_dir=str(tmp_path)))

@@ -56,7 +56,7 @@ import torch
 from fedpipe_core.config import RunConfig
 from fedpipe_core.device import PeakMemory
 from fedpipe_core.qlinear import stored_bytes
-from fedpipe_core.state import node_base
+from fedpipe_core.node.state import node_base
 from fedpipe_core.task import load_task
 task = load_task(RunConfig(model=sys.argv[1], cache_dir=sys.argv[2], max_train_examples=8))
 with PeakMemory(torch.device("cpu")) as peak:

@@ -11,9 +11,7 @@ from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import CACHE_MARKER, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
-from fedpipe_core.qlinear import effective_weight, stored_bytes
-from fedpipe_core.quantize import quantize
-from fedpipe_core.state import (
+from fedpipe_core.node.state import (
     NodeState,
     StateCorrupt,
     StateMismatch,
@@ -24,6 +22,8 @@ from fedpipe_core.state import (
     save_importance,
     save_state,
 )
+from fedpipe_core.qlinear import effective_weight, stored_bytes
+from fedpipe_core.quantize import quantize
 from fedpipe_core.structure import block_linears
 
 

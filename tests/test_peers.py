@@ -335,7 +335,7 @@ def test_full_round_trains_whole_target_weights_only(task):
 
 def test_a_widened_fedadapter_component_starts_like_fresh_lora_and_trains(task, tmp_path):
     from fedpipe_core.local import run_client_round
-    from fedpipe_core.state import node_base
+    from fedpipe_core.node.state import node_base
 
     strategy = FedAdapter(task)
     strategy.profiles = {1: ClientProfile(64 * 2**30, 35e12, "declared")}

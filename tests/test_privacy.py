@@ -71,7 +71,7 @@ def test_dp_sgd_clips_every_example_s_gradient_to_the_bound():
 
 
 def test_a_site_with_dp_fails_closed_on_an_instruction_without_it(task, tmp_path):
-    from client_app.local_round import PrivacyRefusal, private_round, site_ledger
+    from fedpipe_core.node.round import PrivacyRefusal, private_round, site_ledger
     from fedpipe_core.task import NodeData
 
     data = NodeData(task.splits["train"][:40], [], [], "h")
@@ -142,8 +142,8 @@ def test_the_server_records_each_site_s_spend_and_ends_when_no_site_has_budget(t
 def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     import numpy as np
 
-    from client_app.local_round import ROUTINES
     from fedpipe_core.local import RoundSeeds, adapter_scaling
+    from fedpipe_core.node.round import ROUTINES
     from fedpipe_core.protocol import UpdateError
     from fedpipe_core.round_start import shared_a
     from fedpipe_core.strategies import FedPipe
@@ -160,8 +160,8 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     )
     assert set(out.arrays) == {f"{module}::B"} and out.arrays[f"{module}::B"].shape == (task.shapes[module][0], top)
     assert not out.arrays[f"{module}::B"][:, 4:].any() and out.arrays[f"{module}::B"][:, :4].any()  # B only, zero-padded
+    from fedpipe_core.node.state import node_state_dir
     from fedpipe_core.round_start import load_adapters
-    from fedpipe_core.state import node_state_dir
 
     kept, _ = load_adapters(node_state_dir(local, 1, 2))
     assert torch.equal(kept[module][0], a[module][:4])  # A stayed frozen through training

@@ -2,7 +2,7 @@
 
 import pytest
 
-from client_app.local_round import ROUTINES
+from fedpipe_core.node.round import ROUTINES
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import (
     MODES,

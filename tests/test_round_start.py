@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from fedpipe_core.codec import encode_delta, encode_factors
 from fedpipe_core.local import adapter_scaling
+from fedpipe_core.node.state import node_base, node_state_dir
 from fedpipe_core.protocol import TrainInstruction
 from fedpipe_core.qlinear import effective_weight
 from fedpipe_core.round_start import OPTIMIZER_FILE, change, fitted, load_adapters, products
-from fedpipe_core.state import node_base, node_state_dir
 
 
 def _factors(task, ranks, seed, scale=0.05):
@@ -61,8 +61,8 @@ def test_plans_that_change_keep_the_product_or_fold_the_rest_into_the_base(task)
 
 
 def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
-    from client_app.local_round import ROUTINES
     from fedpipe_core.local import RoundSeeds
+    from fedpipe_core.node.round import ROUTINES
     from fedpipe_core.task import NodeData
 
     local = replace(task, config=replace(task.config, cache_dir=str(tmp_path), round_start="continue"))

@@ -13,9 +13,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-import fedpipe_core.state as state_module
-from client_app import client_app, local_round, worker, worker_wire
+import fedpipe_core.node.state as state_module
+from client_app import client_app, local_round
 from fedpipe_core.config import RunConfig
+from fedpipe_core.node import wire as worker_wire
+from fedpipe_core.node import worker
 from fedpipe_core.protocol import TrainInstruction
 from fedpipe_flower.messages import read_train_reply, to_record, train_message
 

@@ -6,9 +6,9 @@ starts this worker beside its SuperNode, with the same app installed, and sets n
 ``worker-socket=PATH``; the ClientApp then hands each TRAIN message to the worker over that Unix socket (mode 0600:
 only the site's own user can connect) and returns its reply. The worker:
 
-- refuses a ClientApp of another app version (:func:`~client_app.worker_wire.app_version`), with one line saying so
+- refuses a ClientApp of another app version (:func:`~fedpipe_core.node.wire.app_version`), with one line saying so
   (the ClientApp then trains in its own process);
-- runs one job at a time; a job's node base (:class:`~fedpipe_core.state.WarmBase`) is kept for that node's next
+- runs one job at a time; a job's node base (:class:`~fedpipe_core.node.state.WarmBase`) is kept for that node's next
   message, which rewrites only the weights it changes;
 - lets every base go after ``--idle-release-s`` without a job (the accelerator's memory returns to the site).
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client_app.worker_wire import Arrays, app_version, receive, send
+from fedpipe_core.node.wire import Arrays, app_version, receive, send
 
 log = logging.getLogger("fedpipe-node-worker")
 
@@ -36,7 +36,7 @@ class Worker:
     """The bases this worker holds, by (run, node), and the one job it runs at a time."""
 
     def __init__(self, device: str) -> None:
-        import client_app.local_round  # noqa: F401 (the training stack, imported once for every job)
+        import fedpipe_core.node.round  # noqa: F401 (the training stack, imported once for every job)
         from fedpipe_core import quiet
 
         quiet()
@@ -45,9 +45,9 @@ class Worker:
 
     def run_job(self, job: dict[str, Any], payload: Arrays) -> tuple[dict[str, Any], Arrays]:
         """A TRAIN job: the local round on this worker's device; (header, arrays) of its result."""
-        from client_app.local_round import RoundRefused, Site, train_round
+        from fedpipe_core.node.round import RoundRefused, Site, train_round
+        from fedpipe_core.node.state import WarmBase
         from fedpipe_core.protocol import TrainInstruction
-        from fedpipe_core.state import WarmBase
 
         entered = time.perf_counter()
         if job.get("kind") != "train":

@@ -1,0 +1,327 @@
+"""A site's local round, free of Flower: the node's data, base and state, the mode's routine, its report; and the
+site's final scores after the last round.
+
+The ClientApp (:mod:`client_app.local_round`) and the warm worker (:mod:`fedpipe_core.node.worker`) call it; torch,
+transformers and peft load with this module, so a QUERY is answered without them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpipe_core.codec import SEP, decode_delta, decode_factors, encode_factors
+from fedpipe_core.config import RunConfig
+from fedpipe_core.data import Example
+from fedpipe_core.device import resolve_device
+from fedpipe_core.evaluate import evaluate_loss, global_model, score_model, spread
+from fedpipe_core.local import (
+    ClientRound,
+    RoundSeeds,
+    adapter_scaling,
+    round_seeds,
+    run_client_round,
+    run_full_round,
+)
+from fedpipe_core.lora import strip_lora
+from fedpipe_core.metrics import meteor_missing
+from fedpipe_core.node.cache import cached_profile
+from fedpipe_core.node.state import WarmBase, bytes_written, files_on_disk, node_base, node_state_dir, save_importance
+from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
+from fedpipe_core.profile import ClientProfile, declared_on_device
+from fedpipe_core.protocol import FinalInstruction, FinalReply, TrainInstruction, TrainReply
+from fedpipe_core.round_start import (
+    fitted,
+    frozen_fitted,
+    load_adapters,
+    padded_b,
+    products,
+    save_adapters,
+    shared_a,
+)
+from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a local round reads of its node: the attributes of Flower's ``Context`` it uses (a Context serves as one),
+    without Flower (the warm worker gets them over its socket)."""
+
+    run_config: Mapping[str, Any]
+    node_config: Mapping[str, Any]
+    run_id: int
+    node_id: int
+
+
+def _partition(context: Site) -> tuple[int, int]:
+    node = context.node_config
+    if "data-path" in node:  # a site with its own data file: one whole "partition"
+        return int(node.get("partition-id", 0)), 1
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("node config needs 'data-path', or 'partition-id' and 'num-partitions'")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def node_data(task: Task, context: Site) -> NodeData:
+    """The node's own data file when its node config names one, else its partition of the run's data, split
+    into its training, validation and test shares (:class:`~fedpipe_core.task.NodeData`)."""
+    if "data-path" in context.node_config:
+        node = context.node_config
+        return site_data(task, str(node["data-path"]), str(node.get("prompt-field", "")), str(node.get("response-field", "")))
+    return partition_data(task, *_partition(context))
+
+
+def _device(context: Site) -> torch.device:
+    """The node's accelerator: node config ``device`` (``auto`` by default: CUDA when present, else CPU)."""
+    return resolve_device(str(context.node_config.get("device", "auto")))
+
+
+def _adapters_round(
+    task: Task,
+    context: Site,
+    order: TrainInstruction,
+    payload: Arrays,
+    data: NodeData,
+    seeds: RoundSeeds,
+    dp: DpSgd | None,
+    warm: WarmBase | None = None,
+    phases: dict[str, float] | None = None,
+) -> tuple[ClientRound, int]:
+    """``fedpipe`` (merge the sent ΔW rounds; its own adapters continued, or fresh ones with ``round-start = restart``;
+    eqs 11-12, :mod:`fedpipe_core.round_start`) and ``factors`` (start from the sent A, B)."""
+    fedpipe = order.mode == "fedpipe"
+    start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
+    directory = node_state_dir(task, context.run_id, context.node_id)
+    cfg = task.config
+    carried = cfg.round_start == "continue" and fedpipe
+    frozen = cfg.trains_frozen_a and fedpipe
+    saved, moments = load_adapters(directory) if carried else ({}, {})
+    if frozen:
+        a = shared_a(task.shapes, task.targets, max(cfg.rank_candidates()), cfg.seed)
+        before = frozen_fitted(saved, order.ranks, a)
+        start_factors = {m: before.get(m, (a[m][:r], torch.zeros(task.shapes[m][0], r))) for m, r in order.ranks.items()}
+    else:
+        before = fitted(saved, order.ranks)
+        start_factors = before
+    held = products(before, adapter_scaling(task.config))
+    built = time.perf_counter()
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm)
+    if phases is not None:
+        phases["base-s"] = time.perf_counter() - built
+    out = run_client_round(
+        task,
+        device=_device(context),
+        model=model,
+        examples=data.train,
+        ranks=order.ranks,
+        seed=seeds.data,
+        init_seed=seeds.init,
+        importance_history=state.importance,
+        initial_factors=(encode_factors(start_factors) if start_factors else None) if fedpipe else payload,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+        evaluate_on=validation_share(task, data) if order.evaluate else None,
+        dp=dp,
+        optimizer_state=moments,
+        frozen_a=frozen,
+    )
+    if warm is not None:
+        warm.keep(strip_lora(model), directory, end, order.precision, sorted(held))
+    save_importance(directory, state, out.importance_history)
+    after = decode_factors(out.arrays, task.shapes)
+    if carried:
+        save_adapters(directory, after, out.result.optimizer_state)
+    if frozen:  # B's change alone, zero-padded to the largest rank: the server knows A
+        padded = padded_b(after, before, max(cfg.rank_candidates()))
+        out = replace(out, arrays={f"{m}{SEP}B": b.numpy() for m, b in padded.items()})
+    elif carried:  # the server averages the round's change: the adapters after, and those the round started from
+        start = {f"{k}0": v for k, v in encode_factors({m: f for m, f in before.items() if m in after}).items()}
+        out = replace(out, arrays={**out.arrays, **start})
+    return out, end
+
+
+def _full_round(
+    task: Task,
+    context: Site,
+    order: TrainInstruction,
+    payload: Arrays,
+    data: NodeData,
+    seeds: RoundSeeds,
+    dp: DpSgd | None,
+    warm: WarmBase | None = None,
+    phases: dict[str, float] | None = None,
+) -> tuple[ClientRound, int]:
+    """``ft``: fine-tune the whole planned weights on base + the sent global ΔW (built each message: a warm worker keeps
+    no full fine-tuning base)."""
+    out = run_full_round(
+        task,
+        device=_device(context),
+        examples=data.train,
+        modules=list(order.ranks),
+        base_delta=decode_delta(payload, task.shapes),
+        seed=seeds.data,
+        batch_size=order.batch_size,
+        local_steps=order.local_steps,
+        evaluate_on=validation_share(task, data) if order.evaluate else None,
+        dp=dp,
+    )
+    return out, 0
+
+
+def validation_share(task: Task, data: NodeData) -> list[Example]:
+    """What a node evaluates a model on: ``eval.examples`` of its validation share, spread over its groups."""
+    return spread(data.validation, task.config.eval_examples)
+
+
+ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
+    "fedpipe": _adapters_round,
+    "factors": _adapters_round,
+    "ft": _full_round,
+}
+"""The local routine of each train mode (:data:`fedpipe_core.protocol.MODES`): (its round, the ΔW version merged)."""
+
+
+def profile(context: Site) -> ClientProfile:
+    """This node's profile when it is not declared: simulated for the run's model, or measured here; worked out once
+    per run and kept in the node's state (node config ``profile-changes = true``: every message)."""
+    declared = declared_on_device(context.node_config)
+    if declared is not None:  # the site's own declaration, as it stands now
+        return declared
+    task = load_task(RunConfig.from_mapping(context.run_config))
+    changes = str(context.node_config.get("profile-changes", "false")).lower() == "true"
+    directory = node_state_dir(task, context.run_id, context.node_id)
+    return cached_profile(directory, lambda: node_profile(task, context.node_config, _partition(context)[0]), changes)
+
+
+class RoundRefused(RuntimeError):
+    """The node refuses this round (its privacy settings); the reply says why."""
+
+
+def train_round(
+    site: Site, order: TrainInstruction, payload: Arrays, entered: float, startup_s: float, warm: WarmBase | None = None
+) -> tuple[Arrays, TrainReply]:
+    """One local round; the instruction says which modules, which ranks and which ΔW to merge.
+
+    ``entered`` is when the handler was entered (``time.perf_counter()``) and ``startup_s`` how long the
+    process took to get there; ``setup-s`` is what this handler spent besides local training. ``warm``: the base a
+    long-lived worker holds for this node between messages (:class:`~fedpipe_core.node.state.WarmBase`).
+    """
+    loaded = time.perf_counter()  # since ``entered``: the training stack's import (none in a warm worker)
+    task = load_task(RunConfig.from_mapping(site.run_config))
+    partition_id, _ = _partition(site)
+    data = node_data(task, site)
+    phases = {"import-s": loaded - entered, "data-s": time.perf_counter() - loaded}
+    directory = node_state_dir(task, site.run_id, site.node_id)
+    on_disk = files_on_disk(directory)
+    unknown = sorted(set(order.ranks) - set(task.shapes))
+    if unknown:
+        raise ValueError(f"plan names modules this model cannot adapt: {unknown[:3]}")
+    seeds = round_seeds(task.config, order.server_round, partition_id)
+    ledger = site_ledger(task, site)
+    try:
+        dp = private_round(task, ledger, order, data, seeds.data)
+    except (PrivacyRefusal, PrivacyBudgetSpent) as refusal:
+        raise RoundRefused(str(refusal)) from refusal
+    out, version = ROUTINES[order.mode](task, site, order, payload, data, seeds, dp, warm, phases)
+    spent = None
+    if ledger is not None and dp is not None:
+        spent = ledger.record(dp.rate, out.result.steps)
+        ledger.save(directory)
+    phases["state-bytes"] = float(bytes_written(directory, on_disk))
+    report = TrainReply(
+        num_examples=out.num_examples,
+        train_loss=out.result.mean_loss,
+        steps=out.result.steps,
+        state_version=version,
+        profile=profile(site),
+        train_s=out.train_s,
+        setup_s=time.perf_counter() - entered - out.train_s,
+        startup_s=startup_s,
+        importance=out.importance,
+        model_bytes=out.model_bytes,
+        peak_bytes=out.peak_bytes,
+        eval_loss=out.start_eval.loss if out.start_eval else None,
+        eval_examples=len(validation_share(task, data)) if out.start_eval else 0,
+        weight_norms=out.weight_norms,
+        epsilon_spent=spent,
+        phases=phases,
+    )
+    return out.arrays, report
+
+
+class PrivacyRefusal(RuntimeError):
+    """A site that asks for DP-SGD was sent a TRAIN message without the DP instruction."""
+
+
+def site_ledger(task: Task, context: Site) -> PrivacyLedger | None:
+    """This site's privacy ledger when it trains with DP-SGD: its node config's ``dp-epsilon`` / ``dp-delta``, else the
+    run config's ``privacy.site-epsilon`` / ``privacy.site-delta``; None when its ε is 0 (no DP)."""
+    cfg, node = task.config, context.node_config
+    epsilon = float(node.get("dp-epsilon", cfg.privacy_site_epsilon))
+    if epsilon <= 0:
+        return None
+    delta = float(node.get("dp-delta", cfg.privacy_site_delta))
+    return load_ledger(node_state_dir(task, context.run_id, context.node_id), epsilon, delta)
+
+
+def private_round(task: Task, ledger: PrivacyLedger | None, order: TrainInstruction, data: NodeData, seed: int) -> DpSgd | None:
+    """The round's DP-SGD settings, admitted by the site's ledger; None for a site without DP. A site with DP refuses
+    (fails closed) an instruction without the DP clipping bound, and a round that would take it past its ε."""
+    if ledger is None:
+        return None
+    if order.dp_clip <= 0:
+        raise PrivacyRefusal(
+            f"this site trains only with DP-SGD (ε = {ledger.epsilon:g}); the instruction carries no clipping bound "
+            "(run config privacy.clip-norm)"
+        )
+    rate = min(1.0, order.batch_size / len(data.train))
+    ledger.admit(rate, order.local_steps, task.config.num_server_rounds * task.config.local_steps)
+    return DpSgd(order.dp_clip, ledger.noise, rate, seed)
+
+
+def final_scores(site: Site, order: FinalInstruction, payload: Arrays) -> FinalReply:
+    """After the last round: score the final model (and the base, and the site's own local-only model) on this
+    site's held-out shares; only losses, scores, counts and the data's hash go back (:class:`FinalReply`)."""
+    task = load_task(RunConfig.from_mapping(site.run_config))
+    data = node_data(task, site)
+    if not data.held_out:
+        return FinalReply(None, 0, 0, {}, data.data_hash, data.note)
+    delta = decode_delta(payload, task.shapes)
+    device = _device(site)
+    validation = validation_share(task, data)
+    federated = global_model(task, delta).to(device)
+    loss = evaluate_loss(federated, task.tokenizer, validation, task.config.max_seq_len)
+    scores = {"federated": score_model(task, federated, data.test)}
+    del federated
+    if order.base:
+        scores["base"] = score_model(task, task.base_model().to(device), data.test)
+    if order.local_baseline:
+        scores["local_only"] = score_model(task, local_only_model(task, data, order.local_steps, device), data.test)
+    note = meteor_missing() if task.config.task == "e2e" else ""
+    return FinalReply(loss.loss, len(validation), len(data.test), scores, data.data_hash, note)
+
+
+def local_only_model(task: Task, data: NodeData, steps: int, device: torch.device) -> torch.nn.Module:
+    """The site's model fine-tuned alone: rank ``lora.rank`` on every target, ``steps`` steps at ``train.batch-size``,
+    one optimizer throughout, on its training share only; base + its ΔW."""
+    cfg = task.config
+    out = run_client_round(
+        task,
+        device=device,
+        model=task.base_model(),
+        examples=data.train,
+        ranks=task.uniform_ranks(),
+        initial_factors=None,
+        seed=cfg.seed,
+        local_steps=steps,
+    )
+    scaling = adapter_scaling(cfg)
+    delta = {m: scaling * (B @ A) for m, (A, B) in decode_factors(out.arrays, task.shapes).items()}
+    return global_model(task, delta).to(device)
