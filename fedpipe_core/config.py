@@ -4,8 +4,8 @@ Flower hands the app a flat ``{key: value}`` mapping (``[tool.flwr.app.config]``
 pyproject.toml, overridden by ``flwr run --run-config``). Keys are grouped with dots, as in
 Flower's LLM examples: ``model.*``, ``data.*``, ``lora.*``, ``train.*``, ``strategy.*``,
 ``eval.*``, ``fedpipe.*`` (FedPipe only), ``fedadapter.*``, ``sim.*`` (simulated profiles).
-Every key is declared once below, in the docstring of its typed field with its meaning; the README's table
-is generated from these declarations (``python -m fedpipe_core.config``). Invalid values and
+Every key is declared once below, in the docstring of its typed field with its meaning; the user guide's table
+(docs/user-guide.md) is generated from these declarations (``python -m fedpipe_core.config``). Invalid values and
 unknown keys stop the run before any training with one line naming the key (``strategy.name`` is
 checked against the strategy registry, :func:`fedpipe_core.strategies.strategy_class`).
 """
@@ -335,7 +335,7 @@ def closest(key: str, known: list[str]) -> str:
 
 
 def markdown_table() -> str:
-    """The README's run-config table, generated from the field declarations."""
+    """The user guide's run-config table, generated from the field declarations."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in fields(RunConfig):
         key, meaning = _DECLARED[f.name]

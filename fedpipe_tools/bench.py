@@ -366,7 +366,9 @@ def _seeds(text: str, suite: Suite) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpipe-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", help="suite name (see --list)")
-    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument(
+        "--list", action="store_true", help="list the suites and exit; with --suite, every run it would do and which are done"
+    )
     parser.add_argument("--suites-file", type=Path, help="a suites YAML file instead of the packaged one")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where runs and report/ go (default: ./bench)")
     parser.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (default: .)")
@@ -384,6 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         suites = load_suites(args.suites_file)
+        if args.list and args.suite in suites:  # one suite: every run it would do, and which have finished under --out
+            suite = suites[args.suite]
+            for strategy, setting in suite.runs:
+                rates = suite.lr_grid or (None,)
+                for seed in suite.seeds:
+                    for lr in rates if seed == suite.seeds[0] else (None,):
+                        done = finished(run_dir(args.out / suite.name, strategy, setting, seed, lr)) is not None
+                        rate = f" lr {lr:g} (trial)" if lr is not None else (" at the chosen lr" if suite.lr_grid else "")
+                        console.print(f"{strategy} / {setting} / seed {seed}{rate}: {'done' if done else 'to run'}")
+            return 0
         if args.list:
             for name, suite in suites.items():
                 more = len(suite.runs) * (len(suite.lr_grid) - 1)  # the trial at the chosen rate is the first seed's run

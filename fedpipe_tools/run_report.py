@@ -101,28 +101,40 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def plot_plans(plans: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Per node, the rank of every module (rows) in every round (columns); precision and batch on top."""
+    """Per node, the rank of every module (rows, labelled layer.name) in every round (columns), one colour per rank
+    (a discrete legend; grey: not trained), with the node's base precision and batch as labelled rows on top."""
     plt = pyplot()
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
     nodes = sorted({p["node_id"] for p in plans})
     modules = sorted({m for p in plans for m in p["ranks"]}, key=_module_order)
     rounds = sorted({p["round"] for p in plans})
-    fig, axes = plt.subplots(1, len(nodes), figsize=(2.4 * len(nodes) + 1.5, 0.12 * len(modules) + 2.5), squeeze=False)
-    image = None
-    for ax, node in zip(axes[0], nodes):
+    ranks = sorted({0} | {r for p in plans for r in p["ranks"].values()})
+    colours = ["#d9d9d9", *plt.get_cmap("viridis", max(2, len(ranks) - 1)).colors[: len(ranks) - 1]]
+    cmap, norm = ListedColormap(colours), BoundaryNorm([*ranks, ranks[-1] + 1], len(ranks))
+    heads = 2  # the precision and batch rows above the modules
+    fig, axes = plt.subplots(1, len(nodes), figsize=(1.2 * len(rounds) * len(nodes) + 3, 0.16 * (len(modules) + heads) + 2))
+    axes = list(axes) if len(nodes) > 1 else [axes]
+    for ax, node in zip(axes, nodes):
         mine = {p["round"]: p for p in plans if p["node_id"] == node}
         grid = [[mine[r]["ranks"].get(m, 0) if r in mine else 0 for r in rounds] for m in modules]
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-        labels = [
-            f"{r}\n{mine[r].get('precision', '?')}\nb{mine[r].get('batch_size', '?')}" if r in mine else str(r) for r in rounds
-        ]
-        ax.set_xticks(range(len(rounds)), labels, fontsize=7)
-        ax.set_yticks([])
+        ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, extent=(-0.5, len(rounds) - 0.5, len(modules) - 0.5, -0.5))
+        for j, r in enumerate(rounds):
+            plan = mine.get(r, {})
+            ax.text(j, -0.5 - 1.5, str(plan.get("precision", "—")), ha="center", va="center", fontsize=7)
+            ax.text(j, -0.5 - 0.6, str(plan.get("batch_size", "—")), ha="center", va="center", fontsize=7)
+        ax.set_ylim(len(modules) - 0.5, -0.5 - heads)
+        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds], fontsize=7)
+        ax.set_xlabel("round", fontsize=7)
         flops = (next(iter(mine.values()))["profile"]["flops"] / 1e12) if mine else 0.0
         ax.set_title(f"{_node(node)}\n{flops:.1f} TFLOPS", fontsize=8)
-    axes[0][0].set_yticks(range(len(modules)), [_short(m) for m in modules], fontsize=5)
-    if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), label="rank (0: not trained)")
-    fig.suptitle(f"{title}: plans (round, precision, batch)", fontsize=9)
+        ax.set_yticks([])
+    labels = ["precision", "batch", *(_short(m) for m in modules)]
+    axes[0].set_yticks([-0.5 - 1.5, -0.5 - 0.6, *range(len(modules))], labels, fontsize=6)
+    legend = [Patch(color=c, label="not trained" if r == 0 else f"rank {r}") for r, c in zip(ranks, colours)]
+    fig.legend(handles=legend, loc="upper right", fontsize=7, title="adapter", title_fontsize=7)
+    fig.suptitle(f"{title}: each node's plan per round", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -179,14 +191,7 @@ def write_run_report(run: Path, out: Path) -> Path:
     where = Path(os.path.relpath(run.resolve(), out.resolve())).as_posix()  # a link that travels with the page
     lines = [f"# {title}", "", f"Run directory: [`{where}`]({where})", ""]
     if summary:
-        scores = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        scores |= {f"federated {k}": v for k, v in (summary.get("federated") or {}).items() if isinstance(v, (int, float))}
-        lines += [
-            "| " + " | ".join(scores) + " |",
-            "|" + "---|" * len(scores),
-            "| " + " | ".join(_fmt(v) for v in scores.values()) + " |",
-            "",
-        ]
+        lines += summary_table(summary)
     else:
         lines += ["No summary.json yet: the run has not finished.", ""]
     lines += site_table(summary)
@@ -197,7 +202,7 @@ def write_run_report(run: Path, out: Path) -> Path:
     for r in rows:
         losses = _loss(r.get("eval_loss")) + (f" | {_loss(r.get('federated_eval_loss'))}" if federated else "")
         lines.append(
-            f"| {r['round']} | {losses} | {r.get('clients', 0)} "
+            f"| {r['round'] or '0 (base model)'} | {losses} | {r.get('clients', 0)} "
             f"| {r.get('bytes_up', 0) / 1e6:.2f} "
             f"| {r.get('bytes_down', 0) / 1e6:.2f} | {_fmt(r.get('sim_time_s'))} | {_fmt(r.get('client_train_s'))} "
             f"| {_fmt(r.get('client_setup_s'))} | {_fmt(r.get('client_startup_s'))} |"
@@ -215,6 +220,47 @@ def write_run_report(run: Path, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+SCORES = (
+    ("bleu", "BLEU", "0–100, higher is better"),
+    ("nist", "NIST", "higher is better"),
+    ("meteor", "METEOR", "0–1, higher is better"),
+    ("rouge_l", "ROUGE-L", "0–1, higher is better"),
+    ("cider", "CIDEr", "0–10, higher is better"),
+    ("ppl", "perplexity", "lower is better"),
+)
+"""(summary key, name, scale) of every score a run reports."""
+
+
+def summary_table(summary: dict[str, Any]) -> list[str]:
+    """The final scores beside the base model's (on the server's test split and, where the sites scored, their mean),
+    then the run's size and cost with units."""
+    federated = summary.get("federated") or {}
+    columns = [("fine-tuned (server test split)", summary), ("base (server test split)", summary.get("base") or {})]
+    if federated:
+        columns += [("fine-tuned (sites' mean)", federated), ("base (sites' mean)", federated.get("base") or {})]
+    columns = [(name, scores) for name, scores in columns if any(isinstance(scores.get(k), (int, float)) for k, _, _ in SCORES)]
+    lines = []
+    if columns:
+        lines += ["| score | scale | " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * (len(columns) + 2)]
+        lines += [
+            f"| {name} | {scale} | " + " | ".join(_fmt(s.get(key)) for _, s in columns) + " |" for key, name, scale in SCORES
+        ]
+        lines.append("")
+    cost = (
+        ("trainable parameters per node", summary.get("trainable_params"), 1),
+        ("MB up (from the nodes, all rounds)", summary.get("total_bytes_up"), 1e6),
+        ("MB down (to the nodes, all rounds)", summary.get("total_bytes_down"), 1e6),
+        ("simulated seconds", summary.get("sim_time_s"), 1),
+        ("wall seconds", summary.get("wall_s"), 1),
+        ("rounds", summary.get("rounds"), 1),
+    )
+    shown = [(name, value / scale) for name, value, scale in cost if isinstance(value, (int, float))]
+    shown = [(name, int(value) if float(value).is_integer() else value) for name, value in shown]
+    if shown:
+        lines += ["| run | value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in shown), ""]
+    return lines
 
 
 def plan_table(plans: list[dict[str, Any]]) -> list[str]:

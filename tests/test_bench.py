@@ -428,3 +428,18 @@ def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at
     row = json.loads((out / "report" / "results.json").read_text())["s"]["lora-fedavg/hetero"]
     assert row["lr"] == 0.01 and row["seeds"] == 2
     assert "| lora-fedavg | hetero | 2 | 0.01 |" in (out / "report" / "s.md").read_text()
+
+
+def test_list_of_one_suite_names_every_run_and_which_are_done(tmp_path, capsys):
+    trial = run_dir(tmp_path / "binding", "fedpipe", "binding", 1, 0.003) / "7"
+    trial.mkdir(parents=True)
+    (trial / "summary.json").write_text("{}")
+    assert bench.main(["--list", "--suite", "binding", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    suite = load_suites()["binding"]
+    assert len(lines) == len(suite.runs) * (len(suite.lr_grid) + len(suite.seeds) - 1)  # trials on seed 1, then the others
+    assert "fedpipe / binding / seed 1 lr 0.003 (trial): done" in lines
+    assert (
+        "fedpipe / binding / seed 1 lr 0.001 (trial): to run" in lines
+        and "fedpipe / binding / seed 2 at the chosen lr: to run" in lines
+    )

@@ -4,6 +4,7 @@ two commands are the ones CI runs."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -90,3 +91,21 @@ def test_the_readme_s_two_commands_are_the_ones_ci_runs():
     command = re.search(r"python -m pytest -q[^\n`]*", test).group(0).strip()
     assert command in ci, f"README's test command {command!r} is not in .ci/run"
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in run and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in ci
+
+
+def test_every_generated_block_is_what_its_source_makes_now(tmp_path):
+    from fedpipe_tools import docs
+
+    assert docs.stale() == [], "run `python -m fedpipe_tools.docs` to rewrite the generated blocks"
+    run = tmp_path / "runs" / "1"
+    run.mkdir(parents=True)
+    rows = [{"round": 0, "eval_loss": 2.5}, {"round": 1, "eval_loss": 2.0, "clients": 2, "bytes_up": 2e6, "bytes_down": 1e6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"bleu": 40.0, "base": {"bleu": 1.0}}))
+    page = "x\n<!-- generated: run-rounds runs -->\nstale\n<!-- end generated -->\ny\n"
+    fresh = docs.render(page, tmp_path)
+    assert "| 1 | 2.000000 | — | 2 | 2.000 | 1.000 |" in fresh and "stale" not in fresh and docs.render(fresh, tmp_path) == fresh
+    summary = docs.render("<!-- generated: run-summary runs/1 -->\n<!-- end generated -->\n", tmp_path)
+    assert "| BLEU | 0–100, higher is better | 40 | 1 |" in summary
+    with pytest.raises(ValueError, match="unknown generated block 'figures'"):
+        docs.render("<!-- generated: figures x -->\n<!-- end generated -->", tmp_path)

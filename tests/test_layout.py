@@ -1,4 +1,4 @@
-"""The layering the README describes: an algorithm core without Flower, apps on top, no import cycle."""
+"""The layering the design note (docs/design.md) describes: an algorithm core without Flower, apps on top, no import cycle."""
 
 from __future__ import annotations
 

@@ -55,7 +55,11 @@ def test_a_run_report_has_the_rounds_the_plans_and_the_plots(tmp_path, capsys):
     page = (run / "report" / "report.md").read_text()
     assert capsys.readouterr().out.strip() == str(run / "report" / "report.md")
     assert "Run directory: [`..`](..)" in page  # relative: the page names no machine's path
-    assert "# run 123 (fedpipe)" in page and "| bleu | ppl |" in page and "| 41.5 | 6.2 |" in page
+    assert (
+        "# run 123 (fedpipe)" in page and "| score | scale | fine-tuned (server test split) | base (server test split) |" in page
+    )
+    assert "| BLEU | 0–100, higher is better | 41.5 | 0.2 |" in page and "| perplexity | lower is better | 6.2 | — |" in page
+    assert "| 0 (base model) |" in page
     assert "| 1 | 2.4000 | 2 | 3.00 | 0.00 | 0.07 | 10 | 2 | 4 |" in page
     assert "| 2 | 2.1000 | 2 | 3.00 | 1.50 | 0.14 | 10 | 2 | 0 |" in page
     assert "stretched the round): round 2 node …1000." in page
