@@ -324,3 +324,17 @@ def test_a_node_that_pins_signed_apps_refuses_this_unsigned_app_and_the_run_goes
         assert refusal, (tmp_path / "supernode-1.log").read_text()[-2000:]
     rows = [json.loads(line) for line in next(runs.glob("*/metrics.jsonl")).read_text().splitlines()]
     assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 1  # the pinned node ran none of it
+
+
+def test_secure_aggregation_over_a_real_deployment_keeps_each_site_s_secrets_across_its_processes(tmp_path):
+    """Each message is a fresh ClientApp process: a site's round secrets must live in its context's state from the
+    keys stage to the unmask stage, and the server must learn the round from the sites' sums alone."""
+    runs = tmp_path / "runs"
+    with _federation(tmp_path, tls=False, nodes=3) as deployment:
+        config = f'num-server-rounds=2 output-dir="{runs}" strategy.min-train-nodes=3 privacy.mode="secure" eval.where="both"'
+        done = deploy.run_app(deployment, f"{config} {SMALL}", timeout_s=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in next(runs.glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients"] == 3 for r in rows[1:])
+    assert rows[0]["site_eval"] == {} and rows[0]["federated_eval_loss"] > 0  # the sites' evaluation, known only summed
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]

@@ -93,11 +93,16 @@ def test_the_cost_model_predicts_a_cpu_round_within_20_percent(task, tmp_path, p
     from fedpipe_core.local import run_client_round
     from fedpipe_core.node.state import node_base
 
-    model, _ = node_base(task, tmp_path, {}, 0, 0, precision)
     ranks = task.uniform_ranks()
     long_enough = [e for e in task.splits["train"] if len(e.prompt) + len(e.target) > 400][: 2 * batch]
-    out = run_client_round(
-        task, model=model, examples=long_enough, ranks=ranks, initial_factors=None, seed=0, batch_size=batch, local_steps=2
-    )
     predicted = peak_memory(task.spec, ranks, batch, task.config.max_seq_len, precision)
-    assert 0.8 <= out.peak_bytes / predicted <= 1.2, (out.model_bytes, out.peak_bytes, predicted)
+    measured = []
+    for attempt in range(2):  # the CPU sampler can miss a transient peak (never add one): the larger of two rounds
+        model, _ = node_base(task, tmp_path / str(attempt), {}, 0, 0, precision)
+        out = run_client_round(
+            task, model=model, examples=long_enough, ranks=ranks, initial_factors=None, seed=0, batch_size=batch, local_steps=2
+        )
+        measured.append(out.peak_bytes)
+        if out.peak_bytes >= 0.8 * predicted:
+            break
+    assert 0.8 <= max(measured) / predicted <= 1.2, (out.model_bytes, measured, predicted)
