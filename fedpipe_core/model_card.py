@@ -51,18 +51,24 @@ def adapter_section(modules: Sequence[Any], config: RunConfig, max_error: float,
     chosen = (
         f"`--rank {fixed_rank}` on every module" if fixed_rank else f"the smallest rank with a relative error ≤ {max_error:g}"
     )
+    top = max(config.rank_candidates())
     lines = [
         "## Adapter",
         "",
         f"- **Rank**: {chosen}: {ranks[0]} to {ranks[-1]} (median {ranks[len(ranks) // 2]}) over {len(ranks)} modules; "
         f"largest relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F = {worst.rel_error:.3g} "
         f"(`{worst.module}`, ΔW of rank {worst.delta_rank}).",
-        f"- **Why not rank {max(config.rank_candidates())}**: the sites trained adapters of rank at most "
-        f"{max(config.rank_candidates())}, but the global ΔW is the sum of {config.num_server_rounds} rounds' averaged "
-        "updates, each its own rank-r directions, so ΔW has up to rounds × r independent directions (and more where the "
-        "sites' ranks differ). A peft adapter holds one B·A per module: to stay within a small error it needs most of "
-        "ΔW's rank; a small fixed `--rank` keeps ΔW's leading directions and drops the rest (the error above says how "
-        "much). Choose `--max-error` for the error you accept, or export `--format merged` to keep ΔW exactly.",
+    ]
+    if max(m.delta_rank for m in modules) > top:
+        lines.append(
+            f"- **Why not rank {top}**: the sites trained adapters of rank at most {top}, but the global ΔW is the sum of "
+            f"{config.num_server_rounds} rounds' averaged updates, each its own rank-r directions, so ΔW has up to rounds × r "
+            "independent directions (and more where the sites' ranks differ). A peft adapter holds one B·A per module: to "
+            "stay within a small error it needs most of ΔW's rank; a small fixed `--rank` keeps ΔW's leading directions and "
+            "drops the rest (the error above says how much). Choose `--max-error` for the error you accept, or export "
+            "`--format merged` to keep ΔW exactly."
+        )
+    lines += [
         "",
         "| module | rank | ΔW's rank | relative error |",
         "|---|---|---|---|",
