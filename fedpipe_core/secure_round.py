@@ -159,6 +159,8 @@ def check_roster(roster: Mapping[int, tuple[bytes, bytes]], me: int, threshold: 
 def deal(secrets: SiteSecrets, me: int, roster: Mapping[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
     """Stage 2: the shares of s_sk and b, one pair per site of the roster (share index = rank in the sorted roster),
     each other site's encrypted to it; this site's own pair is kept in ``secrets``."""
+    if secrets.roster:
+        raise SecAggError(f"secure aggregation: site {me} already dealt its shares this round")
     check_roster(roster, me, threshold)
     sites = sorted(roster)
     if roster[me] != (public_key(secrets.c_private), public_key(secrets.s_private)):

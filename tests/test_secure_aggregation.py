@@ -62,6 +62,8 @@ def test_a_site_refuses_to_reveal_both_secrets_of_a_site_twice_or_to_a_minority(
         secrets[site], c_pk, s_pk = advertise(1, rnd.nonce)
         rnd.admit_keys(site, c_pk, s_pk)
     dealt = {site: deal(secrets[site], site, rnd.roster, 3) for site in NODES}
+    with pytest.raises(SecAggError, match="already dealt"):  # a second sharing of the same secrets, to another roster
+        deal(secrets[11], 11, {s: rnd.roster[s] for s in (11, 22)}, 2)
     code = fixed_point(1e6, 4)
     mask(secrets[11], 11, np.zeros(3), code, {d: dealt[d][11] for d in NODES if d != 11})
     with pytest.raises(SecAggError, match="split the roster"):
