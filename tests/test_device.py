@@ -29,6 +29,9 @@ def test_peak_memory_on_the_cpu_sees_an_allocation_that_is_gone_by_the_end():
     with PeakMemory(torch.device("cpu"), interval_s=0.001) as peak:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         total = float(block.sum())
+        seen, deadline = peak.samples, time.monotonic() + 30
+        while peak.samples < seen + 2 and time.monotonic() < deadline:  # alive across a whole sample (the sampler's
+            time.sleep(0.002)  # interval grows with the heap it walks, so a fixed hold could fall between two samples)
         del block
         torch.ones(1).add_(total)
     assert 56 * 2**20 <= peak.increase_bytes <= 160 * 2**20
