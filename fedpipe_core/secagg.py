@@ -77,10 +77,11 @@ def public_key(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def pair_key(private: bytes, peer_public: bytes, context: bytes) -> bytes:
-    """The 32-byte key two sites share: X25519 agreement, then HKDF-SHA256 bound to the round's ``context``."""
+def pair_key(private: bytes, peer_public: bytes, context: bytes, purpose: bytes = b"pair mask") -> bytes:
+    """The 32-byte key two sites share: X25519 agreement, then HKDF-SHA256 bound to the round's ``context`` and to
+    what the key is for (``purpose``: a pair mask, or the encryption of the shares one site deals the other)."""
     secret = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return HKDF(hashes.SHA256(), 32, salt=context, info=b"fedpipe secagg pair mask").derive(secret)
+    return HKDF(hashes.SHA256(), 32, salt=context, info=b"fedpipe secagg " + purpose).derive(secret)
 
 
 def expand(key: bytes, length: int) -> np.ndarray:

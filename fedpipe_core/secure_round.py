@@ -27,10 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedpipe_core.secagg import (
     WORD,
@@ -39,6 +36,7 @@ from fedpipe_core.secagg import (
     masked,
     new_private_key,
     new_self_seed,
+    pair_key,
     public_key,
     rebuild,
     split,
@@ -137,8 +135,7 @@ def advertise(server_round: int, nonce: bytes) -> tuple[SiteSecrets, bytes, byte
 
 
 def _share_key(private: bytes, peer_public: bytes, nonce: bytes) -> bytes:
-    secret = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return HKDF(hashes.SHA256(), 32, salt=nonce, info=b"fedpipe secagg share encryption").derive(secret)
+    return pair_key(private, peer_public, nonce, purpose=b"share encryption")
 
 
 def _associated(nonce: bytes, sender: int, receiver: int) -> bytes:

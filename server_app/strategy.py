@@ -225,17 +225,13 @@ class FlowerAdapter(FlowerStrategy):
             try:
                 parsed.append((node_id, *read_train_reply(reply)))
             except UpdateError as exc:
-                log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
-                self.strategy.on_failure(node_id)
-                stats.rejected += 1
+                self._reject(server_round, node_id, exc, stats)
         self.strategy.observe_weight_norms([report.weight_norms for _, _, report, _ in parsed])
         for node_id, arrays, report, size in parsed:
             try:
                 update = self.strategy.read_update(arrays, report, stats.ranks.get(node_id))
             except UpdateError as exc:
-                log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
-                self.strategy.on_failure(node_id)
-                stats.rejected += 1
+                self._reject(server_round, node_id, exc, stats)
                 continue
             if node_id in updates:
                 log(WARNING, "round %d: second reply of node %d rejected: one update per node and round", server_round, node_id)
@@ -255,6 +251,16 @@ class FlowerAdapter(FlowerStrategy):
         stats.client_steps = sum(r.steps for _, r in updates.values())
         stats.train_loss = sum(r.train_loss * u.num_examples for u, r in updates.values()) / stats.num_examples
         self.strategy.combine(server_round, updates)
+        return self._round_result(stats)
+
+    def _reject(self, server_round: int, node_id: int, exc: Exception, stats: RoundStats) -> None:
+        """Log and count an update left out of the round; the node gets the whole ΔW history next time."""
+        log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
+        self.strategy.on_failure(node_id)
+        stats.rejected += 1
+
+    def _round_result(self, stats: RoundStats) -> tuple[ArrayRecord, MetricRecord]:
+        """What Flower gets back once the strategy has combined the round: the global ΔW and the round's metrics."""
         metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
         return to_record(self.strategy.global_arrays()), metrics
 
@@ -302,9 +308,7 @@ class FlowerAdapter(FlowerStrategy):
                     raise UpdateError(f"a secure reply carries {MASKED!r} alone and its state version")
                 rnd.admit_upload(node_id, arrays[MASKED], layout.size)
             except (UpdateError, SecAggError) as exc:
-                log(WARNING, "round %d: update of node %d rejected: %s", server_round, node_id, exc)
-                self.strategy.on_failure(node_id)
-                stats.rejected += 1
+                self._reject(server_round, node_id, exc, stats)
                 continue
             stats.bytes_up += size
             reports[node_id] = report
@@ -324,8 +328,7 @@ class FlowerAdapter(FlowerStrategy):
         if tail["eval-examples"] >= 1:
             stats.secure_eval = (tail["eval-loss-sum"] / tail["eval-examples"], round(tail["eval-examples"]))
         self.strategy.combine_sum(server_round, sums, weights, {n: int(reports[n].state_version) for n in sent})
-        metrics = MetricRecord({"train-loss": stats.train_loss, "clients": stats.clients, "num-examples": stats.num_examples})
-        return to_record(self.strategy.global_arrays()), metrics
+        return self._round_result(stats)
 
     def _check_budget(self, server_round: int, plans: dict[int, Plan]) -> None:
         """Raise :class:`TimeBudgetSpent` when this round's slowest planned node would end past the time budget."""
