@@ -143,7 +143,7 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     import numpy as np
 
     from fedpipe_core.local import RoundSeeds, adapter_scaling
-    from fedpipe_core.node.round import ROUTINES
+    from fedpipe_core.node.round import ROUTINES, LocalJob
     from fedpipe_core.protocol import UpdateError
     from fedpipe_core.round_start import shared_a
     from fedpipe_core.strategies import FedPipe
@@ -156,7 +156,7 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     data = NodeData(task.splits["train"][:16], [], [], "h")
     order = TrainInstruction(1, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
     out, _ = ROUTINES["fedpipe"](
-        local, SimpleNamespace(run_id=1, node_id=2, node_config={}), order, {}, data, RoundSeeds(1, 1), None
+        LocalJob(local, SimpleNamespace(run_id=1, node_id=2, node_config={}), order, {}, data, RoundSeeds(1, 1), None)
     )
     assert set(out.arrays) == {f"{module}::B"} and out.arrays[f"{module}::B"].shape == (task.shapes[module][0], top)
     assert not out.arrays[f"{module}::B"][:, 4:].any() and out.arrays[f"{module}::B"][:, :4].any()  # B only, zero-padded

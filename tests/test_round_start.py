@@ -62,7 +62,7 @@ def test_plans_that_change_keep_the_product_or_fold_the_rest_into_the_base(task)
 
 def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
     from fedpipe_core.local import RoundSeeds
-    from fedpipe_core.node.round import ROUTINES
+    from fedpipe_core.node.round import ROUTINES, LocalJob
     from fedpipe_core.task import NodeData
 
     local = replace(task, config=replace(task.config, cache_dir=str(tmp_path), round_start="continue"))
@@ -70,7 +70,7 @@ def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
     data = NodeData(task.splits["train"][:16], [], [], "h")
     module = task.targets[0]
     first = TrainInstruction(1, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
-    out1, _ = ROUTINES["fedpipe"](local, context, first, {}, data, RoundSeeds(1, 1), None)
+    out1, _ = ROUTINES["fedpipe"](LocalJob(local, context, first, {}, data, RoundSeeds(1, 1), None))
     directory = node_state_dir(local, 5, 9)
     adapters1, moments1 = load_adapters(directory)
     assert out1.arrays[f"{module}::A"].shape[0] == 4  # a fresh adapter's change is the adapter itself
@@ -78,7 +78,7 @@ def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
     assert steps and set(steps.values()) == {2.0}
     half = {module: (torch.from_numpy(out1.arrays[f"{module}::A"]), 0.5 * torch.from_numpy(out1.arrays[f"{module}::B"]))}
     second = TrainInstruction(2, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 1)
-    out2, _ = ROUTINES["fedpipe"](local, context, second, encode_factors(half), data, RoundSeeds(2, 2), None)
+    out2, _ = ROUTINES["fedpipe"](LocalJob(local, context, second, encode_factors(half), data, RoundSeeds(2, 2), None))
     assert out2.arrays[f"{module}::A"].shape[0] == out2.arrays[f"{module}::A0"].shape[0] == 4  # after, and started from
     from fedpipe_core.strategies import FedPipe
 
@@ -99,6 +99,6 @@ def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
     assert OPTIMIZER_FILE in {p.name for p in directory.iterdir()} and load_file(str(directory / OPTIMIZER_FILE))
     restart = replace(local, config=replace(local.config, round_start="restart"))
     out3, _ = ROUTINES["fedpipe"](
-        restart, SimpleNamespace(run_id=6, node_id=9, node_config={}), first, {}, data, RoundSeeds(1, 1), None
+        LocalJob(restart, SimpleNamespace(run_id=6, node_id=9, node_config={}), first, {}, data, RoundSeeds(1, 1), None)
     )
     assert out3.arrays[f"{module}::A"].shape[0] == 4 and adapters1  # the paper's restart: fresh adapters, nothing carried

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,22 +83,29 @@ def _device(context: Site) -> torch.device:
     return resolve_device(str(context.node_config.get("device", "auto")))
 
 
-def _adapters_round(
-    task: Task,
-    context: Site,
-    order: TrainInstruction,
-    payload: Arrays,
-    data: NodeData,
-    seeds: RoundSeeds,
-    dp: DpSgd | None,
-    warm: WarmBase | None = None,
-    phases: dict[str, float] | None = None,
-) -> tuple[ClientRound, int]:
+@dataclass
+class LocalJob:
+    """What a mode's local routine reads: the run's task, the node, the instruction and its payload, the node's data,
+    the round's seeds, its DP-SGD settings, the warm worker's base (None in process) and the phase timings it adds to."""
+
+    task: Task
+    site: Site
+    order: TrainInstruction
+    payload: Arrays
+    data: NodeData
+    seeds: RoundSeeds
+    dp: DpSgd | None = None
+    warm: WarmBase | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
     """``fedpipe`` (merge the sent ΔW rounds; its own adapters continued, or fresh ones with ``round-start = restart``;
     eqs 11-12, :mod:`fedpipe_core.round_start`) and ``factors`` (start from the sent A, B)."""
+    task, order, payload, warm = job.task, job.order, job.payload, job.warm
     fedpipe = order.mode == "fedpipe"
     start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
-    directory = node_state_dir(task, context.run_id, context.node_id)
+    directory = node_state_dir(task, job.site.run_id, job.site.node_id)
     cfg = task.config
     carried = cfg.round_start == "continue" and fedpipe
     frozen = cfg.trains_frozen_a and fedpipe
@@ -113,22 +120,21 @@ def _adapters_round(
     held = products(before, adapter_scaling(task.config))
     built = time.perf_counter()
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm)
-    if phases is not None:
-        phases["base-s"] = time.perf_counter() - built
+    job.phases["base-s"] = time.perf_counter() - built
     out = run_client_round(
         task,
-        device=_device(context),
+        device=_device(job.site),
         model=model,
-        examples=data.train,
+        examples=job.data.train,
         ranks=order.ranks,
-        seed=seeds.data,
-        init_seed=seeds.init,
+        seed=job.seeds.data,
+        init_seed=job.seeds.init,
         importance_history=state.importance,
         initial_factors=(encode_factors(start_factors) if start_factors else None) if fedpipe else payload,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
-        evaluate_on=validation_share(task, data) if order.evaluate else None,
-        dp=dp,
+        evaluate_on=validation_share(task, job.data) if order.evaluate else None,
+        dp=job.dp,
         optimizer_state=moments,
         frozen_a=frozen,
     )
@@ -147,30 +153,21 @@ def _adapters_round(
     return out, end
 
 
-def _full_round(
-    task: Task,
-    context: Site,
-    order: TrainInstruction,
-    payload: Arrays,
-    data: NodeData,
-    seeds: RoundSeeds,
-    dp: DpSgd | None,
-    warm: WarmBase | None = None,
-    phases: dict[str, float] | None = None,
-) -> tuple[ClientRound, int]:
+def _full_round(job: LocalJob) -> tuple[ClientRound, int]:
     """``ft``: fine-tune the whole planned weights on base + the sent global ΔW (built each message: a warm worker keeps
     no full fine-tuning base)."""
+    task, order = job.task, job.order
     out = run_full_round(
         task,
-        device=_device(context),
-        examples=data.train,
+        device=_device(job.site),
+        examples=job.data.train,
         modules=list(order.ranks),
-        base_delta=decode_delta(payload, task.shapes),
-        seed=seeds.data,
+        base_delta=decode_delta(job.payload, task.shapes),
+        seed=job.seeds.data,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
-        evaluate_on=validation_share(task, data) if order.evaluate else None,
-        dp=dp,
+        evaluate_on=validation_share(task, job.data) if order.evaluate else None,
+        dp=job.dp,
     )
     return out, 0
 
@@ -180,7 +177,7 @@ def validation_share(task: Task, data: NodeData) -> list[Example]:
     return spread(data.validation, task.config.eval_examples)
 
 
-ROUTINES: dict[str, Callable[..., tuple[ClientRound, int]]] = {
+ROUTINES: dict[str, Callable[[LocalJob], tuple[ClientRound, int]]] = {
     "fedpipe": _adapters_round,
     "factors": _adapters_round,
     "ft": _full_round,
@@ -229,7 +226,7 @@ def train_round(
         dp = private_round(task, ledger, order, data, seeds.data)
     except (PrivacyRefusal, PrivacyBudgetSpent) as refusal:
         raise RoundRefused(str(refusal)) from refusal
-    out, version = ROUTINES[order.mode](task, site, order, payload, data, seeds, dp, warm, phases)
+    out, version = ROUTINES[order.mode](LocalJob(task, site, order, payload, data, seeds, dp, warm, phases))
     spent = None
     if ledger is not None and dp is not None:
         spent = ledger.record(dp.rate, out.result.steps)
