@@ -124,10 +124,17 @@ def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float,
     return run
 
 
+def _two_runs(tmp_path: Path, steps: tuple[int, int] = (8, 8)) -> dict[tuple[str, str], Path]:
+    """FedPipe reaching eval loss 1.5 by simulated second 2 and LoRA-FedAvg reaching 2.0 by second 6, in ``hetero``."""
+    return {
+        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0, steps=steps[0]),
+        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0, steps=steps[1]),
+    }
+
+
 def test_report_files_and_ratios_from_finished_runs(tmp_path):
     runs = {
-        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0),
-        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0),
+        **_two_runs(tmp_path),
         ("fedadapter", "hetero"): _fake_run(tmp_path / "c", [3.0, 2.9, 2.8], [0.0, 3.0, 6.0], 1.0, 1.0),  # barely trains
     }
     out = tmp_path / "report"
@@ -222,10 +229,7 @@ def test_a_baseline_that_trained_nothing_is_not_applicable_never_base_scores(tmp
 
 
 def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
-    runs = {
-        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0, steps=8),
-        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0, steps=4),
-    }
+    runs = _two_runs(tmp_path, steps=(8, 4))
     rows = write_report("equal", runs, tmp_path / "report", target=2.0)
     fedpipe, lora = rows["fedpipe/hetero"], rows["lora-fedavg/hetero"]
     assert fedpipe["equal_time_s"] == lora["equal_time_s"] == 2.0  # where fedpipe, the shorter run, ended
@@ -239,10 +243,7 @@ def test_quality_at_equal_simulated_time_and_equal_client_steps(tmp_path):
 
 
 def test_targets_fixed_before_the_runs_are_judged_on_the_means(tmp_path):
-    runs = {
-        ("fedpipe", "hetero"): _fake_run(tmp_path / "a", [3.0, 2.0, 1.5], [0.0, 1.0, 2.0], 4.0, 30.0),
-        ("lora-fedavg", "hetero"): _fake_run(tmp_path / "b", [3.0, 2.5, 2.0], [0.0, 3.0, 6.0], 2.0, 20.0),
-    }
+    runs = _two_runs(tmp_path)
     goals = tuple(
         Target.parse({"metric": m, "setting": "hetero", "peer": peer, "op": op, "bound": bound})
         for m, peer, op, bound in (
