@@ -9,7 +9,9 @@ A block in a markdown file is
 
 and its body is what KIND makes of SOURCE (a path from the repository's root): ``run-config`` the run-config table of
 :mod:`fedpipe_core.config`, ``run-summary RUN`` a committed run's final scores beside the base model's and its cost,
-``run-rounds RUN`` its per-round losses and bytes. No figure in a block is typed by hand; ``tests/test_docs.py`` fails
+``run-rounds RUN`` its per-round losses and bytes, ``model-sizes MODEL`` what the default run config's adapters, ΔW and
+frozen base of that model weigh (computed from its shapes), ``suite-targets SUITE`` the targets a benchmark suite fixed
+before its runs (``fedpipe_tools/suites.yaml``). No figure in a block is typed by hand; ``tests/test_docs.py`` fails
 when one is out of date with its source.
 """
 
@@ -53,12 +55,65 @@ def run_rounds(run: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_sizes(model: str) -> str:
+    """For ``model`` with the default run config's targets and rank: the bytes a node's adapters send a round, the dense
+    ΔW of the adapted weights, and the frozen base (block linears; whole model) at each precision (cost model's
+    storage rates, :func:`fedpipe_core.quantize.bytes_per_param`)."""
+    from dataclasses import replace
+
+    from fedpipe_core.config import RunConfig
+    from fedpipe_core.cost import FP32, lora_params
+    from fedpipe_core.quantize import bytes_per_param
+    from fedpipe_core.task import load_task
+
+    task = load_task(replace(RunConfig(), model=model))
+    spec, ranks = task.spec, task.config.rank_candidates()
+    adapters = {r: lora_params(spec, dict.fromkeys(task.targets, r)) * FP32 for r in ranks}
+    dense = sum(out * inp for out, inp in task.shapes.values()) * FP32
+    lines = [
+        f"`{model}`, `lora.target-modules = {task.config.lora_target_modules!r}` ({len(task.targets)} weights):",
+        "",
+        "| what | MB |",
+        "|---|---|",
+        *(
+            f"| a node's adapters at rank {r} on every weight, B and A in FP32 (a TRAIN reply; a dispatch of ΔW at rank {r}) "
+            f"| {adapters[r] / 1e6:.2f} |"
+            for r in ranks
+        ),
+        f"| the dense FP32 ΔW of those weights ({dense / adapters[max(ranks)]:.1f} × the rank-{max(ranks)} adapters) "
+        f"| {dense / 1e6:.1f} |",
+    ]
+    for precision in ("fp32", "fp16", "nf8", "nf4"):
+        linears = spec.linear_params * bytes_per_param(precision)
+        lines.append(
+            f"| frozen base at {precision.upper()}: block linears; with embeddings, norms and head in FP32 | "
+            f"{linears / 1e6:.0f}; {(linears + spec.other_params * FP32) / 1e6:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def suite_targets(suite: str) -> str:
+    """The targets ``suite`` fixes in the packaged ``suites.yaml``, one line each, and its fixed target eval loss."""
+    from fedpipe_tools.bench import load_suites
+
+    suites = load_suites()
+    if suite not in suites:
+        raise ValueError(f"suite-targets: no suite {suite!r} in suites.yaml (it has: {', '.join(suites)})")
+    spec = suites[suite]
+    lines = [f"- {target}" for target in spec.targets]
+    if spec.target_eval_loss is not None:
+        lines.append(f"- the target eval loss that time and bytes to target are read at: {spec.target_eval_loss:g}")
+    return "\n".join(lines) + "\n"
+
+
 KINDS: dict[str, Callable[[Path, str | None], str]] = {
     "run-config": lambda root, source: markdown_table(),
     "run-summary": lambda root, source: (
         "\n".join(summary_table(json.loads((_run_dir(root, source) / "summary.json").read_text()))).rstrip("\n") + "\n"
     ),
     "run-rounds": lambda root, source: run_rounds(_run_dir(root, source)),
+    "model-sizes": lambda root, source: model_sizes(str(source)),
+    "suite-targets": lambda root, source: suite_targets(str(source)),
 }
 
 

@@ -109,3 +109,29 @@ def test_every_generated_block_is_what_its_source_makes_now(tmp_path):
     assert "| BLEU | 0–100, higher is better | 40 | 1 |" in summary
     with pytest.raises(ValueError, match="unknown generated block 'figures'"):
         docs.render("<!-- generated: figures x -->\n<!-- end generated -->", tmp_path)
+
+
+def test_the_model_sizes_block_is_what_a_reply_and_a_base_weigh():
+    from dataclasses import replace
+
+    import torch
+
+    from fedpipe_core.codec import encode_factors
+    from fedpipe_core.config import RunConfig
+    from fedpipe_core.lora import fresh_factors
+    from fedpipe_core.quantize import quantize
+    from fedpipe_core.task import load_task
+    from fedpipe_tools import docs
+
+    table = docs.model_sizes("smollm2-135m")
+    task = load_task(replace(RunConfig(), model="smollm2-135m"))
+    reply = encode_factors(fresh_factors(task.shapes, dict.fromkeys(task.targets, 8), seed=0))
+    assert f"a dispatch of ΔW at rank 8) | {sum(a.nbytes for a in reply.values()) / 1e6:.2f} |" in table
+    name = task.targets[0]
+    weight = torch.randn(task.shapes[name])
+    ratio = quantize(weight, "nf4").nbytes() / weight.numel()  # what the NF4 row charges per base parameter
+    nf4 = next(line for line in table.splitlines() if "at NF4" in line)
+    assert f"| {task.spec.linear_params * ratio / 1e6:.0f};" in nf4
+    with pytest.raises(ValueError, match="no suite 'no-such-suite'"):
+        docs.suite_targets("no-such-suite")
+    assert "- fedpipe/binding − fedpipe/binding-random final_eval_loss <= -0.02" in docs.suite_targets("binding")
