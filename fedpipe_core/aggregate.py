@@ -46,8 +46,10 @@ def lowrank_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
 
 
 def module_weights(updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
-    """The clients that trained ``module`` with their weights n_k / Σ n_j over those clients, n_k being the examples
-    client k processed in the round (its batch × the steps it did: ``ClientRound.num_examples``), not its data's size."""
+    """The clients that trained ``module`` with their weights n_k / Σ n_j over those clients (eq 10). n_k is the update's
+    ``num_examples``, set by :meth:`~fedpipe_core.strategies.base.Strategy.update_weight`: by default the examples client
+    k processed in the round (its batch × the steps it did: ``ClientRound.num_examples``), not its data's size
+    (``strategy.weight-by = data``: that size, an ablation)."""
     trained = [u for u in updates if module in u.factors]
     total = sum(u.num_examples for u in trained)
     if total <= 0:

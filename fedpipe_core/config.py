@@ -115,6 +115,9 @@ class RunConfig:
     time_budget_s: float = 0.0
     """`strategy.time-budget-s`: simulated seconds the run may take: no round starts that would end past it (0: no budget;
     the run then ends after `num-server-rounds`)."""
+    weight_by: str = "examples"
+    """`strategy.weight-by`: what an update weighs in the average: `examples` (the examples the node processed in the
+    round, batch × the steps it did) or `data` (the size of its training share, the usual FedAvg weight; ablation)."""
     max_update_ratio: float = 1.0
     """`strategy.max-update-ratio`: an update whose ‖ΔW‖_F on a module exceeds this × ‖W‖_F of that weight is rejected."""
     eval_examples: int = 48
@@ -174,6 +177,9 @@ class RunConfig:
     round_start: str = "continue"
     """`fedpipe.round-start`: `continue` (each node keeps its adapters and AdamW moments, its base holding W0 + ΣΔW − its
     adapters' product) or `restart` (fresh adapters every round, the paper's eq 12; ablation)."""
+    keep_moments: bool = True
+    """`fedpipe.keep-moments`: with `round-start = continue`, each node's AdamW moments go on across rounds (`false`: a
+    fresh AdamW every round while the adapters continue; ablation)."""
     dispatch: str = "svd"
     """`fedpipe.dispatch`: how the round's averaged ΔW goes to the nodes: `svd` (best factors of the largest candidate
     rank, the rest carried to the next round) or `exact` (rank Σ r_k)."""
@@ -212,6 +218,12 @@ class RunConfig:
         check_choice("lora_init", self.lora_init, LORA_INITS)
         check_choice("eval_where", self.eval_where, EVAL_WHERE)
         check_choice("round_start", self.round_start, ("continue", "restart"))
+        check_choice("weight_by", self.weight_by, ("examples", "data"))
+        if not self.keep_moments and self.round_start != "continue":
+            raise ConfigError(
+                f"run config {key_of('keep_moments')!r} = false needs {key_of('round_start')!r} = 'continue' (a restart "
+                "starts every round with a fresh AdamW anyway)"
+            )
         _check_min("eval_every", self.eval_every, 1)
         _check_min("adapter_upgrade_every", self.adapter_upgrade_every, 1)
         if not 0.0 < self.privacy_site_delta < 1.0:
@@ -230,6 +242,11 @@ class RunConfig:
             raise ConfigError(
                 f"run config {key_of('privacy_secagg_threshold')!r} must be 0 or >= 2 and {key_of('privacy_secagg_range')!r} "
                 f"> 0, got {self.privacy_secagg_threshold!r} and {self.privacy_secagg_range!r}"
+            )
+        if self.privacy_mode == "secure" and self.weight_by != "examples":
+            raise ConfigError(
+                f"run config {key_of('weight_by')!r} = {self.weight_by!r}: secure aggregation weights by the examples each "
+                "site processed (its count travels inside the masked sum)"
             )
         if self.privacy_mode == "secure" and self.strategy != "fedpipe":
             raise ConfigError(f"run config {key_of('privacy_mode')!r} = 'secure' needs strategy 'fedpipe', got {self.strategy!r}")

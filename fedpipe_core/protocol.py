@@ -142,8 +142,11 @@ class TrainReply:
     """What a node reports with its trained arrays."""
 
     num_examples: int
+    """The examples the node processed in the round (batch × the steps it did)."""
     train_loss: float
     steps: int = 0
+    data_examples: int = 0
+    """The size of the node's training share (what ``strategy.weight-by = data`` weighs its update by)."""
     state_version: int | None = None
     """FedPipe: the last server round whose ΔW the node has merged."""
     profile: ClientProfile | None = None
@@ -168,6 +171,8 @@ class TrainReply:
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps}
+        if self.data_examples:
+            out["data-examples"] = self.data_examples
         if self.eval_loss is not None:
             out |= {"eval-loss": self.eval_loss, "eval-examples": self.eval_examples}
         out |= {f"{WEIGHT_NORM_PREFIX}{m}": v for m, v in self.weight_norms.items()}
@@ -222,6 +227,7 @@ class TrainReply:
             num_examples=num_examples,
             train_loss=train_loss,
             steps=int(values.get("steps", 0)),
+            data_examples=_count(values.get("data-examples", 0)),
             state_version=int(values["state-version"]) if "state-version" in values else None,
             profile=profile,
             train_s=timing.get("train-s"),
@@ -259,6 +265,11 @@ def _counted(values: Mapping[str, Any]) -> tuple[int, float]:
     if not math.isfinite(train_loss):
         raise UpdateError(f"train-loss is not finite: {values['train-loss']!r}")
     return num_examples, train_loss
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer count from a reply, else 0 (unknown)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _prefixed(values: Mapping[str, Any], prefix: str) -> dict[str, float]:

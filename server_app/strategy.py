@@ -247,9 +247,9 @@ class FlowerAdapter(FlowerStrategy):
             return None, None
         updates = dict(sorted(updates.items()))  # node order, not arrival order: float sums depend on their order
         stats.clients = len(updates)
-        stats.num_examples = sum(u.num_examples for u, _ in updates.values())
+        stats.num_examples = sum(r.num_examples for _, r in updates.values())  # processed, whatever the updates weigh
         stats.client_steps = sum(r.steps for _, r in updates.values())
-        stats.train_loss = sum(r.train_loss * u.num_examples for u, r in updates.values()) / stats.num_examples
+        stats.train_loss = sum(r.train_loss * r.num_examples for _, r in updates.values()) / stats.num_examples
         self.strategy.combine(server_round, updates)
         return self._round_result(stats)
 

@@ -266,6 +266,26 @@ def test_an_update_weighs_the_examples_it_processed(task):
     assert [w for _, w in module_weights(updates, module)] == pytest.approx([0.6, 0.4])
 
 
+def test_weight_by_data_weighs_an_update_by_the_node_s_training_share(task):
+    from fedpipe_core.strategies import STRATEGIES
+
+    ranks = {task.targets[0]: task.config.lora_rank}
+    arrays = encode_factors(client_factors(task, ranks, 1))
+    sent = TrainReply(num_examples=6, train_loss=2.0, steps=2, data_examples=40)
+    received = TrainReply.from_metrics(sent.to_metrics())
+    assert (received.num_examples, received.data_examples) == (6, 40)
+    by_examples = STRATEGIES["lora-fedavg"](task)
+    assert by_examples.read_update(arrays, received, ranks).num_examples == 6  # the default: examples processed
+    by_data = STRATEGIES["lora-fedavg"](replace(task, config=replace(task.config, weight_by="data")))
+    assert by_data.read_update(arrays, received, ranks).num_examples == 40
+    with pytest.raises(UpdateError, match="does not say the size of the node's training share"):
+        by_data.read_update(arrays, replace(received, data_examples=0), ranks)
+    with pytest.raises(ConfigError, match="'strategy.weight-by': 'size' is not one of examples, data"):
+        RunConfig.from_mapping({"strategy.weight-by": "size"})
+    with pytest.raises(ConfigError, match="secure aggregation weights by the examples"):
+        RunConfig.from_mapping({"strategy.weight-by": "data", "privacy.mode": "secure"})
+
+
 def test_a_time_budget_stops_the_run_before_a_round_that_would_overrun(task):
     from server_app.strategy import TimeBudgetSpent
 

@@ -102,3 +102,26 @@ def test_adapters_and_adamw_moments_survive_the_next_message(task, tmp_path):
         LocalJob(restart, SimpleNamespace(run_id=6, node_id=9, node_config={}), first, {}, data, RoundSeeds(1, 1), None)
     )
     assert out3.arrays[f"{module}::A"].shape[0] == 4 and adapters1  # the paper's restart: fresh adapters, nothing carried
+
+
+def test_keep_moments_false_continues_the_adapters_with_a_fresh_adamw(task, tmp_path):
+    from fedpipe_core.config import ConfigError, RunConfig
+    from fedpipe_core.local import RoundSeeds
+    from fedpipe_core.node.round import ROUTINES, LocalJob
+    from fedpipe_core.task import NodeData
+
+    config = replace(task.config, cache_dir=str(tmp_path), round_start="continue", keep_moments=False)
+    local = replace(task, config=config)
+    context = SimpleNamespace(run_id=7, node_id=3, node_config={"device": "cpu"})
+    data = NodeData(task.splits["train"][:16], [], [], "h")
+    module = task.targets[0]
+    first = TrainInstruction(1, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
+    out1, _ = ROUTINES["fedpipe"](LocalJob(local, context, first, {}, data, RoundSeeds(1, 1)))
+    adapters1, _ = load_adapters(node_state_dir(local, 7, 3))
+    second = TrainInstruction(2, "fedpipe", {module: 4}, 2, 2, "fp32", 0, 0)
+    out2, _ = ROUTINES["fedpipe"](LocalJob(local, context, second, {}, data, RoundSeeds(2, 2)))
+    assert torch.equal(torch.from_numpy(out2.arrays[f"{module}::A0"]), adapters1[module][0])  # the adapters went on
+    _, moments = load_adapters(node_state_dir(local, 7, 3))
+    assert {float(m["step"]) for m in moments.values()} == {2.0}  # AdamW restarted: 2 steps, not 4
+    with pytest.raises(ConfigError, match="'fedpipe.keep-moments' = false needs 'fedpipe.round-start' = 'continue'"):
+        RunConfig.from_mapping({"fedpipe.keep-moments": False, "fedpipe.round-start": "restart"})

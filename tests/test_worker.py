@@ -81,6 +81,7 @@ def test_rounds_through_the_worker_equal_rounds_in_process_and_reuse_its_base(tm
         arrays_w, report_w, _ = read_train_reply(reply)
         assert sorted(arrays) == sorted(arrays_w) and all(np.array_equal(arrays[k], arrays_w[k]) for k in arrays)
         assert report_w.train_loss == report.train_loss and report_w.steps == report.steps
+        assert report_w.data_examples == report.data_examples > report.num_examples == 2 * 2  # its share; batch × steps
     warm = held.warm[(12, 1)]
     assert warm.version == 1 and warm.precision == "nf8" and warm.model is not None
     assert not any("lora" in name for name, _ in warm.model.named_modules())  # kept without the round's adapters

@@ -110,6 +110,8 @@ def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
     carried = cfg.round_start == "continue" and fedpipe
     frozen = cfg.trains_frozen_a and fedpipe
     saved, moments = load_adapters(directory) if carried else ({}, {})
+    if not cfg.keep_moments:  # the adapters go on, AdamW starts afresh (ablation)
+        moments = {}
     if frozen:
         a = shared_a(task.shapes, task.targets, max(cfg.rank_candidates()), cfg.seed)
         before = frozen_fitted(saved, order.ranks, a)
@@ -236,6 +238,7 @@ def train_round(
         num_examples=out.num_examples,
         train_loss=out.result.mean_loss,
         steps=out.result.steps,
+        data_examples=len(data.train),
         state_version=version,
         profile=profile(site),
         train_s=out.train_s,

@@ -166,9 +166,18 @@ class Strategy(ABC):
         """A reply's update, checked against the node's plan and the base weights' norms."""
         if assigned is None:
             raise UpdateError("reply from a node that was not sent a plan this round")
-        update = self.decode_update(arrays, assigned, reply.num_examples)
+        update = self.decode_update(arrays, assigned, self.update_weight(reply))
         self._check_norms(update)
         return update
+
+    def update_weight(self, reply: TrainReply) -> int:
+        """What the update weighs in the average (``strategy.weight-by``): the examples the node processed in the round,
+        or the size of its training share."""
+        if self.task.config.weight_by == "examples":
+            return reply.num_examples
+        if reply.data_examples <= 0:
+            raise UpdateError("strategy.weight-by = 'data': the reply does not say the size of the node's training share")
+        return reply.data_examples
 
     def decode_update(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """A node's adapter factors, checked against the modules and ranks it was assigned."""
