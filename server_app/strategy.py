@@ -186,15 +186,16 @@ class FlowerAdapter(FlowerStrategy):
             stats.ranks[node_id] = plan.ranks
             stats.memory[node_id] = {"precision": plan.precision, "predicted_peak_bytes": plan.memory_bytes}
             stats.sim_time_s = max(stats.sim_time_s, plan.local_steps * plan.step_flops / self.strategy.profiles[node_id].flops)
-        messages = []
+        messages, sizes = [], {}
         evaluate = cfg.sites_evaluate and cfg.evaluated(server_round - 1)  # the model this round starts from
         for node_id, (payload, instruction) in self.strategy.payloads(server_round, plans).items():
             instruction = replace(instruction, evaluate=evaluate, dp_clip=cfg.privacy_clip_norm)
             record = to_record(payload)
-            stats.bytes_down += record.count_bytes()
+            sizes[node_id] = record.count_bytes()
             messages.append(train_message(node_id, record, instruction, config))
         if cfg.secure and messages:
             messages = self._open_secure(grid, server_round, messages, stats)
+        stats.bytes_down += sum(sizes[m.metadata.dst_node_id] for m in messages)  # what is sent: not a node dropped before
         stats.sent_s = time.perf_counter()
         return messages
 

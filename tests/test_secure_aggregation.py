@@ -16,7 +16,7 @@ from fedpipe_core.protocol import TrainInstruction, TrainReply
 from fedpipe_core.secagg import SecAggError
 from fedpipe_core.secure_round import Layout, ServerRound, advertise, deal, fixed_point, majority, mask, reveal
 from fedpipe_flower.messages import read_instruction, train_reply
-from fedpipe_flower.secure import MASKED, PRIVATE_METRICS
+from fedpipe_flower.secure import MASKED, PRIVATE_METRICS, is_stage
 
 NODES = [11, 22, 33, 44]
 
@@ -97,10 +97,10 @@ def test_secure_mode_is_fedpipe_only_and_its_settings_are_checked(task):
 # --- the apps: real stage handlers and masked replies over a grid that calls the ClientApp -------------------------
 class RoutingGrid:
     """Calls the ClientApp's handlers for every message, each node with its own context (its state kept); the TRAIN
-    replies of ``drop`` are computed (the node masks) and then lost."""
+    replies of ``drop`` are computed (the node masks) and then lost; ``silent`` nodes never answer a secure stage."""
 
-    def __init__(self, contexts: dict[int, Context], drop: set[int] = frozenset()):
-        self.contexts, self.drop = contexts, drop
+    def __init__(self, contexts: dict[int, Context], drop: set[int] = frozenset(), silent: set[int] = frozenset()):
+        self.contexts, self.drop, self.silent = contexts, drop, silent
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -109,6 +109,8 @@ class RoutingGrid:
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
+            if node in self.silent and is_stage(message):
+                continue
             handler = client.train if message.metadata.message_type == "train" else client.query
             reply = handler(message, self.contexts[node])
             if not (handler is client.train and node in self.drop):
@@ -186,6 +188,16 @@ def test_the_server_learns_the_exact_average_from_masked_replies_and_survives_a_
     assert s_stats.secure_eval == (pytest.approx(sum(losses) / len(losses), abs=1e-9), 5 * len(losses))
     assert not s_stats.site_eval  # no per-site loss reached the server
     assert all(c.state.config_records.get("secagg") is None for n, c in contexts.items() if n not in drop)  # used once
+
+
+def test_a_site_silent_in_the_key_stages_is_sent_no_train_message_and_no_bytes_are_counted_for_it(task, monkeypatch):
+    monkeypatch.setattr(client, "_local_round", _fake_round)
+    adapter = _adapter(task, privacy_mode="secure")
+    contexts = _contexts(task, adapter.config)
+    _round(adapter, RoutingGrid(contexts))  # round 1: a ΔW to send in round 2
+    messages = list(adapter.configure_train(2, ArrayRecord(), ConfigRecord(), RoutingGrid(contexts, silent={44})))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 22, 33]
+    assert adapter.stats[2].bytes_down == sum(m.content["arrays"].count_bytes() for m in messages) > 0
 
 
 def test_a_round_with_fewer_sites_than_the_threshold_trains_nothing(task, monkeypatch):
