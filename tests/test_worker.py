@@ -26,7 +26,7 @@ def _context(run_id: int, cache: Path, socket_path: Path | None = None) -> Conte
     config = RunConfig(eval_examples=8, test_groups=2, local_steps=2, batch_size=2, max_seq_len=64, cache_dir=str(cache))
     node = {"partition-id": 0, "num-partitions": 2, "device": "cpu", "profile-changes": "false"}
     if socket_path is not None:
-        node |= {"worker-socket": str(socket_path), "worker-timeout-s": 120}
+        node |= {"worker-socket": str(socket_path), "worker-timeout-s": 900}  # a loaded 2-core machine: a round may take minutes
     return Context(run_id=run_id, node_id=1, node_config=node, state=RecordDict(), run_config=config.to_mapping())
 
 
