@@ -10,9 +10,9 @@ For each adapted weight m:
 
 from __future__ import annotations
 
-import torch
 from peft import PeftModel
 
+from fedpipe_core.aggregate import lowrank_svd
 from fedpipe_core.lora import lora_layers
 
 
@@ -59,8 +59,8 @@ class ImportanceTracker:
         out = {}
         sensitivity = self.sensitivity_scores()
         for module, layer in self.layers.items():
-            A = layer.lora_A["default"].weight.detach().double()
-            B = layer.lora_B["default"].weight.detach().double()
-            singular = torch.linalg.svdvals(float(layer.scaling["default"]) * (B @ A))[: A.shape[0]]
+            A = layer.lora_A["default"].weight.detach()
+            B = float(layer.scaling["default"]) * layer.lora_B["default"].weight.detach()
+            _, singular, _ = lowrank_svd((A, B))  # the r singular values from the factors: no dense SVD of the weight
             out[module] = float(singular.mean()) * sensitivity[module]
         return out

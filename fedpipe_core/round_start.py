@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpipe_core.aggregate import lowrank_svd
 from fedpipe_core.lora import Factors, fresh_factors
 
 ROUND_STARTS = ("continue", "restart")
@@ -41,9 +42,9 @@ def fitted(saved: Factors, ranks: dict[str, int]) -> Factors:
         if A.shape[0] <= rank:
             out[module] = (A, B)
             continue
-        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        U, S, V = lowrank_svd((A, B))  # from the factors: no dense SVD of the weight
         root = S[:rank].sqrt()
-        out[module] = ((root[:, None] * Vh[:rank]).float(), (U[:, :rank] * root).float())
+        out[module] = ((root[:, None] * V[:, :rank].T).float(), (U[:, :rank] * root).float())
     return out
 
 
