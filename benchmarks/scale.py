@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,8 +71,8 @@ def run_mode(mode: str, workdir: Path, model: str, rounds: int, steps: int, memo
             config = f'partition-id={index} num-partitions=2 memory-gb={memory_gb:g} tflops={9 + 8 * index} device="cpu"'
             if mode == "worker":
                 sock = workdir / f"worker-{index}.sock"
-                deployment.start(f"worker-{index}", ["fedpipe-node-worker", "--socket", str(sock), "--device", "cpu"])
-                _wait_for(sock, 300.0)
+                worker = deployment.start(f"worker-{index}", ["fedpipe-node-worker", "--socket", str(sock), "--device", "cpu"])
+                _wait_for(sock, worker, workdir / f"worker-{index}.log", 300.0)
                 config += f' worker-socket="{sock}"'
             deployment.join(index, config)
         run_config = (
@@ -89,9 +90,12 @@ def run_mode(mode: str, workdir: Path, model: str, rounds: int, steps: int, memo
     return summaries[-1].parent
 
 
-def _wait_for(path: Path, timeout_s: float) -> None:
+def _wait_for(path: Path, worker: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until the worker listens on ``path``; a worker that exits first is reported with the end of its log."""
     deadline = time.time() + timeout_s
     while not path.exists():
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited ({worker.returncode}) before listening on {path}:\n{log.read_text()[-1500:]}")
         if time.time() > deadline:
             raise RuntimeError(f"no worker socket at {path} after {timeout_s:.0f} s")
         time.sleep(0.2)
