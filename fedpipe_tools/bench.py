@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpipe_core.config import ConfigError, RunConfig, key_of
 from fedpipe_core.results import RESULTS_VERSION, RUN_EXTRAS
-from fedpipe_tools.report import Target, write_report
+from fedpipe_tools.report import Budgets, Target, write_report
 from fedpipe_tools.run_report import read_jsonl
 
 console = Console()
@@ -56,7 +56,11 @@ class Suite:
     lr_grid: tuple[float, ...] = ()
     """``lr-grid``: every row's ``train.lr``, chosen from these by the final eval loss of one run each on the first seed
     (the same rule for every strategy, fixed before the runs); empty: the run config's."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    lr_from: str | None = None
+    """``lr-from``: another suite whose ``lr.json`` gives each row its rate (the row of the same strategy and setting
+    name there), for a suite that reads the same rows further (e.g. to a time budget)."""
+    budgets: Budgets | None = None
+    """``budgets``: where every row is also read (:class:`~fedpipe_tools.report.Budgets`)."""
 
     def supernodes_of(self, setting: str) -> int:
         """Simulated clients of a setting: its own ``supernodes`` (e.g. 1 for the centralized reference) or the suite's."""
@@ -100,6 +104,8 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
                 seeds=tuple(int(s) for s in spec.get("seeds", [42])),
                 targets=tuple(Target.parse(t) for t in spec.get("targets", [])),
                 lr_grid=tuple(float(v) for v in spec.get("lr-grid", [])),
+                lr_from=spec.get("lr-from"),
+                budgets=Budgets.parse(spec["budgets"]) if "budgets" in spec else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"suite {name!r}: malformed ({exc!r}); needs 'settings' and 'strategies' or 'runs'") from exc
@@ -109,6 +115,13 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
         for target in suites[name].targets:
             if any(row not in suites[name].runs for row in target.rows):
                 raise ConfigError(f"suite {name!r}: target '{target}' compares rows the suite does not run")
+        budgets = suites[name].budgets
+        if budgets and budgets.reference not in suites[name].runs:
+            raise ConfigError(f"suite {name!r}: budgets' reference {'/'.join(budgets.reference)} is not a row it runs")
+    for name, suite in suites.items():
+        if suite.lr_from is not None and (suite.lr_from not in suites or suite.lr_grid):
+            why = "has its own lr-grid" if suite.lr_grid else f"names no suite of this file ({suite.lr_from!r})"
+            raise ConfigError(f"suite {name!r}: lr-from {why}")
     return suites
 
 
@@ -265,7 +278,11 @@ def run_suite(
     suite_dir = out_root / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
-    rates = lr_trials(suite, suite_dir, app, timeout_s, failures, run=not report_only)
+    rates = (
+        rates_from(out_root, suite)
+        if suite.lr_from
+        else lr_trials(suite, suite_dir, app, timeout_s, failures, run=not report_only)
+    )
     reported = reported_rows(out_root / "report" / "results.json", suite)
     every = [(s, t, seed) for s, t in suite.runs for seed in suite.seeds if not suite.lr_grid or rates.get((s, t))]
     missing = [(s, t, seed) for s, t, seed in every if finished_row(suite_dir, s, t, seed, rates.get((s, t))) is None]
@@ -287,7 +304,7 @@ def run_suite(
     (suite_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
     runs = {(s, t): [finished_row(suite_dir, s, t, seed, rates.get((s, t))) for seed in suite.seeds] for s, t in suite.runs}
     done = {key: [p for p in paths if p is not None] for key, paths in runs.items() if any(paths)}
-    write_report(suite.name, done, out_root / "report", suite.target_eval_loss, suite.targets, carried)
+    write_report(suite.name, done, out_root / "report", suite.target_eval_loss, suite.targets, carried, suite.budgets)
     return suite_dir
 
 
@@ -334,6 +351,27 @@ def lr_trials(
     record = {"/".join(row): {"chosen": lr, "final_eval_loss": losses} for row, (lr, losses) in chosen.items()}
     (suite_dir / "lr.json").write_text(json.dumps({"rule": "lowest final eval loss on seed " + str(seed), **record}, indent=2))
     return {row: lr for row, (lr, _) in chosen.items()}
+
+
+def rates_from(out_root: Path, suite: Suite) -> dict[tuple[str, str], float | None]:
+    """``lr-from``: each row's rate as suite ``suite.lr_from`` chose it (``<out>/<that suite>/lr.json``), written to this
+    suite's ``lr.json`` too; refused, naming what is missing, before that suite's trials have chosen it."""
+    path = out_root / str(suite.lr_from) / "lr.json"
+    try:
+        chosen = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"suite {suite.name!r}: lr-from {suite.lr_from!r} needs {path} (run that suite's lr trials first)"
+        ) from exc
+    rates = {row: (chosen.get("/".join(row)) or {}).get("chosen") for row in suite.runs}
+    unknown = sorted("/".join(row) for row, lr in rates.items() if lr is None)
+    if unknown:
+        raise ConfigError(f"suite {suite.name!r}: {path} has chosen no rate for {', '.join(unknown)}")
+    record = {"rule": f"the rates suite {suite.lr_from} chose ({path.name})"}
+    record |= {"/".join(row): {"chosen": lr} for row, lr in rates.items()}
+    (out_root / suite.name).mkdir(parents=True, exist_ok=True)
+    (out_root / suite.name / "lr.json").write_text(json.dumps(record, indent=2))
+    return rates
 
 
 def reported_rows(path: Path, suite: Suite) -> dict[tuple[str, str], dict[str, Any]]:
@@ -393,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in suite.seeds:
                     for lr in rates if seed == suite.seeds[0] else (None,):
                         done = finished(run_dir(args.out / suite.name, strategy, setting, seed, lr)) is not None
-                        rate = f" lr {lr:g} (trial)" if lr is not None else (" at the chosen lr" if suite.lr_grid else "")
+                        chosen = (
+                            " at the chosen lr"
+                            if suite.lr_grid
+                            else (f" at the lr {suite.lr_from} chose" if suite.lr_from else "")
+                        )
+                        rate = f" lr {lr:g} (trial)" if lr is not None else chosen
                         console.print(f"{strategy} / {setting} / seed {seed}{rate}: {'done' if done else 'to run'}")
             return 0
         if args.list:

@@ -25,6 +25,7 @@ import json
 import math
 import operator
 import os
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
@@ -40,21 +41,25 @@ CENTRALIZED = "centralized"
 
 
 class Point(NamedTuple):
-    """A run after one round: simulated time, cumulative bytes up + down and client steps, eval loss."""
+    """A run after one round: simulated time, cumulative bytes up + down, client steps and examples processed (NaN
+    in records from before metrics.jsonl kept them), eval loss, and the round."""
 
     time: float
     bytes: float
     steps: float
     loss: float
+    examples: float = math.nan
+    round: int = 0
 
 
 def curve(rows: list[dict[str, Any]]) -> list[Point]:
-    """The run after each round, round 0 (the base model: no time, bytes or steps) first."""
-    out, total, steps = [], 0.0, 0.0
+    """The run after each round, round 0 (the base model: no time, bytes, steps or examples) first."""
+    out, total, steps, examples = [], 0.0, 0.0, 0.0
     for row in sorted(rows, key=lambda r: r["round"]):
         total += (row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)
         steps += row.get("client_steps") or 0
-        out.append(Point(float(row.get("sim_time_s") or 0.0), total, steps, float(row["eval_loss"])))
+        examples += row["examples"] if "examples" in row else (0.0 if row["round"] == 0 else math.nan)
+        out.append(Point(float(row.get("sim_time_s") or 0.0), total, steps, float(row["eval_loss"]), examples, int(row["round"])))
     return out
 
 
@@ -79,6 +84,79 @@ def loss_at(points: list[Point], axis: str, x: float) -> float | None:
         if x0 <= x <= x1:
             return p1.loss if x1 == x0 else p0.loss + (x - x0) / (x1 - x0) * (p1.loss - p0.loss)
     return None
+
+
+def within(points: list[Point], axis: str, budget: float) -> Point | None:
+    """The last round end whose ``axis`` (``time`` or ``examples``) is within ``budget``: the model a run to that budget
+    has (round ends only, no interpolation); None where the curve does not record the axis."""
+    if any(math.isnan(getattr(p, axis)) for p in points):
+        return None
+    inside = [p for p in points if getattr(p, axis) <= budget * (1 + 1e-9)]
+    return inside[-1] if inside else None
+
+
+def stopped_short(points: list[Point], axis: str, budget: float) -> bool:
+    """The run ended while one more round like its last would still have fit in ``budget``: it ran out of rounds, and
+    its reading is its final model, not what the budget allows."""
+    if len(points) < 2:
+        return False
+    last, before = points[-1], points[-2]
+    return getattr(last, axis) + (getattr(last, axis) - getattr(before, axis)) <= budget * (1 + 1e-9)
+
+
+class Budgets(NamedTuple):
+    """A suite's ``budgets``, fixed before its runs: every row is read at ``factors`` × the simulated time and × the
+    examples processed of the ``reference`` row (``strategy/setting``) after ``rounds`` rounds (means over its seeds)."""
+
+    reference: tuple[str, str]
+    rounds: int
+    factors: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> Budgets:
+        """From ``{reference: strategy/setting, rounds, factors}``; a bad one is refused with what is wrong."""
+        missing = sorted({"reference", "rounds", "factors"} - set(spec))
+        if missing:
+            raise ValueError(f"budgets {dict(spec)} lacks {missing}")
+        strategy, _, setting = str(spec["reference"]).partition("/")
+        factors = tuple(float(f) for f in spec["factors"])
+        if not setting or int(spec["rounds"]) < 1 or not factors or min(factors) <= 0:
+            raise ValueError(f"budgets {dict(spec)}: needs reference 'strategy/setting', rounds >= 1 and factors > 0")
+        return cls((strategy, setting), int(spec["rounds"]), factors)
+
+    def amounts(self, seeded: Mapping[tuple[str, str], list[dict[str, Any]]]) -> dict[str, float]:
+        """``{key: budget}`` for each axis and factor (``time_0.5x`` …), from the reference's runs; empty until one of
+        them has reached ``rounds`` rounds (or, on the examples axis, where its records lack examples)."""
+        ends = [p for row in seeded.get(self.reference, []) for p in row["_curve"] if p.round == self.rounds]
+        out = {}
+        for axis in BUDGET_AXES:
+            values = [getattr(p, axis) for p in ends]
+            if values and not any(math.isnan(v) for v in values):
+                out.update({budget_key(axis, f): f * statistics.fmean(values) for f in self.factors})
+        return out
+
+
+BUDGET_AXES = ("time", "examples")
+
+
+def budget_key(axis: str, factor: float) -> str:
+    """``time_0.5x``: one budget's name; a row's reading there is ``eval_loss_at_<name>``, its round ``round_at_<name>``."""
+    return f"{axis}_{factor:g}x"
+
+
+BUDGET_FIGURE = re.compile(r"^(eval_loss|round)_at_(time|examples)_[0-9.]+x$")
+"""A row's reading at a budget (a target may name ``eval_loss_at_time_1x``)."""
+
+
+def read_budgets(row: dict[str, Any], amounts: Mapping[str, float]) -> None:
+    """A run's eval loss and round at each budget (:func:`within`), and ``short_at_<name>`` where it ran out of rounds
+    before the budget (:func:`stopped_short`)."""
+    for name, amount in amounts.items():
+        axis = name.split("_", 1)[0]
+        point = within(row["_curve"], axis, amount) if row["_curve"] else None
+        row[f"eval_loss_at_{name}"] = point.loss if point else None
+        row[f"round_at_{name}"] = point.round if point else None
+        row[f"short_at_{name}"] = bool(row["_curve"]) and stopped_short(row["_curve"], axis, amount)
 
 
 EQUAL_COST = {"time": "eval_loss_at_equal_time", "steps": "eval_loss_at_equal_steps"}
@@ -124,7 +202,7 @@ class Target(NamedTuple):
         if missing:
             raise ValueError(f"target {dict(spec)} lacks {missing}")
         metric, op, compare = str(spec["metric"]), str(spec["op"]), str(spec.get("compare", "ratio"))
-        if metric not in (*SEEDED, *TO_TARGET):
+        if metric not in (*SEEDED, *TO_TARGET) and not BUDGET_FIGURE.match(metric):
             raise ValueError(f"target metric {metric!r} is not a report figure ({', '.join((*SEEDED, *TO_TARGET))})")
         if op not in COMPARISONS:
             raise ValueError(f"target op {op!r} is not one of {', '.join(COMPARISONS)}")
@@ -245,11 +323,14 @@ def over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["clients_per_round"] = rows[0]["clients_per_round"]
     out["lr"] = rows[0].get("lr") if all(r.get("lr") == rows[0].get("lr") for r in rows) else None
     out["scorer"] = rows[0].get("scorer") if all(r.get("scorer") == rows[0].get("scorer") for r in rows) else None
-    for key in (*SEEDED, *TO_TARGET):
+    budgeted = sorted({k for r in rows for k in r if BUDGET_FIGURE.match(k)})
+    for key in (*SEEDED, *TO_TARGET, *budgeted):
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         out[key] = statistics.fmean(values) if values else None
         out[f"{key}_std"] = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
     out["reached_target"] = sum(r.get("sim_time_to_target_s") is not None for r in rows)
+    for key in sorted({k for r in rows for k in r if k.startswith("short_at_")}):
+        out[key] = sum(bool(r.get(key)) for r in rows)
     out["not_applicable"] = next((r["not_applicable"] for r in rows if r.get("not_applicable")), None)
     out["target_eval_loss"] = rows[0].get("target_eval_loss")
     return out
@@ -327,9 +408,11 @@ def write_report(
     target: float | None = None,
     goals: tuple[Target, ...] = (),
     carried: Mapping[tuple[str, str], dict[str, Any]] | None = None,
+    budgets: Budgets | None = None,
 ) -> dict[str, Any]:
     """Summarize finished runs (one or one per seed), merge them into ``out/results.json``, write the table, the
-    verdict on each of ``goals`` (also ``out/<suite>-targets.json``) and the plots.
+    verdict on each of ``goals`` (also ``out/<suite>-targets.json``) and the plots; with ``budgets``, every run's eval
+    loss at each budget (:func:`read_budgets`) and their table.
 
     ``carried``: rows of an earlier report whose runs are not here, kept as they were (``carried: true``); the
     ratios and gaps are recomputed from their means, their eval loss at equal cost is dropped where a run here
@@ -346,10 +429,12 @@ def write_report(
                 to_target(row["_curve"], targets[setting]) if known else (None, None)
             )
     costs = equal_costs(seeded, kept)
+    amounts = budgets.amounts(seeded) if budgets else {}
     for (_, setting), rows in seeded.items():
         for row in rows:
             for axis, key in EQUAL_COST.items():
                 row[key] = loss_at(row["_curve"], axis, costs[setting][axis]) if row["_curve"] else None
+            read_budgets(row, amounts)
     for (_, setting), row in kept.items():
         for axis, key in EQUAL_COST.items():
             if costs.get(setting, {}).get(axis) != row.get(EQUAL_AT[axis]):
@@ -360,6 +445,8 @@ def write_report(
     for (_, setting), row in results.items():
         row["equal_time_s"] = costs.get(setting, {}).get("time")
         row["equal_steps"] = costs.get(setting, {}).get("steps")
+        if budgets and not row.get("carried"):
+            row["budgets"] = amounts
     for (_, setting), row in results.items():
         base = results.get(("fedpipe", setting))
         for key, ratio in (
@@ -383,7 +470,9 @@ def write_report(
     judged = verdicts(results, goals)
     if goals:
         (out / f"{suite}-targets.json").write_text(json.dumps(judged, indent=2) + "\n")
-    (out / f"{suite}.md").write_text(markdown(suite, results, targets, judged))
+    (out / f"{suite}.md").write_text(
+        markdown(suite, results, targets, judged) + (budget_table(results, budgets, amounts) if budgets else "")
+    )
     if fresh:  # the plots show the rows whose runs are here (a carried row has no curve)
         plot_loss(suite, fresh, out / f"{suite}-eval-loss-vs-sim-time.png")
         plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
@@ -539,6 +628,39 @@ def markdown(
         "Ratios above 1: the peer needs more simulated time (or bytes) than fedpipe to reach the target.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def budget_table(results: dict[tuple[str, str], dict[str, Any]], budgets: Budgets, amounts: Mapping[str, float]) -> str:
+    """Every row's eval loss (mean ± std over its seeds) and the round it was read at, at each budget."""
+    reference = "/".join(budgets.reference)
+    lines = ["## At equal budgets", ""]
+    if not amounts:
+        return "\n".join([*lines, f"Pending: no run of `{reference}` has reached round {budgets.rounds} yet.", ""])
+    for axis, unit in (("time", "simulated s"), ("examples", "examples processed")):
+        names = [budget_key(axis, f) for f in budgets.factors if budget_key(axis, f) in amounts]
+        if not names:
+            lines += [f"Examples budgets: `{reference}`'s records do not count examples (runs from before they did).", ""]
+            continue
+        header = " | ".join(f"{n.split('_', 1)[1]} = {_fmt(amounts[n], 4 if axis == 'time' else 0)}" for n in names)
+        lines += [f"| strategy | setting | seeds | {header} |", "|" + "---|" * (3 + len(names))]
+        for (strategy, setting), r in results.items():
+            if r.get("not_applicable") or r.get("carried"):
+                continue
+            cells = [
+                f"{_pm(r, f'eval_loss_at_{n}', 4)} (round {_fmt(r.get(f'round_at_{n}'), 1)})"
+                + ("*" if r.get(f"short_at_{n}") else "")
+                for n in names
+            ]
+            lines.append(f"| {strategy} | {setting} | {_seeds(r)} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Budgets in {unit}: the factor × `{reference}`'s after {budgets.rounds} rounds (its mean over seeds). A cell is "
+            "the eval loss at the last round end within the budget (round ends only, no interpolation) and the round it "
+            "was read at (mean over seeds); * a seed ran out of rounds while another round would have fit: its reading "
+            "is its final model.",
+            "",
+        ]
     return "\n".join(lines)
 
 

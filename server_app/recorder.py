@@ -144,6 +144,7 @@ class RunRecorder:
             "train_loss": stats.train_loss if stats else None,
             "clients": stats.clients if stats else 0,
             "client_steps": stats.client_steps if stats else 0,
+            "examples": stats.num_examples if stats else 0,
             "rejected": stats.rejected if stats else 0,
             "bytes_up": stats.bytes_up if stats else 0,
             "bytes_down": stats.bytes_down if stats else 0,

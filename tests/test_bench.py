@@ -19,7 +19,7 @@ from fedpipe_core.metrics import SCORER
 from fedpipe_core.results import RESULTS_VERSION
 from fedpipe_tools import bench
 from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
-from fedpipe_tools.report import Point, Target, loss_at, to_target, write_report
+from fedpipe_tools.report import Budgets, Point, Target, loss_at, to_target, write_report
 
 ROOT = Path(__file__).parents[1]
 
@@ -84,7 +84,11 @@ def test_time_and_bytes_to_target_interpolate_the_crossing():
     assert loss_at(points, "time", 3.5) is None and loss_at(points, "steps", 0) is None
 
 
-def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float, steps: int = 8) -> Path:
+def _fake_run(
+    directory: Path, losses: list[float], sim: list[float], mb: float, bleu: float, steps: int = 8, examples: int | None = None
+) -> Path:
+    """A finished run's records; ``examples`` per round when given (records from before metrics.jsonl counted them lack
+    the key)."""
     run = directory / "1"
     run.mkdir(parents=True)
     rows = [
@@ -96,6 +100,7 @@ def _fake_run(directory: Path, losses: list[float], sim: list[float], mb: float,
             "bytes_down": 0 if r == 0 else mb * 1e6 / 2,
             "clients": 0 if r == 0 else 2,
             "client_steps": 0 if r == 0 else steps,
+            **({} if examples is None else {"examples": 0 if r == 0 else examples}),
         }
         for r, (loss, t) in enumerate(zip(losses, sim))
     ]
@@ -279,6 +284,88 @@ def test_a_target_on_another_setting_reads_the_difference_of_the_two_rows(tmp_pa
     assert "- fedpipe/importance − fedpipe/random final_eval_loss <= -0.02: -0.0100 → **not met**" in table
     with pytest.raises(ValueError, match="compare 'product'"):
         Target.parse({**spec, "compare": "product"})
+
+
+def test_every_row_is_read_at_budgets_of_the_reference_s_time_and_examples_at_round_ends(tmp_path):
+    # the reference (LoRA-FedAvg) takes 1 simulated s and 32 examples a round; after 2 rounds: 2 s, 64 examples
+    reference = _fake_run(tmp_path / "r", [3.0, 2.5, 2.2, 2.0, 1.9], [0.0, 1.0, 2.0, 3.0, 4.0], 2.0, 20.0, examples=32)
+    fast = [0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1, 2.4]  # FedPipe: 0.3 s and 24 examples a round, 8 rounds
+    runs = {
+        ("lora-fedavg", "b"): reference,
+        ("fedpipe", "b"): _fake_run(tmp_path / "f", [3.0 - 0.15 * r for r in range(9)], fast, 1.0, 30.0, examples=24),
+        ("ft", "b"): _fake_run(tmp_path / "o", [3.0, 2.9], [0.0, 1.0], 1.0, 5.0),  # no examples recorded, 1 round
+    }
+    budgets = Budgets.parse({"reference": "lora-fedavg/b", "rounds": 2, "factors": [0.5, 1, 2]})
+    spec = {"metric": "eval_loss_at_time_1x", "setting": "b", "peer": "lora-fedavg", "op": "<=", "bound": 1.0}
+    rows = write_report("bud", runs, tmp_path / "report", target=2.0, goals=(Target.parse(spec),), budgets=budgets)
+    mine, ref, old = rows["fedpipe/b"], rows["lora-fedavg/b"], rows["ft/b"]
+    assert mine["budgets"] == pytest.approx(
+        {"time_0.5x": 1.0, "time_1x": 2.0, "time_2x": 4.0, **{"examples_0.5x": 32.0, "examples_1x": 64.0, "examples_2x": 128.0}}
+    )
+    # at 1 s FedPipe's last round end within it is round 3 (0.9 s), not an interpolation toward round 4 (1.2 s)
+    assert mine["round_at_time_0.5x"] == 3 and mine["eval_loss_at_time_0.5x"] == pytest.approx(2.55)
+    assert mine["round_at_time_1x"] == 6 and mine["eval_loss_at_time_1x"] == pytest.approx(2.1)
+    assert mine["round_at_examples_1x"] == 2 and mine["eval_loss_at_examples_1x"] == pytest.approx(2.7)  # 48 <= 64 < 72
+    assert ref["round_at_time_1x"] == 2 and ref["eval_loss_at_time_2x"] == pytest.approx(1.9)
+    # FedPipe's 8 rounds end at 2.4 s: at the 4 s budget it ran out of rounds, and says so; at 2 s it did not
+    assert mine["short_at_time_2x"] == 1 and mine["short_at_time_1x"] == 0 and ref["short_at_time_2x"] == 0
+    assert old["eval_loss_at_time_1x"] == pytest.approx(2.9) and old["eval_loss_at_examples_1x"] is None
+    judged = json.loads((tmp_path / "report" / "bud-targets.json").read_text())
+    assert judged[0]["value"] == pytest.approx(2.1 / 2.2) and judged[0]["met"] is True
+    table = (tmp_path / "report" / "bud.md").read_text()
+    assert "| strategy | setting | seeds | 0.5x = 1.0000 | 1x = 2.0000 | 2x = 4.0000 |" in table
+    assert "| fedpipe | b | 1 | 2.5500 (round 3.0) | 2.1000 (round 6.0) | 1.8000 (round 8.0)* |" in table
+    assert "| strategy | setting | seeds | 0.5x = 32 | 1x = 64 | 2x = 128 |" in table
+
+
+def test_budgets_wait_for_the_reference_and_a_bad_spec_is_refused(tmp_path):
+    runs = {("fedpipe", "b"): _fake_run(tmp_path / "f", [3.0, 2.0], [0.0, 1.0], 1.0, 30.0)}
+    budgets = Budgets.parse({"reference": "lora-fedavg/b", "rounds": 4, "factors": [1]})
+    rows = write_report("bud", runs, tmp_path / "report", target=2.0, budgets=budgets)
+    assert rows["fedpipe/b"]["budgets"] == {} and "eval_loss_at_time_1x" not in rows["fedpipe/b"]
+    assert "Pending: no run of `lora-fedavg/b` has reached round 4 yet." in (tmp_path / "report" / "bud.md").read_text()
+    with pytest.raises(ValueError, match="lacks \\['factors'\\]"):
+        Budgets.parse({"reference": "lora-fedavg/b", "rounds": 4})
+    with pytest.raises(ValueError, match="needs reference 'strategy/setting'"):
+        Budgets.parse({"reference": "lora-fedavg", "rounds": 4, "factors": [1]})
+    bad = tmp_path / "suites.yaml"
+    bad.write_text(
+        "x:\n  strategies: [fedpipe]\n  settings: {a: {}}\n  budgets: {reference: legend/a, rounds: 1, factors: [1]}\n"
+    )
+    with pytest.raises(ConfigError, match="budgets' reference legend/a is not a row it runs"):
+        load_suites(bad)
+    bad.write_text("x:\n  strategies: [fedpipe]\n  settings: {a: {}}\n  lr-from: nowhere\n")
+    with pytest.raises(ConfigError, match="lr-from names no suite of this file \\('nowhere'\\)"):
+        load_suites(bad)
+
+
+def test_lr_from_runs_each_row_at_the_rate_another_suite_chose(tmp_path, monkeypatch):
+    suites = tmp_path / "suites.yaml"
+    suites.write_text(
+        "grid:\n  strategies: [fedpipe]\n  lr-grid: [0.001, 0.01]\n  settings: {a: {}}\n"
+        "longer:\n  strategies: [fedpipe]\n  lr-from: grid\n  seeds: [1]\n  settings: {a: {num-server-rounds: 8}}\n"
+    )
+    suite, out = load_suites(suites)["longer"], tmp_path / "bench"
+    with pytest.raises(ConfigError, match="lr-from 'grid' needs .*grid/lr.json \\(run that suite's lr trials first\\)"):
+        run_suite(suite, out, app=tmp_path)
+    (out / "grid").mkdir(parents=True)
+    (out / "grid" / "lr.json").write_text(json.dumps({"rule": "r", "fedpipe/a": {"chosen": None}}))
+    with pytest.raises(ConfigError, match="has chosen no rate for fedpipe/a"):
+        run_suite(suite, out, app=tmp_path)
+    (out / "grid" / "lr.json").write_text(json.dumps({"rule": "r", "fedpipe/a": {"chosen": 0.01}}))
+    ran = []
+
+    def fake(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr=None, trial=False):
+        ran.append((strategy, seed, lr, trial))
+        run = _fake_run(run_dir(suite_dir, strategy, setting, seed), [3.0, 2.0], [0.0, 1.0], 4.0, 30.0)
+        (run / "config.json").write_text(json.dumps({**suite.config_of(strategy, setting, run.parent, seed, lr)}))
+        return True, ""
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    run_suite(suite, out, app=tmp_path)
+    assert ran == [("fedpipe", 1, 0.01, False)]
+    assert json.loads((out / "longer" / "lr.json").read_text())["fedpipe/a"]["chosen"] == 0.01
+    assert "| fedpipe | a | 1 | 0.01 |" in (out / "report" / "longer.md").read_text()
 
 
 def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_again(tmp_path):

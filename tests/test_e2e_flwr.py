@@ -98,6 +98,10 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     assert 0 < rows[1]["sim_time_s"] < rows[2]["sim_time_s"]
     plans = [json.loads(line) for line in (run / "plans.jsonl").read_text().splitlines()]
     assert sorted({p["round"] for p in plans}) == [1, 2] and len(plans) == 6
+    assert rows[0]["examples"] == 0
+    for row in rows[1:]:  # examples processed: each node that replied did the same steps at its own batch
+        batches = [p["batch_size"] for p in plans if p["round"] == row["round"] and not p["left_out"]]
+        assert row["rejected"] or row["examples"] == sum(batches) * row["client_steps"] // row["clients"] > 0
     assert len({p["profile"]["memory_bytes"] for p in plans}) == 3  # heterogeneous simulated profiles
     for plan in plans:
         assert isinstance(plan["over_budget"], bool)
