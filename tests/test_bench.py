@@ -286,6 +286,13 @@ def test_a_target_on_another_setting_reads_the_difference_of_the_two_rows(tmp_pa
         Target.parse({**spec, "compare": "product"})
 
 
+def _suite(tmp_path: Path, text: str, name: str) -> tuple[bench.Suite, Path]:
+    """Suite ``name`` of a suites.yaml of ``text`` written under ``tmp_path``, and the benchmark's output there."""
+    path = tmp_path / "suites.yaml"
+    path.write_text(text)
+    return load_suites(path)[name], tmp_path / "bench"
+
+
 def test_every_row_is_read_at_budgets_of_the_reference_s_time_and_examples_at_round_ends(tmp_path):
     # the reference (LoRA-FedAvg) takes 1 simulated s and 32 examples a round; after 2 rounds: 2 s, 64 examples
     reference = _fake_run(tmp_path / "r", [3.0, 2.5, 2.2, 2.0, 1.9], [0.0, 1.0, 2.0, 3.0, 4.0], 2.0, 20.0, examples=32)
@@ -340,12 +347,12 @@ def test_budgets_wait_for_the_reference_and_a_bad_spec_is_refused(tmp_path):
 
 
 def test_lr_from_runs_each_row_at_the_rate_another_suite_chose(tmp_path, monkeypatch):
-    suites = tmp_path / "suites.yaml"
-    suites.write_text(
+    suite, out = _suite(
+        tmp_path,
         "grid:\n  strategies: [fedpipe]\n  lr-grid: [0.001, 0.01]\n  settings: {a: {}}\n"
-        "longer:\n  strategies: [fedpipe]\n  lr-from: grid\n  seeds: [1]\n  settings: {a: {num-server-rounds: 8}}\n"
+        "longer:\n  strategies: [fedpipe]\n  lr-from: grid\n  seeds: [1]\n  settings: {a: {num-server-rounds: 8}}\n",
+        "longer",
     )
-    suite, out = load_suites(suites)["longer"], tmp_path / "bench"
     with pytest.raises(ConfigError, match="lr-from 'grid' needs .*grid/lr.json \\(run that suite's lr trials first\\)"):
         run_suite(suite, out, app=tmp_path)
     (out / "grid").mkdir(parents=True)
@@ -397,12 +404,12 @@ def test_a_configuration_that_already_ran_in_another_suite_is_linked_not_run_aga
 
 
 def test_a_row_whose_runs_are_gone_is_carried_from_the_report_and_not_run_again(tmp_path, monkeypatch):
-    suites = tmp_path / "suites.yaml"
-    suites.write_text(
+    suite, out = _suite(
+        tmp_path,
         "main:\n  strategies: [fedpipe, lora-fedavg]\n  supernodes: 2\n  seeds: [1, 2]\n  target-eval-loss: 2.0\n"
-        "  settings: {hetero: {}}\n"
+        "  settings: {hetero: {}}\n",
+        "main",
     )
-    suite, out = load_suites(suites)["main"], tmp_path / "bench"
     started: list[tuple[str, str, int]] = []
 
     def record(suite, strategy, setting, seed, suite_dir, app, timeout_s, lr=None, trial=False):
@@ -481,12 +488,12 @@ def test_seeds_runs_a_subset_now_and_refuses_a_seed_the_suite_lacks(tmp_path, mo
 
 
 def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at_it(tmp_path, monkeypatch):
-    suites = tmp_path / "suites.yaml"
-    suites.write_text(
+    suite, out = _suite(
+        tmp_path,
         "s:\n  strategies: [fedpipe, lora-fedavg]\n  seeds: [1, 2]\n  lr-grid: [0.001, 0.003, 0.01]\n"
-        "  run-config: {train.local-steps: 4}\n  settings: {hetero: {}}\n"
+        "  run-config: {train.local-steps: 4}\n  settings: {hetero: {}}\n",
+        "s",
     )
-    suite, out = load_suites(suites)["s"], tmp_path / "bench"
     best = {"fedpipe": 0.003, "lora-fedavg": 0.01}
     ran: list[tuple[str, int, float | None, bool]] = []
 
