@@ -4,7 +4,9 @@ A local deployment on 127.0.0.1 (``scripts/local_deployment.py``, plain HTTP): 2
 FedPipe on ``--model`` (default: the ~1.1B random LLaMA the memory benchmark writes, TinyLlama-1.1B's architecture),
 run twice: ``in-process`` (Flower's fresh ClientApp process trains each message) and ``worker`` (each node's TRAIN
 messages go to its own ``fedpipe-node-worker`` over a Unix socket, node config ``worker-socket``). Per message it
-prints the node's process start-up, the training stack's import, data (task and data), base (built, or updated in the
+prints the node's process start-up (and of it Flower's part: its own start-up, its pull of the message and its
+install of the app, until it loaded the app; beside a bare process's import of Flower's ClientApp runtime, measured
+once), the training stack's import, data (task and data), base (built, or updated in the
 worker), training, the rest of the handler (adapters, reply encoding, state writes) in seconds, and the bytes of node
 state the message wrote.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -133,6 +136,14 @@ def summarise(run: Path) -> dict[str, float]:
     }
 
 
+def bare_flower_start() -> float:
+    """Seconds a fresh Python process takes to import Flower's ClientApp runtime (no message, no app): what of a
+    ClientApp's Flower part is not its pull of the message and install of the app."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import flwr.supernode.runtime.run_clientapp"], check=True)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b", help="tinyllama-1.1b (random weights, written once) or tiny")
@@ -143,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=5400.0, help="limit per mode")
     args = parser.parse_args(argv)
     model = checkpoint(args.model)
+    print(f"a bare process importing Flower's ClientApp runtime: {bare_flower_start():.2f} s")
     results = {}
     for mode in MODES:
         run = run_mode(mode, args.workdir / mode, model, args.rounds, args.steps, args.memory_gb, args.timeout_s)
         print(f"{mode}: {run}")
-        print("  round node  start-up s  import s  data s  base s  train s  rest s  state bytes")
+        print("  round node  start-up s  of it Flower s  import s  data s  base s  train s  rest s  state bytes")
         for m in messages(run):
             rest = m["setup-s"] - m.get("import-s", 0.0) - m.get("data-s", 0.0) - m.get("base-s", 0.0)
             print(
-                f"  {m['round']:5d} {m['node'][-4:]:>4}  {m['startup-s']:10.2f}  {m.get('import-s', 0.0):8.2f}  "
+                f"  {m['round']:5d} {m['node'][-4:]:>4}  {m['startup-s']:10.2f}  {m.get('flower-s', math.nan):14.2f}  "
+                f"{m.get('import-s', 0.0):8.2f}  "
                 f"{m.get('data-s', 0.0):6.2f}  "
                 f"{m.get('base-s', 0.0):6.2f}  {m['train-s']:7.2f}  {rest:6.2f}  {int(m.get('state-bytes', 0)):11d}"
             )

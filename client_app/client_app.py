@@ -20,15 +20,16 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from client_app import LOADED
 from fedpipe_core.node import wire
 from fedpipe_core.profile import ClientProfile, declared_on_device
-from fedpipe_core.protocol import ARRAYS, CONFIG
+from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS, PHASE_PREFIX
 from fedpipe_flower import secure
 from fedpipe_flower.messages import from_record, metrics_reply, profile_reply
 
 MESSAGE_TYPES = ("query", "train", "evaluate")
 """What this ClientApp answers; a site narrows it with node config ``messages``."""
-_process = {"started": psutil.Process().create_time(), "messages": 0}
+_process = {"started": psutil.Process().create_time(), "loaded": LOADED, "messages": 0}
 
 
 def accepted_messages(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -79,12 +80,16 @@ def train(msg: Message, context: Context) -> Message:
     Reports, besides the factors, how long the round's local training took (``train-s``), what it
     cost before and after that in this handler (``setup-s``: importing the training stack, task, node
     state, base, adapters) and, for the first message of a process, how long the process took to get
-    here (``startup-s``).
+    here (``startup-s``), of it Flower's part (``phase::flower-s``: its own start-up, its pull of the message and its
+    install of the app, until it loaded this package).
     """
     entered, entered_wall = time.perf_counter(), time.time()
-    startup = entered_wall - _process["started"] if _process["messages"] == 0 else 0.0
+    first = _process["messages"] == 0
+    startup = entered_wall - _process["started"] if first else 0.0
     _process["messages"] += 1
     reply = _local_round(msg, context, entered, startup)
+    if first and not reply.has_error() and METRICS in reply.content.metric_records:
+        reply.content[METRICS][f"{PHASE_PREFIX}flower-s"] = _process["loaded"] - _process["started"]
     if reply.has_error() or not secure.is_secure_train(msg):
         return reply
     return _refusing(msg, lambda: secure.masked_reply(msg, reply, context))

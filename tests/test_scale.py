@@ -31,3 +31,5 @@ def test_the_scale_benchmark_runs_both_modes_with_the_same_numbers_and_a_warm_wo
     imports = {mode: [m["import-s"] for m in scale.messages(run)] for mode, run in runs.items()}
     assert len(imports["worker"]) == len(imports["in-process"]) == 4  # 2 nodes × 2 rounds, each message's phases
     assert max(imports["worker"]) < 0.5 < min(imports["in-process"])  # the worker imported torch once, before any job
+    for run in runs.values():  # every message is a fresh process's first: Flower's part of its start-up is reported
+        assert all(0 < m["flower-s"] < m["startup-s"] for m in scale.messages(run))
