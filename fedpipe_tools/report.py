@@ -531,6 +531,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _round(value: float | None) -> str:
+    """A round read at, a mean over seeds: whole when the seeds agree."""
+    return _fmt(value, 0 if value is not None and float(value).is_integer() else 1)
+
+
 def _lr(row: dict[str, Any]) -> str:
     """The row's learning rate (— where its seeds ran at different ones)."""
     return "—" if row.get("lr") is None else f"{row['lr']:g}"
@@ -634,7 +639,7 @@ def markdown(
 def budget_table(results: dict[tuple[str, str], dict[str, Any]], budgets: Budgets, amounts: Mapping[str, float]) -> str:
     """Every row's eval loss (mean ± std over its seeds) and the round it was read at, at each budget."""
     reference = "/".join(budgets.reference)
-    lines = ["## At equal budgets", ""]
+    lines = ["", "## At equal budgets", ""]
     if not amounts:
         return "\n".join([*lines, f"Pending: no run of `{reference}` has reached round {budgets.rounds} yet.", ""])
     for axis, unit in (("time", "simulated s"), ("examples", "examples processed")):
@@ -648,7 +653,7 @@ def budget_table(results: dict[tuple[str, str], dict[str, Any]], budgets: Budget
             if r.get("not_applicable") or r.get("carried"):
                 continue
             cells = [
-                f"{_pm(r, f'eval_loss_at_{n}', 4)} (round {_fmt(r.get(f'round_at_{n}'), 1)})"
+                f"{_pm(r, f'eval_loss_at_{n}', 4)} (round {_round(r.get(f'round_at_{n}'))})"
                 + ("*" if r.get(f"short_at_{n}") else "")
                 for n in names
             ]

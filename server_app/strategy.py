@@ -176,7 +176,11 @@ class FlowerAdapter(FlowerStrategy):
         stats.started_s = time.perf_counter()
         self.discover(grid, sorted(node_ids), stats)
         plans = self.strategy.plan_round(server_round, list(node_ids))
-        self._check_budget(server_round, plans)
+        try:
+            self._check_budget(server_round, plans)
+        except TimeBudgetSpent:
+            del self.stats[server_round]  # a round that does not run: the run's figures end with the one before
+            raise
         self._log_plans(server_round, plans)
         for node_id, plan in sorted(plans.items()):
             if not plan.feasible:

@@ -321,7 +321,7 @@ def test_every_row_is_read_at_budgets_of_the_reference_s_time_and_examples_at_ro
     assert judged[0]["value"] == pytest.approx(2.1 / 2.2) and judged[0]["met"] is True
     table = (tmp_path / "report" / "bud.md").read_text()
     assert "| strategy | setting | seeds | 0.5x = 1.0000 | 1x = 2.0000 | 2x = 4.0000 |" in table
-    assert "| fedpipe | b | 1 | 2.5500 (round 3.0) | 2.1000 (round 6.0) | 1.8000 (round 8.0)* |" in table
+    assert "| fedpipe | b | 1 | 2.5500 (round 3) | 2.1000 (round 6) | 1.8000 (round 8)* |" in table
     assert "| strategy | setting | seeds | 0.5x = 32 | 1x = 64 | 2x = 128 |" in table
 
 

@@ -298,6 +298,7 @@ def test_a_time_budget_stops_the_run_before_a_round_that_would_overrun(task):
     adapter.sim_time_s = 2 * round_s  # two rounds done: a third would end at 3 × round_s > 2.5 × round_s
     with pytest.raises(TimeBudgetSpent, match="round 3 would end at .* past the time budget"):
         list(adapter.configure_train(3, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    assert sorted(adapter.stats) == [1] and adapter.trainable_params() > 0  # the run's figures end with its last round
     with pytest.raises(ConfigError, match="'strategy.time-budget-s': must be >= 0"):
         RunConfig(time_budget_s=-1.0)
 
