@@ -86,12 +86,17 @@ def loss_at(points: list[Point], axis: str, x: float) -> float | None:
     return None
 
 
+def _fits(value: float, budget: float) -> bool:
+    """``value`` is within ``budget`` (up to float rounding of sums of round times)."""
+    return value <= budget * (1 + 1e-9)
+
+
 def within(points: list[Point], axis: str, budget: float) -> Point | None:
     """The last round end whose ``axis`` (``time`` or ``examples``) is within ``budget``: the model a run to that budget
     has (round ends only, no interpolation); None where the curve does not record the axis."""
     if any(math.isnan(getattr(p, axis)) for p in points):
         return None
-    inside = [p for p in points if getattr(p, axis) <= budget * (1 + 1e-9)]
+    inside = [p for p in points if _fits(getattr(p, axis), budget)]
     return inside[-1] if inside else None
 
 
@@ -101,7 +106,7 @@ def stopped_short(points: list[Point], axis: str, budget: float) -> bool:
     if len(points) < 2:
         return False
     last, before = points[-1], points[-2]
-    return getattr(last, axis) + (getattr(last, axis) - getattr(before, axis)) <= budget * (1 + 1e-9)
+    return _fits(getattr(last, axis) + (getattr(last, axis) - getattr(before, axis)), budget)
 
 
 class Budgets(NamedTuple):

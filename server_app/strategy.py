@@ -172,15 +172,11 @@ class FlowerAdapter(FlowerStrategy):
         available = len(list(grid.get_node_ids()))
         wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
         node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
-        stats = self.stats.setdefault(server_round, RoundStats())
-        stats.started_s = time.perf_counter()
+        stats = RoundStats(started_s=time.perf_counter())
         self.discover(grid, sorted(node_ids), stats)
         plans = self.strategy.plan_round(server_round, list(node_ids))
-        try:
-            self._check_budget(server_round, plans)
-        except TimeBudgetSpent:
-            del self.stats[server_round]  # a round that does not run: the run's figures end with the one before
-            raise
+        self._check_budget(server_round, plans)  # a round that does not run keeps no stats: the run's figures end before it
+        self.stats[server_round] = stats
         self._log_plans(server_round, plans)
         for node_id, plan in sorted(plans.items()):
             if not plan.feasible:
