@@ -22,7 +22,7 @@ from flwr.common.logger import log
 
 from client_app import LOADED
 from fedpipe_core.node import wire
-from fedpipe_core.profile import ClientProfile, declared_on_device
+from fedpipe_core.profile import ClientProfile, declared_on_device, node_number
 from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS, PHASE_PREFIX
 from fedpipe_flower import secure
 from fedpipe_flower.messages import from_record, metrics_reply, profile_reply
@@ -127,7 +127,7 @@ def through_worker(msg: Message, context: Context, entered: float, startup: floa
         "run_id": context.run_id,
         "node_id": context.node_id,
     }
-    timeout = float(context.node_config.get("worker-timeout-s", 3600))
+    timeout = node_number(context.node_config, "worker-timeout-s", 3600.0)
     try:
         header, arrays = wire.ask(path, job, from_record(msg.content[ARRAYS]), timeout)
     except (wire.WorkerUnavailable, wire.WorkerRefused) as exc:

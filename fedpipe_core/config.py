@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -407,6 +408,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"run config '{key}': expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"run config '{key}': must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"run config '{key}': expected a string, got {value!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -65,14 +66,28 @@ def device_compute_bytes(device: str) -> int:
     raise ValueError(f"node config 'device': {device!r} is not auto, cpu, cuda or cuda:N")
 
 
+def node_number(node_config: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A finite number from node config ``key`` (``default`` when the key is absent), or ValueError naming the key."""
+    if key not in node_config and default is not None:
+        return float(default)
+    value = node_config.get(key)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {key!r}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"node config {key!r}: must be a finite number, got {value!r}")
+    return number
+
+
 def declared(node_config: Mapping[str, Any]) -> ClientProfile | None:
     """A profile from node config keys ``memory-gb`` and ``tflops`` (both needed), else None."""
     if "memory-gb" not in node_config and "tflops" not in node_config:
         return None
-    try:
-        memory_gb, tflops = float(node_config["memory-gb"]), float(node_config["tflops"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"node config needs numeric 'memory-gb' and 'tflops' together ({exc})") from exc
+    missing = [key for key in ("memory-gb", "tflops") if key not in node_config]
+    if missing:
+        raise ValueError(f"node config needs numeric 'memory-gb' and 'tflops' together (missing {missing[0]!r})")
+    memory_gb, tflops = node_number(node_config, "memory-gb"), node_number(node_config, "tflops")
     if memory_gb <= 0 or tflops <= 0:
         raise ValueError(f"node config 'memory-gb'={memory_gb} and 'tflops'={tflops} must be > 0")
     return ClientProfile(memory_gb * 2**30, tflops * 1e12, "declared")

@@ -89,6 +89,10 @@ def test_profiles_measured_declared_simulated():
     assert declared({"partition-id": 0}) is None
     with pytest.raises(ValueError, match="memory-gb"):
         declared({"memory-gb": 12})
+    with pytest.raises(ValueError, match="'tflops': must be a finite number"):
+        declared({"memory-gb": 12, "tflops": "nan"})
+    with pytest.raises(ValueError, match="'memory-gb': expected a number, got '12GB'"):
+        declared({"memory-gb": "12GB", "tflops": 35.6})
     sims = [simulated(i, 7, weight_bytes=1e9, training_bytes=1e8) for i in range(50)]
     assert all(0.55e9 <= s.memory_bytes <= 1.0e9 for s in sims)
     assert all(0.25 * 35.6e12 <= s.flops <= 35.6e12 for s in sims)

@@ -40,6 +40,8 @@ def test_the_user_guide_s_table_is_the_one_generated_from_the_fields():
         ("data.partitioner", "zipf", "'data.partitioner'"),
         ("lora.candidate-ranks", "2,x", "'lora.candidate-ranks': expected positive integers"),
         ("fedpipe.upload-budget-mb", -1.0, "'fedpipe.upload-budget-mb': must be >= 0"),
+        ("privacy.site-epsilon", float("nan"), "'privacy.site-epsilon': must be a finite number"),  # nan passes every >=
+        ("train.lr", float("inf"), "'train.lr': must be a finite number"),
     ],
 )
 def test_invalid_values_name_the_key(key, value, fragment):

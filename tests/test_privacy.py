@@ -3,6 +3,7 @@ clipping, and the node that fails closed."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -85,6 +86,14 @@ def test_a_site_with_dp_fails_closed_on_an_instruction_without_it(task, tmp_path
     dp = private_round(local, ledger, replace(plain, dp_clip=0.5), data, seed=0)
     assert dp.clip == 0.5 and dp.rate == pytest.approx(4 / 40) and dp.noise > 0
     assert site_ledger(local, SimpleNamespace(node_config={}, run_id=7, node_id=3)) is None  # no ε anywhere: no DP
+    for node_config, fragment in [
+        ({"dp-epsilon": -4.0}, "'dp-epsilon': must be >= 0"),  # a typo must not read as "no DP"
+        ({"dp-epsilon": "nan"}, "'dp-epsilon': must be a finite number"),
+        ({"dp-epsilon": "four"}, "'dp-epsilon': expected a number"),
+        ({"dp-epsilon": 4.0, "dp-delta": 1.0}, "'dp-delta': must be in (0, 1)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            site_ledger(local, SimpleNamespace(node_config=node_config, run_id=7, node_id=3))
 
 
 def test_a_private_round_trains_the_adapters_on_a_quantized_base(task):

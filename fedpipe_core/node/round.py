@@ -33,7 +33,7 @@ from fedpipe_core.metrics import meteor_missing
 from fedpipe_core.node.cache import cached_profile
 from fedpipe_core.node.state import WarmBase, bytes_written, files_on_disk, node_base, node_state_dir, save_importance
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
-from fedpipe_core.profile import ClientProfile, declared_on_device
+from fedpipe_core.profile import ClientProfile, declared_on_device, node_number
 from fedpipe_core.protocol import FinalInstruction, FinalReply, TrainInstruction, TrainReply
 from fedpipe_core.round_start import (
     fitted,
@@ -264,10 +264,14 @@ def site_ledger(task: Task, context: Site) -> PrivacyLedger | None:
     """This site's privacy ledger when it trains with DP-SGD: its node config's ``dp-epsilon`` / ``dp-delta``, else the
     run config's ``privacy.site-epsilon`` / ``privacy.site-delta``; None when its ε is 0 (no DP)."""
     cfg, node = task.config, context.node_config
-    epsilon = float(node.get("dp-epsilon", cfg.privacy_site_epsilon))
-    if epsilon <= 0:
+    epsilon = node_number(node, "dp-epsilon", cfg.privacy_site_epsilon)
+    if epsilon < 0:  # a typo must not turn a site's DP off
+        raise ValueError(f"node config 'dp-epsilon': must be >= 0 (0: no DP), got {epsilon:g}")
+    if epsilon == 0:
         return None
-    delta = float(node.get("dp-delta", cfg.privacy_site_delta))
+    delta = node_number(node, "dp-delta", cfg.privacy_site_delta)
+    if not 0 < delta < 1:
+        raise ValueError(f"node config 'dp-delta': must be in (0, 1), got {delta:g}")
     return load_ledger(node_state_dir(task, context.run_id, context.node_id), epsilon, delta)
 
 
