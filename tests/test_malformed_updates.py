@@ -3,7 +3,9 @@
 import numpy as np
 import torch
 from fakes import FakeGrid, client_factors, reply
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import json
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpipe_core.codec import encode_factors
 from fedpipe_core.strategies import FedPipe
@@ -14,6 +16,33 @@ def _message(node_id, content):
     return reply(node_id, {}, {}).__class__(
         metadata=reply(node_id, {}, {}).metadata, has_error=lambda: False, error=None, content=content
     )
+
+
+def _packed(index, data):
+    """An arrays record as :func:`fedpipe_flower.messages.to_record` lays it out, with whatever index and data."""
+    raw = index if isinstance(index, bytes) else json.dumps(index).encode()
+    record = {"index": Array(np.frombuffer(raw, dtype=np.uint8))}
+    record.update({f"data::{dtype}": Array(flat) for dtype, flat in data.items()})
+    return ArrayRecord(record)
+
+
+def packing_cases(good, ok):
+    """Records whose packing is wrong though their factors are right."""
+    arrays = encode_factors(good)
+    index = [[k, "<f4", list(v.shape)] for k, v in arrays.items()]
+    flat = np.concatenate([v.ravel() for v in arrays.values()])
+    first = index[0][0]
+    cases = [
+        ("arrays not packed (no index)", ArrayRecord({k: Array(v) for k, v in arrays.items()})),
+        ("index that is not JSON", _packed(b"\xff{", {"<f4": flat})),
+        ("index entry that is not [key, dtype, shape]", _packed([*index[1:], [first, "<f4", [-1]]], {"<f4": flat})),
+        ("index longer than its data", _packed(index, {"<f4": flat[:-1]})),
+        ("data longer than its index", _packed(index, {"<f4": np.append(flat, np.float32(0))})),
+        ("a key twice in the index", _packed([*index, index[0]], {"<f4": np.append(flat, arrays[first].ravel())})),
+        ("data of another dtype than its index says", _packed(index, {"<f4": flat.astype(np.float64)})),
+        ("an array outside the index", ArrayRecord({**_packed(index, {"<f4": flat}), "stray": Array(flat)})),
+    ]
+    return [(label, 3, _message(3, RecordDict({"arrays": record, "metrics": MetricRecord(ok)}))) for label, record in cases]
 
 
 def malformed_cases(task, plan, good):
@@ -74,7 +103,7 @@ def malformed_cases(task, plan, good):
         ("node that was sent no plan", 9, reply(9, encode_factors(good), ok)),
         ("error reply", 3, reply(3, {}, ok, error="killed")),
     ]
-    return replies
+    return replies + packing_cases(good, ok)
 
 
 def test_at_least_twenty_malformed_updates_are_rejected_and_change_nothing(task):

@@ -74,3 +74,35 @@ def test_profiles_travel_and_must_be_positive():
 
 def test_every_mode_a_strategy_sends_has_a_local_routine():
     assert {cls.mode for cls in STRATEGIES.values()} <= set(MODES) == set(ROUTINES)
+
+
+def test_arrays_travel_packed_in_a_few_objects_whatever_the_number_of_weights():
+    """A message's Flower objects do not grow with the number of adapted weights: one flat Array per dtype."""
+    import numpy as np
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedpipe_flower.messages import from_record, to_record
+
+    def objects(n_modules: int) -> int:
+        rng = np.random.default_rng(n_modules)
+        arrays = {f"m{i}::{p}": rng.standard_normal((4, 8)).astype(np.float32) for i in range(n_modules) for p in "AB"}
+        msg = Message(RecordDict({"arrays": to_record(arrays)}), dst_node_id=1, message_type=MessageType.TRAIN)
+        return len(get_all_nested_objects(msg))
+
+    assert objects(2) == objects(176)  # TinyLlama's attention weights × (A, B): as few objects as 2 of them
+    arrays = {
+        "m::A": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "m::B": np.ones((5, 3), np.float32, order="F")[:, ::-1],  # not contiguous
+        "words": np.arange(6, dtype=np.uint64).reshape(2, 3),
+        "scalar": np.float32(2.5),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    back = from_record(to_record(arrays))
+    assert list(back) == list(arrays)  # order kept
+    for key, value in arrays.items():
+        assert back[key].dtype == np.asarray(value).dtype and back[key].shape == np.shape(value), key
+        np.testing.assert_array_equal(back[key], value)
+    assert from_record(to_record({})) == {}
+    with pytest.raises(TypeError, match="'bad'"):
+        to_record({"bad": np.array([object()])})

@@ -15,7 +15,7 @@ from fedpipe_core.config import ConfigError
 from fedpipe_core.protocol import TrainInstruction, TrainReply
 from fedpipe_core.secagg import SecAggError
 from fedpipe_core.secure_round import Layout, ServerRound, advertise, deal, fixed_point, majority, mask, reveal
-from fedpipe_flower.messages import read_instruction, train_reply
+from fedpipe_flower.messages import from_record, read_instruction, train_reply
 from fedpipe_flower.secure import MASKED, PRIVATE_METRICS, is_stage
 
 NODES = [11, 22, 33, 44]
@@ -170,7 +170,8 @@ def test_the_server_learns_the_exact_average_from_masked_replies_and_survives_a_
     messages, replies, (arrays, metrics) = _round(secure, RoutingGrid(contexts, drop))
     assert {m.metadata.dst_node_id for m in messages} == set(NODES) and len(replies) == 4 - len(drop)
     for reply in replies:  # one masked vector; no example count, loss or importance in the clear
-        assert set(reply.content["arrays"]) == {MASKED} and reply.content["arrays"][MASKED].numpy().dtype == np.uint64
+        sent = from_record(reply.content["arrays"])
+        assert set(sent) == {MASKED} and sent[MASKED].dtype == np.uint64
         assert not set(reply.content["metrics"]) & set(PRIVATE_METRICS)
         assert not any(k.startswith("importance::") for k in reply.content["metrics"])
     plain = _adapter(task, privacy_frozen_a=True, eval_where="both")
