@@ -1,10 +1,10 @@
 """Malformed client updates are rejected one by one and leave the aggregate of the valid ones unchanged."""
 
+import json
+
 import numpy as np
 import torch
 from fakes import FakeGrid, client_factors, reply
-import json
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpipe_core.codec import encode_factors
