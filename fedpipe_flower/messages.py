@@ -40,8 +40,10 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
     Flower 1.42 moves every Array as objects of its own (pushed and pulled one request each, twice per hop), so a
     message of a few hundred small factors spends seconds on requests; packed, it is a handful of objects whatever
-    the number of adapted weights (the array bytes are the same).
+    the number of adapted weights (the array bytes are the same). No arrays: an empty record (no bytes).
     """
+    if not arrays:
+        return ArrayRecord()
     index: list[list[object]] = []
     groups: dict[str, list[np.ndarray]] = {}
     for key, value in arrays.items():

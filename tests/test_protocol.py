@@ -103,6 +103,6 @@ def test_arrays_travel_packed_in_a_few_objects_whatever_the_number_of_weights():
     for key, value in arrays.items():
         assert back[key].dtype == np.asarray(value).dtype and back[key].shape == np.shape(value), key
         np.testing.assert_array_equal(back[key], value)
-    assert from_record(to_record({})) == {}
+    assert from_record(to_record({})) == {} and to_record({}).count_bytes() == 0  # round 1 sends nothing down
     with pytest.raises(TypeError, match="'bad'"):
         to_record({"bad": np.array([object()])})
