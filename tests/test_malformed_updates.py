@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpipe_core.codec import encode_factors
 from fedpipe_core.strategies import FedPipe
+from fedpipe_flower.messages import DATA_PREFIX, INDEX
 from server_app.strategy import FlowerAdapter
 
 
@@ -21,8 +22,8 @@ def _message(node_id, content):
 def _packed(index, data):
     """An arrays record as :func:`fedpipe_flower.messages.to_record` lays it out, with whatever index and data."""
     raw = index if isinstance(index, bytes) else json.dumps(index).encode()
-    record = {"index": Array(np.frombuffer(raw, dtype=np.uint8))}
-    record.update({f"data::{dtype}": Array(flat) for dtype, flat in data.items()})
+    record = {INDEX: Array(np.frombuffer(raw, dtype=np.uint8))}
+    record.update({DATA_PREFIX + dtype: Array(flat) for dtype, flat in data.items()})
     return ArrayRecord(record)
 
 
