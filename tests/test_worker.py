@@ -61,13 +61,14 @@ def _serve(path: Path, jobs: int) -> tuple[threading.Thread, worker.Worker]:
 
 
 def test_rounds_through_the_worker_equal_rounds_in_process_and_reuse_its_base(tmp_path, monkeypatch):
-    builds = []
-    real_stream = state_module.stream_model
+    builds, loads = [], []
+    real_stream, real_load = state_module.stream_model, state_module.load_state
     monkeypatch.setattr(state_module, "stream_model", lambda *a, **k: builds.append(1) or real_stream(*a, **k))
+    monkeypatch.setattr(state_module, "load_state", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     messages = _messages()
     here = _context(11, tmp_path / "here")
     in_process = [read_train_reply(local_round.train(m, here, time.perf_counter(), 0.0)) for m in messages]
-    assert len(builds) == 2  # a fresh base each message
+    assert len(builds) == 2 and len(loads) == 2  # a fresh base and the state read from disk each message
 
     path = tmp_path / "worker.sock"
     thread, held = _serve(path, jobs=2)
@@ -77,6 +78,7 @@ def test_rounds_through_the_worker_equal_rounds_in_process_and_reuse_its_base(tm
     thread.join(timeout=300)
     assert all(reply is not None and not reply.has_error() for reply in through)
     assert len(builds) == 3  # the worker built its base once: round 2 rebuilt only the weights its ΔW and adapters touch
+    assert len(loads) == 3  # and read its state once: round 2 went on from the state it held
     for (arrays, report, _), reply in zip(in_process, through, strict=True):
         arrays_w, report_w, _ = read_train_reply(reply)
         assert sorted(arrays) == sorted(arrays_w) and all(np.array_equal(arrays[k], arrays_w[k]) for k in arrays)
@@ -85,6 +87,26 @@ def test_rounds_through_the_worker_equal_rounds_in_process_and_reuse_its_base(tm
     warm = held.warm[(12, 1)]
     assert warm.version == 1 and warm.precision == "nf8" and warm.model is not None
     assert not any("lora" in name for name, _ in warm.model.named_modules())  # kept without the round's adapters
+
+
+def test_a_held_state_stands_for_the_disk_only_while_the_disk_holds_what_it_wrote(tmp_path):
+    directory = tmp_path / "node"
+    state = state_module.NodeState()
+    state.add({"m": torch.ones(2, 3)}, 1, {"m::dW": np.ones((2, 3), dtype=np.float32)})
+    state_module.save_state(directory, state)
+    warm = state_module.WarmBase()
+    warm.keep(torch.nn.Linear(3, 2), directory, state)
+    assert warm.take_state(directory) is state
+    assert warm.take_state(directory) is None  # handed over: a round that fails part-way leaves nothing behind
+    warm.keep(torch.nn.Linear(3, 2), directory, state)
+    assert warm.take_state(tmp_path / "another-node") is None
+    warm.keep(torch.nn.Linear(3, 2), directory, state)
+    other = state_module.load_state(directory)  # another process (the in-process fallback) goes on from the disk
+    other.add({"m": torch.ones(2, 3)}, 2, {"m::dW": np.ones((2, 3), dtype=np.float32)})
+    state_module.save_state(directory, other)
+    assert warm.take_state(directory) is None
+    resumed = state_module.resume_state(directory, 2, warm)
+    assert resumed.version == 2 and torch.equal(resumed.delta["m"], torch.full((2, 3), 2.0))
 
 
 def test_a_worker_of_another_app_version_is_refused_and_the_round_falls_back(tmp_path, monkeypatch):

@@ -140,9 +140,9 @@ def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
         optimizer_state=moments,
         frozen_a=frozen,
     )
-    if warm is not None:
-        warm.keep(strip_lora(model), directory, end, order.precision, sorted(held))
     save_importance(directory, state, out.importance_history)
+    if warm is not None:
+        warm.keep(strip_lora(model), directory, state)
     after = decode_factors(out.arrays, task.shapes)
     if carried:
         save_adapters(directory, after, out.result.optimizer_state)

@@ -69,11 +69,17 @@ class NodeState:
     """This message's ΔW rounds as the server sent them (``<module>::A|B|dW``): what :func:`save_state` appends."""
     checksums: dict[str, str] = field(default_factory=dict)
     """SHA-256 of every tensor file of the state, by its path under the state's directory."""
+    meta: str = ""
+    """``meta.json`` as this state last read or wrote it (a warm worker's held state is current while the disk says so)."""
 
     def add(self, increment: dict[str, torch.Tensor], version: int, sent: Mapping[str, np.ndarray] | None = None) -> None:
-        """Accumulate one increment (``sent``: as it came, for the disk) and advance the version."""
+        """Accumulate one increment (``sent``: as it came, for the disk) and advance the version; the state takes the
+        increment's tensors over (in place: no second copy of a model-sized ΔW)."""
         for module, d in increment.items():
-            self.delta[module] = self.delta[module] + d if module in self.delta else d.clone()
+            if module in self.delta:
+                self.delta[module].add_(d)
+            else:
+                self.delta[module] = d
         self.fresh = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in (sent or {}).items()}
         self.version = version
 
@@ -135,18 +141,22 @@ def load_state(directory: Path) -> NodeState:
     if not meta_path.is_file():
         return NodeState()
     try:
-        meta = json.loads(meta_path.read_text())
+        text = meta_path.read_text()
+        meta = json.loads(text)
         version = int(meta["version"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StateCorrupt(f"node state {meta_path}: unreadable metadata ({exc})") from None
     checksums = dict(meta.get("checksums", {}))
     compacted = bool(meta.get("compacted", "increments" not in meta))  # a state from before the increments: dense
-    state = NodeState(version, compacted=compacted, increments=list(meta.get("increments", [])), checksums=checksums)
+    state = NodeState(version, compacted=compacted, increments=list(meta.get("increments", [])), checksums=checksums, meta=text)
     if compacted and (directory / COMPACTED).is_file():
         state.delta, _ = _read(directory, COMPACTED, checksums)
     for name in state.increments:
         for module, d in stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)[0]).items():
-            state.delta[module] = state.delta[module] + d if module in state.delta else d
+            if module in state.delta:
+                state.delta[module].add_(d)
+            else:
+                state.delta[module] = d
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     state.held = list(meta.get("held", []))
     if meta.get("base_of") == BASE_OF and (directory / BASE).is_file():
@@ -227,7 +237,8 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
         "increments": state.increments,
         "compacted": state.compacted,
     }
-    _replace(directory / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+    state.meta = json.dumps(meta)
+    _replace(directory / "meta.json", lambda p: p.write_text(state.meta))
     if delta:
         _collect_garbage(directory, state)
 
@@ -235,17 +246,33 @@ def save_state(directory: Path, state: NodeState, delta: bool = True, base: bool
 @dataclass
 class WarmBase:
     """A node's base as a long-lived worker holds it between messages (``fedpipe-node-worker``): the model after its
-    last round (adapters stripped) and the state it reflects, so the next round rewrites only the weights it changes."""
+    last round (adapters stripped) and the state it reflects, so the next round neither reads the state back from disk
+    nor rebuilds more than the weights it changes."""
 
     model: PreTrainedModel | None = None
     directory: Path | None = None
+    state: NodeState | None = None
     version: int = -1
     precision: str = ""
     held: list[str] = field(default_factory=list)
 
-    def keep(self, model: PreTrainedModel, directory: Path, version: int, precision: str, held: list[str]) -> None:
-        """Hold ``model`` as the base of ``directory``'s state at ``version``, ``precision``, ``held``."""
-        self.model, self.directory, self.version, self.precision, self.held = model, directory, version, precision, held
+    def keep(self, model: PreTrainedModel, directory: Path, state: NodeState) -> None:
+        """Hold ``model`` as the base of ``directory``'s ``state`` (as last saved: its version, precision, held)."""
+        self.model, self.directory, self.state = model, directory, state
+        self.version, self.precision, self.held = state.version, state.precision, list(state.held)
+
+    def take_state(self, directory: Path) -> NodeState | None:
+        """The held state of ``directory`` while its ``meta.json`` is still the one that state wrote, else None (none
+        held, or another process has changed the state since). Handed over: a round that fails part-way leaves no
+        half-merged state here, and the next message reads the state from disk."""
+        state, self.state = self.state, None
+        if state is None or self.directory != directory:
+            return None
+        try:
+            current = (directory / "meta.json").read_text()
+        except OSError:
+            return None
+        return state if current == state.meta else None
 
     def serves(self, directory: Path, version: int, precision: str, state: NodeState) -> bool:
         """Whether the held model is this state's base at ``version`` and ``precision``."""
@@ -310,7 +337,7 @@ def node_base(
     round changes are read and rebuilt in it (the same layers a fresh build gives), instead of the whole model.
     """
     held = dict(held or {})
-    state = resume_state(directory, start)
+    state = resume_state(directory, start, warm)
     reuse = warm is not None and warm.serves(directory, start, precision, state)
     increment = decode_delta(payload, task.shapes)
     touched = set(increment) | set(held) | set(state.held)  # the weights this message changes
@@ -334,12 +361,16 @@ def node_base(
     return model, state
 
 
-def resume_state(directory: Path, start: int) -> NodeState:
+def resume_state(directory: Path, start: int, warm: WarmBase | None = None) -> NodeState:
     """The saved state the server's ΔW rounds from ``start`` continue: a fresh one when the server resends the whole
     history (``start = 0``: a new node, a resync, or a damaged state rebuilt); StateCorrupt or StateMismatch when the
-    rounds sent cannot be merged into what this node holds."""
+    rounds sent cannot be merged into what this node holds. A warm worker's held state stands for the disk's while the
+    disk still holds what it wrote (:meth:`WarmBase.take_state`): nothing is read back, Q(W0) and the increments
+    included."""
+    state = warm.take_state(directory) if warm is not None else None
     try:
-        state = load_state(directory)
+        if state is None:
+            state = load_state(directory)
     except StateCorrupt as exc:
         if start != 0:
             raise  # the reply is an error: the server sends the whole ΔW history with the next message
@@ -359,9 +390,12 @@ def layer_rule(state: NodeState, held: Mapping[str, torch.Tensor], precision: st
 
     def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
         """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
-        weight = oriented(module, read("weight").float())
-        weight = weight + state.delta[name] if name in state.delta else weight
-        return weight - held[name] if name in held else weight
+        weight = oriented(module, read("weight").float())  # read afresh for this build: summed into in place
+        if name in state.delta:
+            weight.add_(state.delta[name])
+        if name in held:
+            weight.sub_(held[name])
+        return weight
 
     def block_layer(name: str, module: nn.Module, read: Reader) -> nn.Module:
         if precision == "fp32":

@@ -8,8 +8,9 @@ only the site's own user can connect) and returns its reply. The worker:
 
 - refuses a ClientApp of another app version (:func:`~fedpipe_core.node.wire.app_version`), with one line saying so
   (the ClientApp then trains in its own process);
-- runs one job at a time; a job's node base (:class:`~fedpipe_core.node.state.WarmBase`) is kept for that node's next
-  message, which rewrites only the weights it changes;
+- runs one job at a time; a job's node base and state (:class:`~fedpipe_core.node.state.WarmBase`) are kept for that
+  node's next message, which rewrites only the weights it changes and goes on from the held state instead of reading
+  it back (Q(W0) and every ΔW increment) while the node's ``meta.json`` is still the one the worker wrote;
 - lets every base go after ``--idle-release-s`` without a job (the accelerator's memory returns to the site).
 
 The node's state on disk is written as without a worker, so a worker that dies loses nothing: the next message
