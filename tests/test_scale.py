@@ -33,3 +33,10 @@ def test_the_scale_benchmark_runs_both_modes_with_the_same_numbers_and_a_warm_wo
     assert max(imports["worker"]) < 0.5 < min(imports["in-process"])  # the worker imported torch once, before any job
     for run in runs.values():  # every message is a fresh process's first: Flower's part of its start-up is reported
         assert all(0 < m["flower-s"] < m["startup-s"] for m in scale.messages(run))
+
+
+def test_an_unknown_mode_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _scale().main(["--modes", "worker,gpu", "--workdir", str(tmp_path)])
+    assert exit_.value.code == 2 and "--modes 'worker,gpu'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no deployment started
