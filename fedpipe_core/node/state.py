@@ -73,15 +73,20 @@ class NodeState:
     """``meta.json`` as this state last read or wrote it (a warm worker's held state is current while the disk says so)."""
 
     def add(self, increment: dict[str, torch.Tensor], version: int, sent: Mapping[str, np.ndarray] | None = None) -> None:
-        """Accumulate one increment (``sent``: as it came, for the disk) and advance the version; the state takes the
-        increment's tensors over (in place: no second copy of a model-sized ΔW)."""
-        for module, d in increment.items():
-            if module in self.delta:
-                self.delta[module].add_(d)
-            else:
-                self.delta[module] = d
+        """Accumulate one increment (:func:`sum_into`; ``sent``: as it came, for the disk) and advance the version."""
+        sum_into(self.delta, increment)
         self.fresh = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in (sent or {}).items()}
         self.version = version
+
+
+def sum_into(delta: dict[str, torch.Tensor], increment: Mapping[str, torch.Tensor]) -> None:
+    """ΣΔW += one increment, module by module, in place; ``delta`` takes over the increment's tensors of modules it
+    lacks (no second copy of a model-sized ΔW)."""
+    for module, d in increment.items():
+        if module in delta:
+            delta[module].add_(d)
+        else:
+            delta[module] = d
 
 
 def run_states_dir(cache_dir: Path, run_id: int) -> Path:
@@ -152,11 +157,7 @@ def load_state(directory: Path) -> NodeState:
     if compacted and (directory / COMPACTED).is_file():
         state.delta, _ = _read(directory, COMPACTED, checksums)
     for name in state.increments:
-        for module, d in stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)[0]).items():
-            if module in state.delta:
-                state.delta[module].add_(d)
-            else:
-                state.delta[module] = d
+        sum_into(state.delta, stored_delta(_read(directory, f"{INCREMENTS}/{name}", checksums)[0]))
     state.importance = {m: (float(s), float(u)) for m, (s, u) in meta.get("importance", {}).items()}
     state.held = list(meta.get("held", []))
     if meta.get("base_of") == BASE_OF and (directory / BASE).is_file():
