@@ -119,6 +119,21 @@ def test_a_worker_of_another_app_version_is_refused_and_the_round_falls_back(tmp
     assert client_app.through_worker(_messages()[0], _context(13, tmp_path, path), time.perf_counter(), 0.0) is None
 
 
+def test_the_socket_appears_only_once_it_listens_and_only_its_user_may_connect(tmp_path):
+    path = tmp_path / "worker.sock"
+    path.write_text("a stale file")  # a worker that died left its path behind
+    server = worker.listen(path)
+    with server:
+        assert path.stat().st_mode & 0o777 == 0o600 and sorted(p.name for p in tmp_path.iterdir()) == ["worker.sock"]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client:
+            client.connect(str(path))  # connectable as soon as it exists: no window between bind and listen
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"x")
+                assert conn.recv(1) == b"x"
+
+
 def test_a_worker_that_dies_mid_round_gives_an_error_reply_and_the_next_round_runs_without_it(tmp_path):
     path = tmp_path / "worker.sock"
     server = worker.listen(path)

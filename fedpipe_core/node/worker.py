@@ -94,17 +94,24 @@ class Worker:
 
 
 def listen(path: Path) -> socket.socket:
-    """A Unix socket at ``path`` that only this user may connect to (created 0600, never wider)."""
+    """A Unix socket at ``path`` that only this user may connect to (created 0600, never wider).
+
+    It is bound and listening under a temporary name before it is renamed to ``path``, so a ClientApp that finds
+    ``path`` can connect: between a bind and its listen a connection is refused, and the round would go to the
+    ClientApp's process while the worker starts."""
     if path.exists() or path.is_symlink():
         path.unlink()
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        server.bind(str(path))
+        server.bind(str(staging))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    os.chmod(staging, 0o600)
     server.listen(4)
+    os.replace(staging, path)
     return server
 
 
