@@ -204,12 +204,19 @@ def finished_identities(out_root: Path) -> dict[str, Path]:
 
 
 def reuse(
-    suite: Suite, strategy: str, setting: str, seed: int, suite_dir: Path, known: dict[str, Path], lr: float | None = None
+    suite: Suite,
+    strategy: str,
+    setting: str,
+    seed: int,
+    suite_dir: Path,
+    known: dict[str, Path],
+    lr: float | None = None,
+    trial: bool = False,
 ) -> Path | None:
     """Link a finished run of the same configuration (another suite's row, or the learning-rate trial that chose this
     row's rate; same seeds give the same numbers, tests/test_determinism.py) as this one's, instead of running it
-    again; None where there is none."""
-    out = run_dir(suite_dir, strategy, setting, seed)
+    again (a learning-rate ``trial`` into its own directory); None where there is none."""
+    out = run_dir(suite_dir, strategy, setting, seed, lr if trial else None)
     config = RunConfig.from_mapping(suite.config_of(strategy, setting, out.resolve(), seed, lr)).to_mapping()
     source = known.get(run_identity(config, suite.supernodes_of(setting)))
     if source is None:
@@ -346,6 +353,12 @@ def lr_trials(
     todo = [
         (s, t, seed, lr) for s, t in suite.runs for lr in suite.lr_grid if finished(run_dir(suite_dir, s, t, seed, lr)) is None
     ]
+    if run and todo:
+        known = finished_identities(suite_dir.parent)
+        linked = [row for row in todo if reuse(suite, *row[:3], suite_dir, known, row[3], trial=True) is not None]
+        for s, t, _, lr in linked:
+            console.print(f"{s} / {t} / lr {lr:g} (trial): the same configuration already ran, reused")
+        todo = [row for row in todo if row not in linked]
     run_all(suite, todo if run else [], suite_dir, app, timeout_s, failures, trial=True)
     chosen = {row: chosen_lr(suite, suite_dir, *row) for row in suite.runs}
     record = {"/".join(row): {"chosen": lr, "final_eval_loss": losses} for row, (lr, losses) in chosen.items()}

@@ -511,9 +511,14 @@ def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at
     monkeypatch.setattr(bench, "run_one", fake)
     stale = _fake_run(run_dir(out / "s", "lora-fedavg", "hetero", 2), [3.0, 1.0], [0.0, 1.0], 4.0, 30.0)
     (stale / "config.json").write_text(json.dumps({"train.lr": 0.001}))  # from before the grid: another rate
+    elsewhere = _fake_run(run_dir(out / "ablation", "fedpipe", "x", 1), [3.0, 1.5 + math.log10(3)], [0.0, 1.0], 4.0, 30.0)
+    (elsewhere / "config.json").write_text(json.dumps(suite.config_of("fedpipe", "hetero", elsewhere.parent, 1, 0.001)))
+    (elsewhere / "plans.jsonl").write_text(json.dumps({"round": 1, "node_id": 1}) + "\n" + json.dumps({"round": 1, "node_id": 2}))
     run_suite(suite, out, app=tmp_path)
     trials = [(s, seed, lr) for s, seed, lr, trial in ran if trial]
-    assert trials == [(s, 1, lr) for s in ("fedpipe", "lora-fedavg") for lr in (0.001, 0.003, 0.01)]
+    # fedpipe's trial at 1e-3 already ran in another suite (the same configuration): linked, not run again
+    assert trials == [("fedpipe", 1, 0.003), ("fedpipe", 1, 0.01)] + [("lora-fedavg", 1, lr) for lr in (0.001, 0.003, 0.01)]
+    assert (run_dir(out / "s", "fedpipe", "hetero", 1, 0.001) / "1").resolve() == elsewhere.resolve()
     assert [(s, seed, lr) for s, seed, lr, trial in ran if not trial] == [("fedpipe", 2, 0.003), ("lora-fedavg", 2, 0.01)]
     chosen = json.loads((out / "s" / "lr.json").read_text())
     assert chosen["fedpipe/hetero"]["chosen"] == 0.003 and chosen["lora-fedavg/hetero"]["chosen"] == 0.01
