@@ -98,9 +98,7 @@ def listen(path: Path) -> socket.socket:
 
     It is bound and listening under a temporary name before it is renamed to ``path``, so a ClientApp that finds
     ``path`` can connect: between a bind and its listen a connection is refused, and the round would go to the
-    ClientApp's process while the worker starts."""
-    if path.exists() or path.is_symlink():
-        path.unlink()
+    ClientApp's process while the worker starts. The rename replaces a stale file a dead worker left at ``path``."""
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     staging.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
