@@ -15,8 +15,12 @@ modes the state bytes a message writes ≤ 1% of the model's bytes (the first me
 Q(W0) once; it is shown apart). The last line is one JSON object ``{mode: {"overhead_ratio", "state_bytes_per_message",
 "first_message_state_bytes", "model_bytes", "train_s", "eval_loss"}}``.
 
-    python benchmarks/scale.py [--model tinyllama-1.1b] [--rounds 3] [--steps 2] [--workdir /tmp/fedpipe-scale]
-        [--modes in-process,worker]
+Each mode also prints its plan's precision and the nodes' measured peak against the prediction and the declared
+memory: at LLaMA-2-7B's shapes (``--model llama2-7b --device cuda --memory-gb 12 --batch 8 --seq 512``) the plan is
+NF4 and the peak stays under the declared 12 GB.
+
+    python benchmarks/scale.py [--model tinyllama-1.1b] [--rounds 3] [--steps 2] [--batch 1] [--seq 64] [--memory-gb 3]
+        [--device cpu] [--workdir /tmp/fedpipe-scale] [--modes in-process,worker]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -42,14 +47,17 @@ MODES = ("in-process", "worker")
 
 
 def checkpoint(model: str) -> str:
-    """The run config's ``model.name``: a random LLaMA written once (``tinyllama-1.1b``, or ``tiny`` for tests)."""
+    """The run config's ``model.name``: a random LLaMA written once (``tinyllama-1.1b``, ``llama2-7b`` at BF16, drawn
+    on the GPU where there is one, or ``tiny`` for tests)."""
+    import torch
     from transformers import LlamaConfig
 
     from fedpipe_core.model import default_cache_dir
-    from fedpipe_tools.checkpoints import TINYLLAMA_1B, builtin_vocab_size, write_random_checkpoint
+    from fedpipe_tools.checkpoints import LLAMA2_7B, TINYLLAMA_1B, builtin_vocab_size, write_random_checkpoint
 
     shapes = {
         "tinyllama-1.1b": TINYLLAMA_1B,
+        "llama2-7b": LLAMA2_7B,
         "tiny": {
             "hidden_size": 128,
             "intermediate_size": 256,
@@ -61,10 +69,26 @@ def checkpoint(model: str) -> str:
     if model not in shapes:
         raise SystemExit(f"--model {model!r}: one of {', '.join(shapes)}")
     target = default_cache_dir() / "models" / f"{model}-random"
-    return str(write_random_checkpoint(target, LlamaConfig(vocab_size=builtin_vocab_size(), **shapes[model])))
+    config = LlamaConfig(vocab_size=builtin_vocab_size(), **shapes[model])
+    if model != "llama2-7b":
+        return str(write_random_checkpoint(target, config))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(write_random_checkpoint(target, config, shard_size="4GB", dtype=torch.bfloat16, device=device))
 
 
-def run_mode(mode: str, workdir: Path, model: str, rounds: int, steps: int, memory_gb: float, timeout_s: float) -> Path:
+class Shape(NamedTuple):
+    """What each mode's run is: rounds, local steps, batch, sequence cap, the nodes' declared memory and device."""
+
+    rounds: int = 3
+    steps: int = 2
+    batch: int = 1
+    seq: int = 64
+    memory_gb: float = 3.0
+    device: str = "cpu"
+    eval_where: str = "server"
+
+
+def run_mode(mode: str, workdir: Path, model: str, shape: Shape, timeout_s: float) -> Path:
     """One deployment in ``mode``; the run's directory."""
     workdir.mkdir(parents=True, exist_ok=True)
     deployment = Deployment(workdir, tls=False)
@@ -72,18 +96,22 @@ def run_mode(mode: str, workdir: Path, model: str, rounds: int, steps: int, memo
     try:
         deployment.start_superlink()
         for index in range(2):
-            config = f'partition-id={index} num-partitions=2 memory-gb={memory_gb:g} tflops={9 + 8 * index} device="cpu"'
+            config = (
+                f"partition-id={index} num-partitions=2 memory-gb={shape.memory_gb:g} tflops={9 + 8 * index} "
+                f'device="{shape.device}"'
+            )
             if mode == "worker":
                 sock = workdir / f"worker-{index}.sock"
-                worker = deployment.start(f"worker-{index}", ["fedpipe-node-worker", "--socket", str(sock), "--device", "cpu"])
+                command = ["fedpipe-node-worker", "--socket", str(sock), "--device", shape.device]
+                worker = deployment.start(f"worker-{index}", command)
                 _wait_for(sock, worker, workdir / f"worker-{index}.log", 300.0)
                 config += f' worker-socket="{sock}"'
             deployment.join(index, config)
         run_config = (
-            f'num-server-rounds={rounds} output-dir="{runs}" strategy.min-train-nodes=2 model.name="{model}" '
-            f"train.local-steps={steps} train.batch-size=1 fedpipe.batch-min=1 train.max-seq-len=64 eval.examples=4 "
-            "eval.test-groups=1 "
-            "eval.max-new-tokens=4 eval.base-generation=false"
+            f'num-server-rounds={shape.rounds} output-dir="{runs}" strategy.min-train-nodes=2 model.name="{model}" '
+            f"train.local-steps={shape.steps} train.batch-size={shape.batch} fedpipe.batch-min=1 "
+            f'train.max-seq-len={shape.seq} eval.examples=4 eval.every={shape.rounds} eval.where="{shape.eval_where}" '
+            "eval.test-groups=1 eval.max-new-tokens=4 eval.base-generation=false"
         )
         done = run_app(deployment, run_config, timeout_s)
     finally:
@@ -125,7 +153,8 @@ def summarise(run: Path) -> dict[str, float]:
     found = phases_of(rows)
     first = {m["node"]: m for m in sorted(found, key=lambda m: m["round"], reverse=True)}  # each node's first message
     later = [m["state-bytes"] for m in found if m not in first.values()]
-    model_bytes = max(int(v.get("model_bytes", 0)) for row in rows for v in row.get("node_memory", {}).values())
+    memory = [v for row in rows for v in row.get("node_memory", {}).values()]
+    model_bytes = max(int(v.get("model_bytes", 0)) for v in memory)
     train = sum(m["train-s"] for m in found)
     return {
         "overhead_ratio": sum(m["startup-s"] + m["setup-s"] for m in found) / train,
@@ -134,6 +163,9 @@ def summarise(run: Path) -> dict[str, float]:
         "model_bytes": model_bytes,
         "train_s": train,
         "eval_loss": rows[-1]["eval_loss"],
+        "precisions": sorted({str(v["precision"]) for v in memory if "precision" in v}),
+        "peak_bytes": max(int(v.get("measured_peak_bytes", 0)) for v in memory),
+        "predicted_peak_bytes": max(int(v.get("predicted_peak_bytes", 0)) for v in memory),
     }
 
 
@@ -147,10 +179,19 @@ def bare_flower_start() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tinyllama-1.1b", help="tinyllama-1.1b (random weights, written once) or tiny")
+    parser.add_argument(
+        "--model", default="tinyllama-1.1b", help="tinyllama-1.1b, llama2-7b (random weights, written once) or tiny"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="server rounds per mode")
-    parser.add_argument("--steps", type=int, default=2, help="local steps per round (batch 1, sequence 64)")
+    parser.add_argument("--steps", type=int, default=2, help="local steps per round")
+    parser.add_argument("--batch", type=int, default=1, help="each node's batch size")
+    parser.add_argument("--seq", type=int, default=64, help="the sequence cap")
     parser.add_argument("--memory-gb", type=float, default=3.0, help="each node's declared memory (its plan's precision)")
+    parser.add_argument("--device", default="cpu", help="where the nodes train: cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--eval-where", default="server", choices=("server", "sites"),
+        help="who scores the global model (sites: the nodes, on their quantized bases, instead of the server at FP32)",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedpipe-scale"), help="where the deployments run")
     parser.add_argument("--timeout-s", type=float, default=5400.0, help="limit per mode")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
@@ -162,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"a bare process importing Flower's ClientApp runtime: {bare_flower_start():.2f} s")
     results = {}
     for mode in modes:
-        run = run_mode(mode, args.workdir / mode, model, args.rounds, args.steps, args.memory_gb, args.timeout_s)
+        shape = Shape(args.rounds, args.steps, args.batch, args.seq, args.memory_gb, args.device, args.eval_where)
+        run = run_mode(mode, args.workdir / mode, model, shape, args.timeout_s)
         print(f"{mode}: {run}")
         print("  round node  start-up s  of it Flower s  import s  data s  base s  train s  rest s  state bytes")
         for m in messages(run):
@@ -179,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  (start-up + setup) / training = {results[mode]['overhead_ratio']:.3f}; state bytes per message after the "
             f"first = {share:.2e} of the model's {results[mode]['model_bytes'] / 1e9:.2f} GB "
             f"(target ≤ {TARGETS['state_bytes_share']:g}: ratio {share / TARGETS['state_bytes_share']:.2f})"
+        )
+        print(
+            f"  plan precision {', '.join(results[mode]['precisions'])}; measured peak "
+            f"{results[mode]['peak_bytes'] / 2**30:.2f} GiB (predicted {results[mode]['predicted_peak_bytes'] / 2**30:.2f} GiB; "
+            f"declared {args.memory_gb:g} GB)"
         )
     if "worker" in results:
         ratio = results["worker"]["overhead_ratio"] / TARGETS["worker_overhead_ratio"]

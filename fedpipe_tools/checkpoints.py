@@ -28,15 +28,36 @@ TINYLLAMA_1B = {
 }
 """TinyLlama-1.1B's architecture (its vocabulary replaced by the built-in tokenizer's)."""
 
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+"""LLaMA-2-7B's architecture (its vocabulary replaced by the built-in tokenizer's)."""
 
-def write_random_checkpoint(directory: Path, config: PretrainedConfig, shard_size: str = "500MB", seed: int = 0) -> Path:
-    """Write a randomly initialised model of ``config`` as safetensors shards, with the built-in tokenizer,
-    once (an existing checkpoint is kept)."""
+
+def write_random_checkpoint(
+    directory: Path,
+    config: PretrainedConfig,
+    shard_size: str = "500MB",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Write a randomly initialised model of ``config`` as safetensors shards at ``dtype``, with the built-in tokenizer,
+    once (an existing checkpoint is kept); ``device`` is where the weights are drawn (a GPU draws a 7B model in
+    seconds)."""
     if (directory / "config.json").is_file():
         return directory
     source = resolve_checkpoint("smollm2-135m")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, max_shard_size=shard_size)

@@ -25,8 +25,11 @@ def test_the_scale_benchmark_runs_both_modes_with_the_same_numbers_and_a_warm_wo
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(results) == {"in-process", "worker"}
     assert results["worker"]["eval_loss"] == results["in-process"]["eval_loss"]  # the worker trains the same rounds
+    assert results["worker"]["precisions"] == results["in-process"]["precisions"]  # the same plans
     for mode in results.values():
         assert 0 < mode["state_bytes_per_message"] <= 0.01 * mode["model_bytes"]
+        assert set(mode["precisions"]) <= {"fp32", "fp16", "nf8", "nf4"} and mode["precisions"]
+        assert mode["peak_bytes"] > mode["model_bytes"] and mode["predicted_peak_bytes"] > 0
     runs = {mode: next((tmp_path / mode / "runs").glob("*/summary.json")).parent for mode in results}
     imports = {mode: [m["import-s"] for m in scale.messages(run)] for mode, run in runs.items()}
     assert len(imports["worker"]) == len(imports["in-process"]) == 4  # 2 nodes × 2 rounds, each message's phases
