@@ -90,18 +90,24 @@ class QuantizedWeight:
         return self.data.numel() * self.data.element_size() + extra
 
 
-def quantize(weight: torch.Tensor, precision: str) -> QuantizedWeight:
-    """Store ``weight`` at ``precision`` (one of PRECISIONS)."""
+def quantize(weight: torch.Tensor, precision: str, device: torch.device | None = None) -> QuantizedWeight:
+    """Store ``weight`` at ``precision`` (one of PRECISIONS), on the CPU.
+
+    ``device``: where NF4/NF8 codes are computed (bitsandbytes' kernels for it; a node's GPU quantizes a 7B base in
+    seconds where its CPU takes minutes); the codes and block scales come back to the CPU either way."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     w = weight.detach().float().contiguous()
-    if precision == "nf4":
-        data, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4")
-        return QuantizedWeight("nf4", tuple(w.shape), data, state)
-    if precision == "nf8":
-        code = normal_float_code(8).to(w.device)
-        data, state = bnbf.quantize_blockwise(w, code=code, blocksize=BLOCKSIZE)
-        return QuantizedWeight("nf8", tuple(w.shape), data, state)
+    if precision in ("nf4", "nf8"):
+        on = w if device is None or device.type == "cpu" else w.to(device)
+        if precision == "nf4":
+            data, state = bnbf.quantize_4bit(on, blocksize=BLOCKSIZE, quant_type="nf4")
+        else:
+            data, state = bnbf.quantize_blockwise(on, code=normal_float_code(8).to(on.device), blocksize=BLOCKSIZE)
+        if data.device.type != "cpu":
+            data = data.cpu()
+            state.to("cpu")
+        return QuantizedWeight(precision, tuple(w.shape), data, state)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     return QuantizedWeight(precision, tuple(w.shape), w.to(dtype))
 

@@ -67,6 +67,34 @@ def test_stored_layers_on_cuda_match_the_cpu_reference(precision):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("precision", ["nf8", "nf4"])
+def test_codes_computed_on_cuda_come_back_to_the_cpu_and_agree_with_the_cpu_kernels(precision):
+    weight = 0.05 * torch.randn(512, 384, generator=torch.Generator().manual_seed(1))
+    on_cpu, on_cuda = quantize(weight, precision), quantize(weight, precision, torch.device("cuda"))
+    assert on_cuda.data.device.type == "cpu" and on_cuda.state.absmax.device.type == "cpu"
+    assert on_cuda.data.shape == on_cpu.data.shape and on_cuda.data.dtype == on_cpu.data.dtype
+    torch.testing.assert_close(on_cuda.state.absmax, on_cpu.state.absmax)
+    agree = (on_cuda.data == on_cpu.data).float().mean().item()
+    assert agree >= 0.999, agree  # a value exactly between two levels may round either way
+    torch.testing.assert_close(on_cuda.dequantize(), on_cpu.dequantize(), rtol=0, atol=float(on_cpu.state.absmax.max()) * 0.3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_node_base_quantized_on_cuda_is_the_cpu_base(task, tmp_path):
+    from fedpipe_core.node.state import node_base
+    from fedpipe_core.qlinear import effective_weight
+
+    on_cpu, _ = node_base(task, tmp_path / "cpu", {}, 0, 0, "nf4")
+    on_cuda, state = node_base(task, tmp_path / "cuda", {}, 0, 0, "nf4", device=torch.device("cuda"))
+    assert state.base and all(q.data.device.type == "cpu" for q in state.base.values())
+    for name in task.targets[:4]:
+        ours, reference = effective_weight(on_cuda.get_submodule(name)), effective_weight(on_cpu.get_submodule(name))
+        assert (ours == reference).float().mean() >= 0.999
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "nf8", "nf4"])
 def test_a_cuda_client_round_trains_and_reports_the_allocator_peak(task, tmp_path, precision, batch):

@@ -121,11 +121,12 @@ def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
         start_factors = before
     held = products(before, adapter_scaling(task.config))
     built = time.perf_counter()
-    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm)
+    where = _device(job.site)
+    model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm, where)
     job.phases["base-s"] = time.perf_counter() - built
     out = run_client_round(
         task,
-        device=_device(job.site),
+        device=where,
         model=model,
         examples=job.data.train,
         ranks=order.ranks,

@@ -316,6 +316,7 @@ def node_base(
     precision: str,
     held: Mapping[str, torch.Tensor] | None = None,
     warm: WarmBase | None = None,
+    device: torch.device | None = None,
 ) -> tuple[PreTrainedModel, NodeState]:
     """This round's frozen base, W0 + the merged ΔW held at ``precision`` (eqs 11-12), and the node's state.
 
@@ -336,6 +337,7 @@ def node_base(
 
     ``warm``: the model a worker kept from this node's last round; when it is that state's base, only the weights this
     round changes are read and rebuilt in it (the same layers a fresh build gives), instead of the whole model.
+    ``device``: where NF4/NF8 codes are computed (the node's accelerator; the model is built on the CPU either way).
     """
     held = dict(held or {})
     state = resume_state(directory, start, warm)
@@ -347,7 +349,7 @@ def node_base(
     if state.precision != precision or precision == "fp32":
         state.base = {}  # the stored Q(W0) is of another precision (or there is none at FP32)
     cached: list[str] = []
-    block_layer = layer_rule(state, held, precision, cached)
+    block_layer = layer_rule(state, held, precision, cached, device)
     if reuse and touched <= {name for name, _ in block_linears(warm.model)}:
         model = warm.model
         rebuild_layers(task.checkpoint, model, sorted(touched), block_layer)
@@ -384,10 +386,12 @@ def resume_state(directory: Path, start: int, warm: WarmBase | None = None) -> N
     return state
 
 
-def layer_rule(state: NodeState, held: Mapping[str, torch.Tensor], precision: str, cached: list[str]) -> BlockLayer:
+def layer_rule(
+    state: NodeState, held: Mapping[str, torch.Tensor], precision: str, cached: list[str], device: torch.device | None = None
+) -> BlockLayer:
     """How one block linear of the base is built at ``precision`` (eqs 11-12): W0 + ΣΔW − held exactly at FP32; else
-    Q(W0 + ΣΔW − held) for a weight with a ΔW or held adapters (quantized now, never stored), and the stored Q(W0)
-    for the others (quantized and appended to ``state.base`` and ``cached`` the first time)."""
+    Q(W0 + ΣΔW − held) for a weight with a ΔW or held adapters (quantized now, on ``device``, never stored), and the
+    stored Q(W0) for the others (quantized and appended to ``state.base`` and ``cached`` the first time)."""
 
     def merged(name: str, module: nn.Module, read: Reader) -> torch.Tensor:
         """W0 + ΣΔW (− what the node's adapters hold) of one block linear, (out, in), FP32."""
@@ -402,10 +406,10 @@ def layer_rule(state: NodeState, held: Mapping[str, torch.Tensor], precision: st
         if precision == "fp32":
             return load_linear(module, read, oriented(module, merged(name, module, read)).contiguous())
         if name in state.delta or name in held:
-            stored = quantize(merged(name, module, read), precision)
+            stored = quantize(merged(name, module, read), precision, device)
         else:
             if name not in state.base:
-                state.base[name] = quantize(oriented(module, read("weight").float()), precision)
+                state.base[name] = quantize(oriented(module, read("weight").float()), precision, device)
                 cached.append(name)
             stored = state.base[name]  # Q(W0), W0 not read
         bias = read("bias").float() if getattr(module, "bias", None) is not None else None
