@@ -70,7 +70,7 @@ def measure_one(model_name: str, precision: str, steps: int, evaluate: bool, dev
     cfg, ranks = task.config, task.uniform_ranks()
     where = resolve_device(device)
     with tempfile.TemporaryDirectory() as state:
-        model, _ = node_base(task, Path(state), {}, 0, 0, precision)
+        model, _ = node_base(task, Path(state), {}, 0, 0, precision, device=where)
         base_bytes = sum(stored_bytes(module) for _, module in block_linears(model))
         started = time.perf_counter()
         out = run_client_round(
@@ -97,7 +97,7 @@ def measure_one(model_name: str, precision: str, steps: int, evaluate: bool, dev
         if evaluate:
             from fedpipe_core.evaluate import evaluate_loss  # the metrics' packages only where there is evaluation
 
-            model, _ = node_base(task, Path(state), {}, 0, 0, precision)
+            model, _ = node_base(task, Path(state), {}, 0, 0, precision, device=where)
             peft_model = attach_lora(place(model, where), ranks, lora_alphas(cfg, ranks), cfg.seed)
             set_lora_factors(peft_model, decode_factors(out.arrays, task.shapes))
             result["eval_loss"] = evaluate_loss(peft_model, task.tokenizer, task.splits["validation"][:48], cfg.max_seq_len).loss

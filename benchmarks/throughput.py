@@ -64,7 +64,7 @@ def fedpipe_round(task, examples, precision: str, device) -> tuple[float, int]:
     from fedpipe_core.node.state import node_base
 
     with tempfile.TemporaryDirectory() as state:
-        model, _ = node_base(task, Path(state), {}, 0, 0, precision)
+        model, _ = node_base(task, Path(state), {}, 0, 0, precision, device=device)
         out = run_client_round(
             task, model=model, examples=examples, ranks=task.uniform_ranks(), initial_factors=None,
             seed=task.config.seed, device=device,
