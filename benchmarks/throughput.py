@@ -89,7 +89,7 @@ def peft_loop(task, examples, precision: str, device) -> tuple[float, int]:
     if precision == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        task.checkpoint, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=True
+        task.checkpoint, dtype=dtype, quantization_config=quantization, device_map={"": str(device)}, local_files_only=True
     )
     alpha = lora_alphas(cfg, {"all": cfg.lora_rank})["all"]
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=list(task.targets), lora_dropout=0.0)
