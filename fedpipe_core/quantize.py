@@ -93,8 +93,8 @@ class QuantizedWeight:
 def quantize(weight: torch.Tensor, precision: str, device: torch.device | None = None) -> QuantizedWeight:
     """Store ``weight`` at ``precision`` (one of PRECISIONS), on the CPU.
 
-    ``device``: where NF4/NF8 codes are computed (bitsandbytes' kernels for it; a node's GPU quantizes a 7B base in
-    seconds where its CPU takes minutes); the codes and block scales come back to the CPU either way."""
+    ``device``: where NF4/NF8 codes are computed (bitsandbytes' kernels for it; on a 2-core CPU the NF4 codes of a
+    7B model's block weights take about 2 minutes); the codes and block scales come back to the CPU either way."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     w = weight.detach().float().contiguous()
