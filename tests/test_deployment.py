@@ -6,13 +6,11 @@ Marked ``deployment`` (run by ``pytest -m 'slow or deployment'`` and in CI): eve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,14 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.deployment
 
-_spec = importlib.util.spec_from_file_location("local_deployment", ROOT / "scripts" / "local_deployment.py")
-deploy = importlib.util.module_from_spec(_spec)
-sys.modules["local_deployment"] = deploy  # dataclasses look their module up there
-_spec.loader.exec_module(deploy)
+deploy = load_script("scripts/local_deployment.py")
 
 SMALL = (
     "train.local-steps=2 train.batch-size=4 eval.examples=8 eval.test-groups=2 eval.max-new-tokens=8 eval.base-generation=false"

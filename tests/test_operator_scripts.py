@@ -4,7 +4,6 @@ and a CLI connection added to Flower's config without losing the ones there."""
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import ipaddress
 import os
 import subprocess
@@ -13,16 +12,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from script_modules import load_script
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 tool = _script("make_certificates")

@@ -1,14 +1,11 @@
 """benchmarks/round_overhead.py: a round's wall time against the work Ray can schedule in it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
-_spec = importlib.util.spec_from_file_location("round_overhead", Path(__file__).parents[1] / "benchmarks" / "round_overhead.py")
-overhead = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(overhead)
+overhead = load_script("benchmarks/round_overhead.py")
 
 
 def test_the_makespan_schedules_the_longest_jobs_first_on_the_workers():
