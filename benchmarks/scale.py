@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     model = checkpoint(args.model)
     print(f"a bare process importing Flower's ClientApp runtime: {bare_flower_start():.2f} s")
     results = {}
+    shape = Shape(args.rounds, args.steps, args.batch, args.seq, args.memory_gb, args.device, args.eval_where)
     for mode in modes:
-        shape = Shape(args.rounds, args.steps, args.batch, args.seq, args.memory_gb, args.device, args.eval_where)
         run = run_mode(mode, args.workdir / mode, model, shape, args.timeout_s)
         print(f"{mode}: {run}")
         print("  round node  start-up s  of it Flower s  import s  data s  base s  train s  rest s  state bytes")

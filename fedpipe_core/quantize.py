@@ -99,7 +99,7 @@ def quantize(weight: torch.Tensor, precision: str, device: torch.device | None =
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     w = weight.detach().float().contiguous()
     if precision in ("nf4", "nf8"):
-        on = w if device is None or device.type == "cpu" else w.to(device)
+        on = w if device is None else w.to(device)  # no copy when it is the CPU
         if precision == "nf4":
             data, state = bnbf.quantize_4bit(on, blocksize=BLOCKSIZE, quant_type="nf4")
         else:
