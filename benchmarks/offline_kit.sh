@@ -9,7 +9,7 @@
 set -euo pipefail
 kit=${1:-.kit}
 mkdir -p "$kit/wheels" "$kit/site"
-pins=$(pip list --format=freeze | grep -i -E '^(alembic|annotated[-_]types|bitsandbytes|cffi|cryptography|datasets|defusedxml|dill|dm[-_]tree|dp[-_]accounting|fastapi|flwr|flwr[-_]datasets|gguf|greenlet|grpcio|grpcio[-_]health[-_]checking|iterators|mako|multiprocess|peft|prompt[-_]toolkit|protobuf|pulp|pycparser|pycryptodome|pydantic|pydantic[-_]core|sqlalchemy|starlette|tomli|tomli[-_]w|typing[-_]inspection|uvicorn|wcwidth)==')
+pins=$(pip list --format=freeze | grep -i -E '^(alembic|annotated[-_]types|bitsandbytes|cffi|cryptography|datasets|defusedxml|dill|dm[-_]tree|dp[-_]accounting|fastapi|flwr|flwr[-_]datasets|gguf|greenlet|grpcio|grpcio[-_]health[-_]checking|iterators|mako|multiprocess|opacus|opt[-_]einsum|peft|prompt[-_]toolkit|protobuf|pulp|pycparser|pycryptodome|pydantic|pydantic[-_]core|sqlalchemy|starlette|tomli|tomli[-_]w|typing[-_]inspection|uvicorn|wcwidth)==')
 platforms=(--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 # shellcheck disable=SC2086

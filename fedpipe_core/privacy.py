@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,23 +116,50 @@ class DpSgd:
         return [[e for e in examples if rng.random() < self.rate] for _ in range(steps)]
 
 
-def clipped_sum(
-    params: list[torch.Tensor], examples: list, example_loss: Callable[[object], torch.Tensor], clip: float
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's causal-LM loss: the mean cross-entropy over its own target tokens (labels shifted by one,
+    ``-100`` ignored), what the model's ``loss`` is for a batch of that one example."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])  # the layout the model's own loss uses (same rounding)
+    tokens = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none")
+    return tokens.view(targets.shape).sum(1) / (targets != -100).sum(1).clamp_min(1)
+
+
+def per_example_gradients(
+    model: torch.nn.Module, params: list[torch.Tensor], inputs: dict[str, torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """Σ over examples of each one's gradient clipped to L2 norm ``clip`` (over all ``params`` together), and the
-    examples' losses: one backward pass per example, so every example's gradient is exactly its own."""
-    total = [torch.zeros_like(p) for p in params]
-    losses = []
-    for example in examples:
-        loss = example_loss(example)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads))
-        factor = min(1.0, clip / norm) if norm > 0 else 1.0
-        for acc, g in zip(total, grads):
-            acc.add_(g, alpha=factor)
-        losses.append(float(loss.detach()))
-    return total, losses
+    """Every example's own gradient of its own loss, for each of ``params`` (stacked: (examples, *shape)), from one
+    batched forward and backward pass: Opacus' per-sample gradients (``GradSampleModule``'s hooks on the layers that
+    hold ``params``; ``loss_reduction="sum"`` over :func:`example_losses`). Examples do not mix in a right-padded
+    causal-LM batch (the attention mask), so these are the gradients of one pass per example."""
+    from opacus.grad_sample import GradSampleModule
+
+    # strict=False: a transformer holds buffers (rotary frequencies) that Opacus' strict check refuses; they are
+    # constants, and every trainable parameter's per-sample gradient is checked below
+    sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    try:
+        logits = sampled(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        losses = example_losses(logits, inputs["labels"])
+        with warnings.catch_warnings():  # the first adapter's input (the frozen base's activation) needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            losses.sum().backward()
+        missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise RuntimeError(f"DP-SGD: Opacus gave no per-example gradient for {len(missing)} trainable parameter(s)")
+        grads = [p.grad_sample.detach().clone() for p in params]
+    finally:
+        sampled.cleanup()
+        for p in params:
+            p.grad = None
+    return grads, losses.detach().tolist()
+
+
+def clip_and_sum(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+    """Σ over examples of each one's gradient clipped to L2 norm ``clip`` (over all parameters together): the
+    sensitivity bound of one DP-SGD step. ``grads`` are per-example gradients stacked on the first dimension."""
+    norms = torch.stack([g.flatten(1).double().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    factors = (clip / norms.clamp_min(1e-30)).clamp(max=1.0)
+    return [torch.einsum("n,n...->...", factors.to(g.dtype), g) for g in grads]
 
 
 def noisy_mean(

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpipe_core.data import Example, collate
 from fedpipe_core.device import autocast, compute_dtype
-from fedpipe_core.privacy import DpSgd, clipped_sum, noisy_mean
+from fedpipe_core.privacy import DpSgd, clip_and_sum, noisy_mean, per_example_gradients
 
 
 @dataclass(frozen=True)
@@ -146,27 +146,27 @@ def _train_private(
     dp: DpSgd,
     after_backward: Callable[[], None] | None,
 ) -> TrainResult:
-    """DP-SGD steps: the private gradient of each Poisson batch (:func:`~fedpipe_core.privacy.noisy_mean`), then AdamW."""
+    """DP-SGD steps: each Poisson batch's per-example gradients in one pass (Opacus), clipped and summed, the private
+    gradient (:func:`~fedpipe_core.privacy.noisy_mean`), then AdamW."""
     params = [p for _, p in named]
     device = params[0].device
     generator = torch.Generator().manual_seed(dp.seed)
-
-    def example_loss(example: Example) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in collate(tokenizer, [example], max_len).items()}
-        return model(**inputs).loss
-
     model.train()
     losses: list[float] = []
     processed = 0
     for batch in dp.batches(examples, steps):
-        total, batch_losses = clipped_sum(params, batch, example_loss, dp.clip)
+        total = [torch.zeros_like(p) for p in params]
+        if batch:  # a Poisson sample may be empty: its step is noise alone
+            inputs = {k: v.to(device) for k, v in collate(tokenizer, batch, max_len).items()}
+            grads, batch_losses = per_example_gradients(model, params, inputs)
+            total = clip_and_sum(grads, dp.clip)
+            losses += batch_losses
         for param, grad in zip(params, noisy_mean(total, dp.clip, dp.noise, dp.rate * len(examples), generator)):
             param.grad = grad.to(param.dtype)
         if after_backward is not None:
             after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses += batch_losses
         processed += len(batch)
     model.eval()
     mean_loss = sum(losses) / len(losses) if losses else float("nan")

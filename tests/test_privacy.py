@@ -16,9 +16,10 @@ from fedpipe_core.privacy import (
     PrivacyBudgetSpent,
     PrivacyLedger,
     calibrate_noise,
-    clipped_sum,
+    clip_and_sum,
     load_ledger,
     noisy_mean,
+    per_example_gradients,
     spent_epsilon,
 )
 from fedpipe_core.protocol import TrainInstruction
@@ -50,25 +51,46 @@ def test_a_site_never_exceeds_its_epsilon_and_refuses_the_round_that_would(tmp_p
 
 def test_dp_sgd_clips_every_example_s_gradient_to_the_bound():
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(3, 4))
-    examples = [torch.randn(4) * scale for scale in (0.01, 1.0, 30.0)]
-
-    def loss_of(x):
-        return (weight @ x).pow(2).sum()
-
-    own = [torch.autograd.grad(loss_of(x), [weight])[0] for x in examples]
+    own = [torch.randn(3, 4) * scale for scale in (0.01, 1.0, 30.0)], [torch.randn(2) * scale for scale in (0.01, 1.0, 30.0)]
     clip = 1.0
-    total, losses = clipped_sum([weight], examples, loss_of, clip)
-    expected = sum(g * min(1.0, clip / float(g.norm())) for g in own)
-    assert torch.allclose(total[0], expected, atol=1e-6)
-    assert float(own[0].norm()) < clip < float(own[2].norm())  # one example under the bound (kept), one far above (clipped)
-    assert len(losses) == 3
+    total = clip_and_sum([torch.stack(own[0]), torch.stack(own[1])], clip)
+    norms = [float(torch.cat([a.flatten(), b]).norm()) for a, b in zip(*own)]
+    factors = [min(1.0, clip / n) for n in norms]
+    assert norms[0] < clip < norms[2]  # one example under the bound (kept), one far above (clipped)
+    for got, grads in zip(total, own):
+        assert torch.allclose(got, sum(f * g for f, g in zip(factors, grads)), atol=1e-6)  # one norm over both tensors
     silent = noisy_mean(total, clip, 0.0, 2.0, torch.Generator().manual_seed(1))
-    assert torch.allclose(silent[0], expected / 2.0)
+    assert torch.allclose(silent[0], total[0] / 2.0)
     noised = noisy_mean(total, clip, 1.0, 2.0, torch.Generator().manual_seed(1))
     assert 0.1 < float((noised[0] - silent[0]).std()) * 2.0 < 3.0  # N(0, (zC)²) per coordinate, then / q·n
     sampled = DpSgd(1.0, 1.0, 0.25, seed=3).batches(list(range(400)), 50)
     assert 90 < sum(map(len, sampled)) / 50 < 110  # Poisson: each of the 400 examples kept with probability 0.25
+
+
+def test_one_batched_pass_gives_each_example_its_own_gradient(task):
+    from fedpipe_core.data import collate
+    from fedpipe_core.lora import attach_lora
+
+    modules = task.targets[:3]
+    model = attach_lora(task.base_model(), {m: 4 for m in modules}, 8.0, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # B non-zero: A gets a gradient too
+    model.train()
+    examples = [e for e in task.splits["train"][:12]][::3]  # four examples of different lengths: padded in the batch
+    inputs = collate(task.tokenizer, examples, 64)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1
+    grads, losses = per_example_gradients(model, params, inputs)
+    assert [tuple(g.shape) for g in grads] == [(len(examples), *p.shape) for p in params]
+    for i, example in enumerate(examples):  # a pass of the example alone
+        loss = model(**collate(task.tokenizer, [example], 64)).loss
+        alone = torch.autograd.grad(loss, params)
+        assert losses[i] == pytest.approx(float(loss.detach()), rel=1e-5)  # a padded batch's attention rounds apart
+        for g, a in zip(grads, alone):
+            assert float((g[i] - a).norm()) <= 1e-4 * float(a.norm())
+    assert all(p.grad is None and not hasattr(p, "grad_sample") for p in params)  # Opacus' hooks and fields are gone
+    assert model(**inputs).loss.requires_grad  # the model trains on as before
 
 
 def test_a_site_with_dp_fails_closed_on_an_instruction_without_it(task, tmp_path):
