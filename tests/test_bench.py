@@ -33,7 +33,7 @@ def _free_port() -> int:
 def test_packaged_suites_are_valid_run_configs(tmp_path):
     suites = load_suites()
     assert {"smoke", "e2e", "alpaca", "ablation-importance", "ablation-ranks", "ablation-precision"} <= set(suites)
-    assert len(suites["e2e"].runs) == 19 and {s for s, _ in suites["e2e"].runs} == {
+    assert len(suites["e2e"].runs) == 12 and {s for s, _ in suites["e2e"].runs} == {
         "fedpipe",
         "lora-fedavg",
         "legend",
