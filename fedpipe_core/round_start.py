@@ -18,12 +18,17 @@ moments survive for the adapters whose shapes did not change and start afresh fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from fedpipe_core.aggregate import lowrank_svd
+from fedpipe_core.codec import SEP, decode_factors, encode_factors
+from fedpipe_core.config import RunConfig
 from fedpipe_core.lora import Factors, fresh_factors
 
 ROUND_STARTS = ("continue", "restart")
@@ -119,3 +124,75 @@ def padded_b(after: Factors, before: Factors, rank: int) -> dict[str, torch.Tens
         step = B - before[module][1] if module in before else B
         out[module] = torch.cat([step, step.new_zeros(step.shape[0], rank - step.shape[1])], dim=1)
     return out
+
+
+@dataclass(frozen=True)
+class Start:
+    """How one round's adapters start: the factors they are loaded with (None: fresh, B = 0), the node's own adapters
+    the round continues (fitted to its ranks: what its base leaves out) and AdamW's moments to go on with."""
+
+    initial: dict[str, np.ndarray] | None
+    before: Factors = field(default_factory=dict)
+    moments: OptimizerState = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """The round-start policy of a node's adapter round, one object for every strategy and choice: ``global`` (the
+    peers: the adapters start from the factors the server sent), ``restart`` (FedPipe's eq 12: fresh adapters, a fresh
+    AdamW) or ``continue`` (FedPipe's default: the node's own adapters and moments go on, its base holds
+    W0 + ΣΔW − s·B·A); with ``frozen_a`` (``privacy.frozen-a``, secure mode) A is the run's shared one and only B
+    trains and is sent."""
+
+    kind: str
+    scaling: float
+    keep_moments: bool = True
+    frozen_a: Mapping[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(
+        cls, cfg: RunConfig, mode: str, shapes: dict[str, tuple[int, int]], targets: tuple[str, ...], scaling: float
+    ) -> RoundStart:
+        """The policy of an instruction of ``mode`` (``fedpipe`` or ``factors``) under the run config."""
+        if mode != "fedpipe":
+            return cls("global", scaling)
+        frozen = shared_a(shapes, targets, max(cfg.rank_candidates()), cfg.seed) if cfg.trains_frozen_a else None
+        return cls(cfg.round_start, scaling, cfg.keep_moments, frozen)
+
+    def begin(self, directory: Path, ranks: dict[str, int], payload: Mapping[str, np.ndarray], shapes) -> Start:
+        """Where this round's adapters start (see the module's note for a plan that changed since the last round)."""
+        if self.kind == "global":
+            return Start(dict(payload))
+        saved, moments = load_adapters(directory) if self.kind == "continue" else ({}, {})
+        moments = moments if self.keep_moments else {}  # the adapters go on, AdamW starts afresh (ablation)
+        if self.frozen_a is None:
+            before = fitted(saved, ranks)
+            start = before
+        else:
+            before = frozen_fitted(saved, ranks, self.frozen_a)
+            fresh = {m: (self.frozen_a[m][:r], torch.zeros(shapes[m][0], r)) for m, r in ranks.items()}
+            start = fresh | before
+        return Start(encode_factors(start) if start else None, before, moments)
+
+    def held(self, start: Start) -> dict[str, torch.Tensor]:
+        """s · B · A of the adapters the round continues: what the node's base leaves out."""
+        return products(start.before, self.scaling)
+
+    def end(
+        self, directory: Path, start: Start, arrays: dict[str, np.ndarray], optimizer: OptimizerState, shapes
+    ) -> dict[str, np.ndarray]:
+        """What the node sends after training to ``arrays`` (its adapters), keeping them for the next round when it
+        continues: its adapters (global, restart); B's change zero-padded to the largest rank (frozen A); its adapters
+        and those it started from (continue: the server averages the change)."""
+        if self.kind == "global":
+            return arrays
+        after = decode_factors(arrays, shapes)
+        if self.kind == "continue":
+            save_adapters(directory, after, optimizer)
+        if self.frozen_a is not None:
+            top = next(iter(self.frozen_a.values())).shape[0]
+            return {f"{m}{SEP}B": b.numpy() for m, b in padded_b(after, start.before, top).items()}
+        if self.kind == "continue":
+            sent = {f"{k}0": v for k, v in encode_factors({m: f for m, f in start.before.items() if m in after}).items()}
+            return {**arrays, **sent}
+        return arrays

@@ -125,3 +125,46 @@ def test_keep_moments_false_continues_the_adapters_with_a_fresh_adamw(task, tmp_
     assert {float(m["step"]) for m in moments.values()} == {2.0}  # AdamW restarted: 2 steps, not 4
     with pytest.raises(ConfigError, match="'fedpipe.keep-moments' = false needs 'fedpipe.round-start' = 'continue'"):
         RunConfig.from_mapping({"fedpipe.keep-moments": False, "fedpipe.round-start": "restart"})
+
+
+def test_one_round_start_policy_decides_where_adapters_start_and_what_is_sent(task, tmp_path):
+    from fedpipe_core.codec import decode_factors
+    from fedpipe_core.round_start import ADAPTERS_FILE, RoundStart
+
+    module, other = task.targets[0], task.targets[1]
+    ranks = {module: 4, other: 2}
+    s = adapter_scaling(task.config)
+    sent = encode_factors(_factors(task, ranks, seed=5))
+    trained = encode_factors(_factors(task, ranks, seed=6))
+    cfg = task.config
+
+    peers = RoundStart.of(cfg, "factors", task.shapes, task.targets, s)  # every peer starts from the server's factors
+    begun = peers.begin(tmp_path / "peer", ranks, sent, task.shapes)
+    assert begun.initial == sent and peers.held(begun) == {} and begun.moments == {}
+    assert peers.end(tmp_path / "peer", begun, trained, {}, task.shapes) is trained
+    assert not (tmp_path / "peer").exists()  # a peer keeps nothing on its disk
+
+    restart = RoundStart.of(replace(cfg, round_start="restart"), "fedpipe", task.shapes, task.targets, s)
+    begun = restart.begin(tmp_path / "restart", ranks, {}, task.shapes)
+    assert begun.initial is None and restart.held(begun) == {}  # fresh adapters (B = 0), the base holds all of ΣΔW
+    assert restart.end(tmp_path / "restart", begun, trained, {}, task.shapes) is trained
+    assert not (tmp_path / "restart" / ADAPTERS_FILE).exists()
+
+    carried = RoundStart.of(cfg, "fedpipe", task.shapes, task.targets, s)
+    first = carried.begin(tmp_path / "node", ranks, {}, task.shapes)
+    assert first.initial is None  # nothing saved yet: fresh adapters
+    assert set(carried.end(tmp_path / "node", first, trained, {}, task.shapes)) == set(trained)  # nothing to subtract
+    second = carried.begin(tmp_path / "node", {module: 4}, {}, task.shapes)  # the next round plans one module
+    kept = decode_factors(trained, task.shapes)[module]
+    assert torch.equal(second.before[module][1], kept[1]) and set(second.before) == {module}
+    assert torch.allclose(carried.held(second)[module], s * kept[1] @ kept[0])
+    reply = carried.end(tmp_path / "node", second, encode_factors({module: kept}), {}, task.shapes)
+    assert set(reply) == {f"{module}::A", f"{module}::B", f"{module}::A0", f"{module}::B0"}  # the change's two ends
+
+    frozen = RoundStart.of(replace(cfg, privacy_frozen_a=True), "fedpipe", task.shapes, task.targets, s)
+    begun = frozen.begin(tmp_path / "frozen", ranks, {}, task.shapes)
+    top = max(cfg.rank_candidates())
+    start = decode_factors(begun.initial, task.shapes)
+    assert torch.equal(start[module][0], frozen.frozen_a[module][:4]) and not start[module][1].any()  # shared A, B = 0
+    out = frozen.end(tmp_path / "frozen", begun, encode_factors(start), {}, task.shapes)
+    assert set(out) == {f"{module}::B", f"{other}::B"} and out[f"{other}::B"].shape == (task.shapes[other][0], top)  # B alone

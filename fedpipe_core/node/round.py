@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpipe_core.codec import SEP, decode_delta, decode_factors, encode_factors
+from fedpipe_core.codec import decode_delta, decode_factors
 from fedpipe_core.config import RunConfig
 from fedpipe_core.data import Example
 from fedpipe_core.device import resolve_device
@@ -35,15 +35,7 @@ from fedpipe_core.node.state import WarmBase, bytes_written, files_on_disk, node
 from fedpipe_core.privacy import DpSgd, PrivacyBudgetSpent, PrivacyLedger, load_ledger
 from fedpipe_core.profile import ClientProfile, declared_on_device, node_number
 from fedpipe_core.protocol import FinalInstruction, FinalReply, TrainInstruction, TrainReply
-from fedpipe_core.round_start import (
-    fitted,
-    frozen_fitted,
-    load_adapters,
-    padded_b,
-    products,
-    save_adapters,
-    shared_a,
-)
+from fedpipe_core.round_start import RoundStart
 from fedpipe_core.task import NodeData, Task, load_task, node_profile, partition_data, site_data
 
 Arrays = dict[str, np.ndarray]
@@ -106,22 +98,11 @@ def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
     fedpipe = order.mode == "fedpipe"
     start, end = (order.state_from, order.state_to) if fedpipe else (0, 0)
     directory = node_state_dir(task, job.site.run_id, job.site.node_id)
-    cfg = task.config
-    carried = cfg.round_start == "continue" and fedpipe
-    frozen = cfg.trains_frozen_a and fedpipe
-    saved, moments = load_adapters(directory) if carried else ({}, {})
-    if not cfg.keep_moments:  # the adapters go on, AdamW starts afresh (ablation)
-        moments = {}
-    if frozen:
-        a = shared_a(task.shapes, task.targets, max(cfg.rank_candidates()), cfg.seed)
-        before = frozen_fitted(saved, order.ranks, a)
-        start_factors = {m: before.get(m, (a[m][:r], torch.zeros(task.shapes[m][0], r))) for m, r in order.ranks.items()}
-    else:
-        before = fitted(saved, order.ranks)
-        start_factors = before
-    held = products(before, adapter_scaling(task.config))
+    policy = RoundStart.of(task.config, order.mode, task.shapes, task.targets, adapter_scaling(task.config))
+    begun = policy.begin(directory, order.ranks, payload, task.shapes)
     built = time.perf_counter()
     where = _device(job.site)
+    held = policy.held(begun)
     model, state = node_base(task, directory, payload if fedpipe else {}, start, end, order.precision, held, warm, where)
     job.phases["base-s"] = time.perf_counter() - built
     out = run_client_round(
@@ -133,27 +114,18 @@ def _adapters_round(job: LocalJob) -> tuple[ClientRound, int]:
         seed=job.seeds.data,
         init_seed=job.seeds.init,
         importance_history=state.importance,
-        initial_factors=(encode_factors(start_factors) if start_factors else None) if fedpipe else payload,
+        initial_factors=begun.initial,
         batch_size=order.batch_size,
         local_steps=order.local_steps,
         evaluate_on=validation_share(task, job.data) if order.evaluate else None,
         dp=job.dp,
-        optimizer_state=moments,
-        frozen_a=frozen,
+        optimizer_state=begun.moments,
+        frozen_a=policy.frozen_a is not None,
     )
     save_importance(directory, state, out.importance_history)
     if warm is not None:
         warm.keep(strip_lora(model), directory, state)
-    after = decode_factors(out.arrays, task.shapes)
-    if carried:
-        save_adapters(directory, after, out.result.optimizer_state)
-    if frozen:  # B's change alone, zero-padded to the largest rank: the server knows A
-        padded = padded_b(after, before, max(cfg.rank_candidates()))
-        out = replace(out, arrays={f"{m}{SEP}B": b.numpy() for m, b in padded.items()})
-    elif carried:  # the server averages the round's change: the adapters after, and those the round started from
-        start = {f"{k}0": v for k, v in encode_factors({m: f for m, f in before.items() if m in after}).items()}
-        out = replace(out, arrays={**out.arrays, **start})
-    return out, end
+    return replace(out, arrays=policy.end(directory, begun, out.arrays, out.result.optimizer_state, task.shapes)), end
 
 
 def _full_round(job: LocalJob) -> tuple[ClientRound, int]:
