@@ -11,6 +11,7 @@ round's node timing (training, setup, process start-up). The benchmark's report
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -19,10 +20,16 @@ from typing import Any
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file ([] when there is none)."""
-    if not path.is_file():
+    """The objects of a JSON-lines file, or of its gzip copy ``<path>.gz`` (how the committed benchmark records keep
+    their plans); [] when there is neither."""
+    packed = path.with_name(path.name + ".gz")
+    if path.is_file():
+        text = path.read_text()
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def loss_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[dict[str, Any], float]]]:

@@ -78,3 +78,21 @@ def test_an_unfinished_run_gets_a_report_and_a_non_run_an_error(tmp_path, capsys
     (tmp_path / "empty").mkdir()
     assert report_main([str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl rows" in capsys.readouterr().err
+
+
+def test_a_committed_run_s_gzip_plans_read_as_the_plain_file(tmp_path, capsys):
+    import gzip
+
+    from fedpipe_tools.run_report import read_jsonl
+
+    run = _run(tmp_path)
+    plain = read_jsonl(run / "plans.jsonl")
+    assert report_main([str(run)]) == 0
+    page = (run / "report" / "report.md").read_text()
+    (run / "plans.jsonl.gz").write_bytes(gzip.compress((run / "plans.jsonl").read_bytes()))
+    (run / "plans.jsonl").unlink()
+    assert read_jsonl(run / "plans.jsonl") == plain and len(plain) == 4
+    assert report_main([str(run)]) == 0
+    assert (run / "report" / "report.md").read_text() == page  # the same page: the plans' table is whole
+    (run / "plans.jsonl.gz").unlink()
+    assert read_jsonl(run / "plans.jsonl") == []
