@@ -25,6 +25,8 @@ import dp_accounting as dpa
 import torch
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 
+from fedpipe_core.data import IGNORE_INDEX
+
 LEDGER_FILE = "privacy.json"
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting notes every RDP order it drops as a warning
 
@@ -118,11 +120,11 @@ class DpSgd:
 
 def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's causal-LM loss: the mean cross-entropy over its own target tokens (labels shifted by one,
-    ``-100`` ignored), what the model's ``loss`` is for a batch of that one example."""
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ``IGNORE_INDEX`` ignored), what the model's ``loss`` is for a batch of that one example."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     flat = logits.float().reshape(-1, logits.shape[-1])  # the layout the model's own loss uses (same rounding)
-    tokens = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none")
-    return tokens.view(targets.shape).sum(1) / (targets != -100).sum(1).clamp_min(1)
+    tokens = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return tokens.view(targets.shape).sum(1) / (targets != IGNORE_INDEX).sum(1).clamp_min(1)
 
 
 def per_example_gradients(

@@ -155,12 +155,13 @@ def _train_private(
     losses: list[float] = []
     processed = 0
     for batch in dp.batches(examples, steps):
-        total = [torch.zeros_like(p) for p in params]
-        if batch:  # a Poisson sample may be empty: its step is noise alone
+        if batch:
             inputs = {k: v.to(device) for k, v in collate(tokenizer, batch, max_len).items()}
             grads, batch_losses = per_example_gradients(model, params, inputs)
             total = clip_and_sum(grads, dp.clip)
             losses += batch_losses
+        else:  # a Poisson sample may be empty: its step is noise alone
+            total = [torch.zeros_like(p) for p in params]
         for param, grad in zip(params, noisy_mean(total, dp.clip, dp.noise, dp.rate * len(examples), generator)):
             param.grad = grad.to(param.dtype)
         if after_backward is not None:
