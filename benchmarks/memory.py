@@ -59,7 +59,7 @@ def measure_one(model_name: str, precision: str, steps: int, evaluate: bool, dev
     from fedpipe_core.config import RunConfig
     from fedpipe_core.cost import peak_memory, step_flops
     from fedpipe_core.device import compute_dtype, resolve_device
-    from fedpipe_core.local import lora_alphas, run_client_round
+    from fedpipe_core.local import adapter_scaling, lora_alphas, run_client_round
     from fedpipe_core.lora import attach_lora, set_lora_factors
     from fedpipe_core.node.state import node_base
     from fedpipe_core.qlinear import place, stored_bytes
@@ -99,7 +99,7 @@ def measure_one(model_name: str, precision: str, steps: int, evaluate: bool, dev
 
             model, _ = node_base(task, Path(state), {}, 0, 0, precision, device=where)
             peft_model = attach_lora(place(model, where), ranks, lora_alphas(cfg, ranks), cfg.seed)
-            set_lora_factors(peft_model, decode_factors(out.arrays, task.shapes))
+            set_lora_factors(peft_model, decode_factors(out.arrays, task.shapes, adapter_scaling(cfg)))
             result["eval_loss"] = evaluate_loss(peft_model, task.tokenizer, task.splits["validation"][:48], cfg.max_seq_len).loss
     return result
 

@@ -1,7 +1,9 @@
 """Flat ``{key: ndarray}`` encodings of LoRA factors and ΔW, with validation on decode.
 
-Keys are ``<module>::A`` / ``<module>::B`` for factors (ΔW = B · A) and ``<module>::dW`` for a
-dense ΔW. The transport layer (Flower's ArrayRecord) carries these dicts unchanged.
+Keys are ``<module>::A`` / ``<module>::B`` for factors and ``<module>::dW`` for a dense ΔW. The transport layer
+(Flower's ArrayRecord) carries these dicts unchanged. A factor pair's scale does not travel: a node's adapters carry the
+run's adapter scale, which both sides know from the run config (:func:`decode_factors` takes it), and a ΔW travels
+with its scale folded in (:func:`encode_delta`).
 """
 
 from __future__ import annotations
@@ -11,30 +13,29 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedpipe_core.aggregate import LowRank, is_cheaper_dense, to_dense
-from fedpipe_core.lora import Factors
+from fedpipe_core.lowrank import Factors, LowRank
 from fedpipe_core.protocol import SEP, UpdateError
 
 Shapes = Mapping[str, tuple[int, int]]
 
 
 def encode_factors(factors: Factors) -> dict[str, np.ndarray]:
-    """(A, B) per module -> ``{module::A, module::B}``."""
+    """(A, B) per module -> ``{module::A, module::B}`` (the scale stays behind: see the module's note)."""
     out: dict[str, np.ndarray] = {}
-    for module, (A, B) in factors.items():
-        out[f"{module}{SEP}A"] = A.detach().float().cpu().numpy()
-        out[f"{module}{SEP}B"] = B.detach().float().cpu().numpy()
+    for module, lowrank in factors.items():
+        out[f"{module}{SEP}A"] = lowrank.A.detach().float().cpu().numpy()
+        out[f"{module}{SEP}B"] = lowrank.B.detach().float().cpu().numpy()
     return out
 
 
 def encode_delta(lowranks: Mapping[str, LowRank]) -> dict[str, np.ndarray]:
-    """ΔW per module, as factors or dense, whichever is smaller."""
+    """ΔW per module, as factors (the scale folded into B) or dense, whichever is smaller."""
     out: dict[str, np.ndarray] = {}
     for module, lowrank in lowranks.items():
-        if is_cheaper_dense(lowrank):
-            out[f"{module}{SEP}dW"] = to_dense(lowrank).numpy()
+        if lowrank.is_cheaper_dense():
+            out[f"{module}{SEP}dW"] = lowrank.dense().numpy()
         else:
-            out.update(encode_factors({module: lowrank}))
+            out.update(encode_factors({module: lowrank.folded()}))
     return out
 
 
@@ -72,12 +73,12 @@ def _check_pair(module: str, parts: dict[str, np.ndarray], shape: tuple[int, int
     return A, B
 
 
-def decode_factors(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> Factors:
-    """Validate and convert ``{module::A, module::B}`` back to tensors."""
+def decode_factors(arrays: Mapping[str, np.ndarray], shapes: Shapes, scale: float) -> Factors:
+    """Validate and convert ``{module::A, module::B}`` back to factors of the given scale (see the module's note)."""
     out: Factors = {}
     for module, parts in _group(arrays, shapes).items():
         A, B = _check_pair(module, parts, shapes[module])
-        out[module] = (torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32)))
+        out[module] = LowRank(torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32)), scale)
     return out
 
 
@@ -91,7 +92,7 @@ def decode_delta(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, 
             out[module] = torch.from_numpy(parts["dW"].astype(np.float32))
         else:
             A, B = _check_pair(module, parts, shapes[module])
-            out[module] = to_dense((torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32))))
+            out[module] = LowRank(torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32))).dense()
     return out
 
 
@@ -101,4 +102,4 @@ def stored_delta(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in tensors.items():
         module, _, part = key.rpartition(SEP)
         parts.setdefault(module, {})[part] = value.float()
-    return {m: p["dW"] if "dW" in p else to_dense((p["A"], p["B"])) for m, p in parts.items()}
+    return {m: p["dW"] if "dW" in p else LowRank(p["A"], p["B"]).dense() for m, p in parts.items()}

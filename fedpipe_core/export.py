@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedpipe_core.aggregate import svd_truncate
 from fedpipe_core.lora import attach_lora, merge_delta, set_lora_factors
+from fedpipe_core.lowrank import best_rank
 from fedpipe_core.results import DEFAULT_MAX_ERROR
 from fedpipe_core.task import Task
 
@@ -69,9 +69,9 @@ def export_peft(
     for name, change in delta.items():
         singular = torch.linalg.svdvals(change.double())
         r = chosen_rank(singular, rank, max_rel_error)
-        factors[name] = svd_truncate(change, r)
+        factors[name] = best_rank(change, r)  # scale 1: alpha = r below
         report.append(ModuleExport(name, r, delta_rank(singular, tuple(change.shape)), tail_error(singular, r)))
-    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    ranks = {name: lowrank.rank for name, lowrank in factors.items()}
     peft_model = attach_lora(task.base_model(), ranks, {name: float(r) for name, r in ranks.items()}, seed=0)
     set_lora_factors(peft_model, factors)
     peft_model.save_pretrained(str(out))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from peft import PeftModel
 
-from fedpipe_core.aggregate import lowrank_svd
 from fedpipe_core.lora import lora_layers
+from fedpipe_core.lowrank import LowRank, factor_svd
 
 
 class ImportanceTracker:
@@ -59,8 +59,8 @@ class ImportanceTracker:
         out = {}
         sensitivity = self.sensitivity_scores()
         for module, layer in self.layers.items():
-            A = layer.lora_A["default"].weight.detach()
-            B = float(layer.scaling["default"]) * layer.lora_B["default"].weight.detach()
-            _, singular, _ = lowrank_svd((A, B))  # the r singular values from the factors: no dense SVD of the weight
+            A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+            # the r singular values of s · B · A from the factors: no dense SVD of the weight
+            _, singular, _ = factor_svd(LowRank(A, B, float(layer.scaling["default"])))
             out[module] = float(singular.mean()) * sensitivity[module]
         return out

@@ -109,7 +109,7 @@ def run_client_round(
     with PeakMemory(device) as peak:
         peft_model = attach_lora(model, ranks, lora_alphas(cfg, ranks), seed if init_seed is None else init_seed)
         if initial_factors is not None:
-            set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes))
+            set_lora_factors(peft_model, decode_factors(initial_factors, task.shapes, adapter_scaling(cfg)))
         if frozen_a:
             for layer in lora_layers(peft_model).values():
                 layer.lora_A["default"].weight.requires_grad_(False)

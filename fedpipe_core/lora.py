@@ -20,9 +20,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from fedpipe_core.config import ConfigError
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""module name -> (A of shape (r, in), B of shape (out, r))."""
+from fedpipe_core.lowrank import Factors, LowRank
 
 _PEFT_PREFIX = "base_model.model."
 _ATTENTION = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
@@ -106,7 +104,7 @@ def attach_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: float | di
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
-    got = {name: A.shape[0] for name, (A, _) in lora_factors(peft_model).items()}
+    got = {name: f.rank for name, f in lora_factors(peft_model).items()}
     if got != ranks:
         raise RuntimeError(f"peft built ranks {got} instead of {ranks}")
     return peft_model
@@ -137,10 +135,10 @@ def strip_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def fresh_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], seed: int) -> Factors:
+def fresh_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], seed: int, scale: float) -> Factors:
     """The (A, B) :func:`attach_lora` would draw for these modules (in the model's order), without a model:
     peft's draws replayed (A's and B's layers built, then A Kaiming-uniform, B zero), so a server can start
-    global factors from the model's shapes alone."""
+    global factors from the model's shapes alone; ``scale`` is the adapters' (alpha / r)."""
     factors: Factors = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -149,14 +147,18 @@ def fresh_factors(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], see
             A, B = nn.Linear(fan_in, rank, bias=False).weight, nn.Linear(rank, out, bias=False).weight
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
-            factors[name] = (A.detach().clone(), B.detach().clone())
+            factors[name] = LowRank(A.detach().clone(), B.detach().clone(), scale)
     return factors
 
 
 def lora_factors(peft_model: PeftModel) -> Factors:
-    """Detached copies of (A, B) for every adapted module."""
+    """Detached copies of (A, B) for every adapted module, with the scale its layer applies (alpha / r)."""
     return {
-        name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+        name: LowRank(
+            layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone(),
+            float(layer.scaling["default"]),
+        )
         for name, layer in lora_layers(peft_model).items()
     }
 
@@ -165,12 +167,15 @@ def set_lora_factors(peft_model: PeftModel, factors: Factors) -> None:
     """Load given (A, B) into the adapters (used by strategies that keep global factors).
 
     Factors of a lower rank than the adapter fill its first components (A[:r], B[:, :r]); the
-    rest keeps its fresh initialisation (random A, zero B), so B · A is still the given product.
+    rest keeps its fresh initialisation (random A, zero B), so B · A is still the given product. Their scale must be
+    the one the layer applies (alpha / r), or the layer would compute another ΔW.
     """
     layers = lora_layers(peft_model)
-    for name, (A, B) in factors.items():
+    for name, lowrank in factors.items():
         layer = layers[name]
-        rank = A.shape[0]
+        A, B, rank = lowrank.A, lowrank.B, lowrank.rank
+        if not math.isclose(lowrank.scale, float(layer.scaling["default"]), rel_tol=1e-6):
+            raise ValueError(f"{name}: factors of scale {lowrank.scale:g}, the adapter applies {layer.scaling['default']:g}")
         if rank > layer.lora_A["default"].weight.shape[0]:
             raise ValueError(
                 f"{name}: factors of rank {rank} exceed the adapter's rank {layer.lora_A['default'].weight.shape[0]}"

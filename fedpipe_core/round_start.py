@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpipe_core.aggregate import lowrank_svd
 from fedpipe_core.codec import SEP, decode_factors, encode_factors
 from fedpipe_core.config import RunConfig
-from fedpipe_core.lora import Factors, fresh_factors
+from fedpipe_core.lora import fresh_factors
+from fedpipe_core.lowrank import Factors, LowRank, factor_svd
 
 ROUND_STARTS = ("continue", "restart")
 ADAPTERS_FILE, OPTIMIZER_FILE = "adapters.safetensors", "optimizer.safetensors"
@@ -43,39 +43,39 @@ def fitted(saved: Factors, ranks: dict[str, int]) -> Factors:
     for module, rank in ranks.items():
         if module not in saved:
             continue
-        A, B = saved[module]
-        if A.shape[0] <= rank:
-            out[module] = (A, B)
+        lowrank = saved[module]
+        if lowrank.rank <= rank:
+            out[module] = lowrank
             continue
-        U, S, V = lowrank_svd((A, B))  # from the factors: no dense SVD of the weight
+        U, S, V = factor_svd(LowRank(lowrank.A, lowrank.B))  # B·A alone, from the factors: the refit keeps the scale
         root = S[:rank].sqrt()
-        out[module] = ((root[:, None] * V[:, :rank].T).float(), (U[:, :rank] * root).float())
+        out[module] = LowRank((root[:, None] * V[:, :rank].T).float(), (U[:, :rank] * root).float(), lowrank.scale)
     return out
 
 
-def products(factors: Factors, scaling: float) -> dict[str, torch.Tensor]:
+def products(factors: Factors) -> dict[str, torch.Tensor]:
     """s · B · A per module, (out, in): what the node's base leaves out because its adapters hold it."""
-    return {m: scaling * (B.double() @ A.double()).float() for m, (A, B) in factors.items()}
+    return {m: lowrank.dense() for m, lowrank in factors.items()}
 
 
 def change(before: Factors, after: Factors) -> Factors:
     """The round's change as factors: B·A − B′·A′ = [B, −B′] · [A; A′] (just B·A for a fresh adapter)."""
     out: Factors = {}
-    for module, (A, B) in after.items():
+    for module, lowrank in after.items():
         if module not in before:
-            out[module] = (A, B)
+            out[module] = lowrank
             continue
-        A0, B0 = before[module]
-        out[module] = (torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1))
+        start = before[module]
+        if start.scale != lowrank.scale:
+            raise ValueError(f"{module}: adapters of scale {lowrank.scale:g} changed from ones of scale {start.scale:g}")
+        out[module] = LowRank(torch.cat([lowrank.A, start.A]), torch.cat([lowrank.B, -start.B], dim=1), lowrank.scale)
     return out
 
 
 def save_adapters(directory: Path, factors: Factors, optimizer: OptimizerState) -> None:
     """The node's adapters and their AdamW moments, written atomically (adapter-sized, whatever the model's size)."""
     directory.mkdir(parents=True, exist_ok=True)
-    flat = {f"{m}::A": A.contiguous() for m, (A, _) in factors.items()} | {
-        f"{m}::B": B.contiguous() for m, (_, B) in factors.items()
-    }
+    flat = {f"{m}::A": f.A.contiguous() for m, f in factors.items()} | {f"{m}::B": f.B.contiguous() for m, f in factors.items()}
     moments = {
         f"{name}::{key}": value.detach().float().cpu().contiguous() for name, s in optimizer.items() for key, value in s.items()
     }
@@ -85,12 +85,13 @@ def save_adapters(directory: Path, factors: Factors, optimizer: OptimizerState) 
         tmp.replace(directory / name)
 
 
-def load_adapters(directory: Path) -> tuple[Factors, OptimizerState]:
-    """What :func:`save_adapters` wrote ({}, {} before the node's first continued round)."""
+def load_adapters(directory: Path, scale: float) -> tuple[Factors, OptimizerState]:
+    """What :func:`save_adapters` wrote, the adapters at their ``scale`` ({}, {} before the node's first continued
+    round)."""
     if not (directory / ADAPTERS_FILE).is_file():
         return {}, {}
     flat = load_file(str(directory / ADAPTERS_FILE))
-    factors = {key[:-3]: (flat[key], flat[key[:-3] + "::B"]) for key in flat if key.endswith("::A")}
+    factors = {key[:-3]: LowRank(flat[key], flat[key[:-3] + "::B"], scale) for key in flat if key.endswith("::A")}
     optimizer: OptimizerState = {}
     if (directory / OPTIMIZER_FILE).is_file():
         for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
@@ -102,7 +103,7 @@ def load_adapters(directory: Path) -> tuple[Factors, OptimizerState]:
 def shared_a(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...], rank: int, seed: int) -> dict[str, torch.Tensor]:
     """``privacy.frozen-a``: the frozen A of every target at the largest rank, drawn from the run seed (the server and
     every node draw the same; a node uses its first r_k rows)."""
-    return {m: A for m, (A, _) in fresh_factors(shapes, {m: rank for m in targets}, seed).items()}
+    return {m: f.A for m, f in fresh_factors(shapes, {m: rank for m in targets}, seed, scale=1.0).items()}  # A alone
 
 
 def frozen_fitted(saved: Factors, ranks: dict[str, int], a: dict[str, torch.Tensor]) -> Factors:
@@ -111,17 +112,17 @@ def frozen_fitted(saved: Factors, ranks: dict[str, int], a: dict[str, torch.Tens
     for module, rank in ranks.items():
         if module not in saved:
             continue
-        B = saved[module][1][:, :rank]
+        B = saved[module].B[:, :rank]
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1) if B.shape[1] < rank else B
-        out[module] = (a[module][:rank], B)
+        out[module] = LowRank(a[module][:rank], B, saved[module].scale)
     return out
 
 
 def padded_b(after: Factors, before: Factors, rank: int) -> dict[str, torch.Tensor]:
     """The round's change of B (B − B′; B for a fresh adapter) zero-padded to ``rank`` columns: all a frozen-A node sends."""
     out = {}
-    for module, (_, B) in after.items():
-        step = B - before[module][1] if module in before else B
+    for module, lowrank in after.items():
+        step = lowrank.B - before[module].B if module in before else lowrank.B
         out[module] = torch.cat([step, step.new_zeros(step.shape[0], rank - step.shape[1])], dim=1)
     return out
 
@@ -163,20 +164,20 @@ class RoundStart:
         """Where this round's adapters start (see the module's note for a plan that changed since the last round)."""
         if self.kind == "global":
             return Start(dict(payload))
-        saved, moments = load_adapters(directory) if self.kind == "continue" else ({}, {})
+        saved, moments = load_adapters(directory, self.scaling) if self.kind == "continue" else ({}, {})
         moments = moments if self.keep_moments else {}  # the adapters go on, AdamW starts afresh (ablation)
         if self.frozen_a is None:
             before = fitted(saved, ranks)
             start = before
         else:
             before = frozen_fitted(saved, ranks, self.frozen_a)
-            fresh = {m: (self.frozen_a[m][:r], torch.zeros(shapes[m][0], r)) for m, r in ranks.items()}
+            fresh = {m: LowRank(self.frozen_a[m][:r], torch.zeros(shapes[m][0], r), self.scaling) for m, r in ranks.items()}
             start = fresh | before
         return Start(encode_factors(start) if start else None, before, moments)
 
     def held(self, start: Start) -> dict[str, torch.Tensor]:
         """s · B · A of the adapters the round continues: what the node's base leaves out."""
-        return products(start.before, self.scaling)
+        return products(start.before)
 
     def end(
         self, directory: Path, start: Start, arrays: dict[str, np.ndarray], optimizer: OptimizerState, shapes
@@ -186,7 +187,7 @@ class RoundStart:
         and those it started from (continue: the server averages the change)."""
         if self.kind == "global":
             return arrays
-        after = decode_factors(arrays, shapes)
+        after = decode_factors(arrays, shapes, self.scaling)
         if self.kind == "continue":
             save_adapters(directory, after, optimizer)
         if self.frozen_a is not None:

@@ -8,7 +8,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from peft import PeftModel
 
 from fedpipe_core.aggregate import ClientUpdate, aggregate_padded
-from fedpipe_core.lora import Factors, lora_layers
+from fedpipe_core.lora import lora_layers
+from fedpipe_core.lowrank import Factors, LowRank
 from fedpipe_core.results import RunWriter
 from fedpipe_flower.messages import to_record
 
@@ -52,18 +53,18 @@ def reply(node_id, arrays, metrics, error=None):
     )
 
 
-def factors(rank: int, out: int, fan_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random LoRA factors (A: rank × fan_in, B: out × rank) for one module, seeded."""
+def factors(rank: int, out: int, fan_in: int, seed: int, scale: float = 1.0) -> LowRank:
+    """Random LoRA factors (A: rank × fan_in, B: out × rank) for one module, seeded, of the given scale."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
+    return LowRank(torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g), scale)
 
 
-def client_factors(task, ranks, seed):
+def client_factors(task, ranks, seed, scale: float = 1.0) -> Factors:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for module, r in ranks.items():
         o, i = task.shapes[module]
-        out[module] = (torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01)
+        out[module] = LowRank(torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01, scale)
     return out
 
 
@@ -76,7 +77,7 @@ def fedavg_factors(updates: list[ClientUpdate]) -> Factors:
     """LoRA-FedAvg: average A and B *separately*, weighted by examples (fixed rank per module)."""
     ranks: dict[str, int] = {}
     for module in sorted({m for u in updates for m in u.factors}):
-        found = {u.factors[module][0].shape[0] for u in updates if module in u.factors}
+        found = {u.factors[module].rank for u in updates if module in u.factors}
         if len(found) != 1:
             raise ValueError(f"lora-fedavg needs one rank per module; {module} has ranks {sorted(found)}")
         ranks[module] = found.pop()

@@ -7,7 +7,6 @@ import torch
 from fakes import FakeGrid, client_factors, reply
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedpipe_core.aggregate import to_dense
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpipe_core.codec import decode_delta, encode_factors
 from fedpipe_core.config import ConfigError
@@ -48,7 +47,7 @@ def test_a_resumed_strategy_sends_what_the_uninterrupted_one_sends(task, tmp_pat
         original.strategy.residual
     )  # what dispatch = svd has not sent yet
     for module, rest in original.strategy.residual.items():
-        torch.testing.assert_close(to_dense(core.residual[module]), to_dense(rest))
+        torch.testing.assert_close(core.residual[module].dense(), rest.dense())
     for module, delta in original.strategy.global_delta().items():
         torch.testing.assert_close(core.global_delta()[module], delta, rtol=0, atol=0)
     assert checkpoint.totals == {"bytes_up": 5.0}

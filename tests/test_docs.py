@@ -125,7 +125,7 @@ def test_the_model_sizes_block_is_what_a_reply_and_a_base_weigh():
 
     table = docs.model_sizes("smollm2-135m")
     task = load_task(replace(RunConfig(), model="smollm2-135m"))
-    reply = encode_factors(fresh_factors(task.shapes, dict.fromkeys(task.targets, 8), seed=0))
+    reply = encode_factors(fresh_factors(task.shapes, dict.fromkeys(task.targets, 8), seed=0, scale=1.0))
     assert f"a dispatch of ΔW at rank 8) | {sum(a.nbytes for a in reply.values()) / 1e6:.2f} |" in table
     name = task.targets[0]
     weight = torch.randn(task.shapes[name])

@@ -138,9 +138,9 @@ def test_fresh_factors_without_a_model_are_peft_s_own(task):
 
     ranks = {m: 8 for m in task.targets[:6]}
     expected = lora_factors(attach_lora(task.base_model(), ranks, 8.0, 42))
-    got = fresh_factors(task.shapes, ranks, 42)
-    assert list(got) == list(expected)
-    assert all(torch.equal(got[m][0], expected[m][0]) and torch.equal(got[m][1], expected[m][1]) for m in ranks)
+    got = fresh_factors(task.shapes, ranks, 42, scale=1.0)
+    assert list(got) == list(expected) and {f.scale for f in expected.values()} == {1.0}  # alpha 8 = rank 8
+    assert all(torch.equal(got[m].A, expected[m].A) and torch.equal(got[m].B, expected[m].B) for m in ranks)
 
 
 def test_a_task_reads_no_data_until_its_splits_are_used(task, monkeypatch):
@@ -260,8 +260,8 @@ def test_an_update_weighs_the_examples_it_processed(task):
     small = round_on(2)
     assert small.num_examples == 2 * 2  # a batch cannot exceed the data
     updates = [
-        ClientUpdate({module: (None, None)}, {}, out.num_examples),
-        ClientUpdate({module: (None, None)}, {}, small.num_examples),
+        ClientUpdate({module: None}, out.num_examples),
+        ClientUpdate({module: None}, small.num_examples),
     ]
     assert [w for _, w in module_weights(updates, module)] == pytest.approx([0.6, 0.4])
 

@@ -13,7 +13,9 @@ from fedpipe_core.lora import (
     merge_delta,
     module_shape,
     resolve_target_modules,
+    set_lora_factors,
 )
+from fedpipe_core.lowrank import LowRank
 
 
 def tiny_gpt2():
@@ -45,12 +47,18 @@ def test_per_module_ranks_and_fresh_adapter_is_identity(task):
         before = model(ids).logits.clone()
     peft_model = attach_lora(model, ranks, alpha=8.0, seed=3)
     got = lora_factors(peft_model)
-    assert {n: a.shape[0] for n, (a, _) in got.items()} == ranks
-    for name, (_, b) in got.items():
-        assert b.shape == (module_shape(model, name)[0], ranks[name]) and torch.count_nonzero(b) == 0
-    assert lora_scaling(peft_model) == {n: 8.0 / r for n, r in ranks.items()}
+    assert {n: f.rank for n, f in got.items()} == ranks
+    for name, f in got.items():
+        assert f.B.shape == (module_shape(model, name)[0], ranks[name]) and torch.count_nonzero(f.B) == 0
+    assert lora_scaling(peft_model) == {n: 8.0 / r for n, r in ranks.items()} == {n: f.scale for n, f in got.items()}
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, before)
+    name = names[0]  # rank 5, scale 8 / 5: factors of another scale would make the layer compute another ΔW
+    with pytest.raises(ValueError, match="factors of scale 1, the adapter applies 1.6"):
+        set_lora_factors(peft_model, {name: LowRank(got[name].A, got[name].B + 1.0, 1.0)})
+    assert torch.count_nonzero(lora_factors(peft_model)[name].B) == 0  # refused before anything was loaded
+    set_lora_factors(peft_model, {name: LowRank(got[name].A[:2], got[name].B[:, :2] + 1.0, 8.0 / 5)})
+    assert torch.count_nonzero(lora_factors(peft_model)[name].B[:, :2]) > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -65,7 +73,9 @@ def test_merge_then_reinit_equals_base_plus_delta(task, arch):
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 module.lora_B["default"].weight.normal_(0, 0.05)
         adapted_logits = trained(ids).logits.clone()
-    update = ClientUpdate(lora_factors(trained), lora_scaling(trained), 1)
+    factors = lora_factors(trained)
+    assert {m: f.scale for m, f in factors.items()} == lora_scaling(trained)  # each layer's alpha / r
+    update = ClientUpdate(factors, 1)
     delta = aggregate_delta([update])
     fresh = tiny_gpt2() if arch == "gpt2" else task.base_model()
     merge_delta(fresh, delta)
@@ -73,7 +83,7 @@ def test_merge_then_reinit_equals_base_plus_delta(task, arch):
     with torch.no_grad():
         merged_logits = reinit(ids).logits
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-4)
-    assert all(torch.count_nonzero(b) == 0 for _, b in lora_factors(reinit).values())
+    assert all(torch.count_nonzero(f.B) == 0 for f in lora_factors(reinit).values())
 
 
 def test_merge_rejects_wrong_shape(task):

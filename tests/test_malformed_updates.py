@@ -8,6 +8,7 @@ from fakes import FakeGrid, client_factors, reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpipe_core.codec import encode_factors
+from fedpipe_core.lowrank import LowRank
 from fedpipe_core.strategies import FedPipe
 from fedpipe_flower.messages import DATA_PREFIX, INDEX
 from server_app.strategy import FlowerAdapter
@@ -83,7 +84,7 @@ def malformed_cases(task, plan, good):
         ("A without B", arrays(**{B: None})),
         ("key without '::'", arrays(**{f"{m1}A": encode_factors(good)[f"{m1}::A"]})),
         ("unknown part name", arrays(**{f"{m1}::C": encode_factors(good)[f"{m1}::A"]})),
-        ("absurd norm", encode_factors({m: (a * 1e3, b * 1e3) for m, (a, b) in good.items()})),
+        ("absurd norm", encode_factors({m: LowRank(f.A * 1e3, f.B * 1e3) for m, f in good.items()})),
         ("dense ΔW where factors are expected", {f"{m0}::dW": np.zeros((out, inn), np.float32)}),
         ("no adapter at all", {}),
     ]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from fedpipe_core.aggregate import to_dense
 from fedpipe_core.codec import encode_delta
 from fedpipe_core.config import ConfigError
+from fedpipe_core.lowrank import LowRank
 from fedpipe_core.metrics import e2e_scores
 from fedpipe_core.model import CACHE_MARKER, load_model, load_tokenizer, name_special_tokens, resolve_checkpoint
 from fedpipe_core.node.state import (
@@ -78,27 +78,27 @@ def test_node_state_accumulates_rounds_and_detects_gaps(task, tmp_path):
     name = task.targets[0]
     out, fan_in = task.shapes[name]
     g = torch.Generator().manual_seed(0)
-    inc1 = (torch.randn(2, fan_in, generator=g), torch.randn(out, 2, generator=g))
-    inc2 = (torch.randn(3, fan_in, generator=g), torch.randn(out, 3, generator=g))
+    inc1 = LowRank(torch.randn(2, fan_in, generator=g), torch.randn(out, 2, generator=g))
+    inc2 = LowRank(torch.randn(3, fan_in, generator=g), torch.randn(out, 3, generator=g))
     w0 = _weight(task.base_model(), name)
     model, state = node_base(task, tmp_path, encode_delta({name: inc1}), 0, 1, "fp32")
-    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc1))
+    torch.testing.assert_close(_weight(model, name), w0 + inc1.dense())
     model, state = node_base(task, tmp_path, encode_delta({name: inc2}), 1, 2, "fp32")
-    torch.testing.assert_close(state.delta[name], to_dense(inc1) + to_dense(inc2))
-    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc1) + to_dense(inc2))
+    torch.testing.assert_close(state.delta[name], inc1.dense() + inc2.dense())
+    torch.testing.assert_close(_weight(model, name), w0 + inc1.dense() + inc2.dense())
     assert load_state(tmp_path).version == 2 and not load_state(tmp_path).base
     # on disk as sent: one factored file per message, the bytes of the adapters (rank 2 + 3), not of the dense ΔW
     files = sorted((tmp_path / "increments").glob("*.safetensors"))
     assert len(files) == 2 and not (tmp_path / "delta.safetensors").exists()
     assert sum(f.stat().st_size for f in files) < 4 * (2 + 3) * (out + fan_in) + 2000 < 4 * out * fan_in
-    torch.testing.assert_close(load_state(tmp_path).delta[name], to_dense(inc1) + to_dense(inc2))
+    torch.testing.assert_close(load_state(tmp_path).delta[name], inc1.dense() + inc2.dense())
     with pytest.raises(StateMismatch, match="at round 2, the server sent ΔW from round 1"):
         node_base(task, tmp_path, encode_delta({name: inc2}), 1, 2, "fp32")
     # from 0 the server resends everything: the node resets rather than double-counting
     model, state = node_base(task, tmp_path, encode_delta({name: inc1}), 0, 1, "fp32")
-    torch.testing.assert_close(state.delta[name], to_dense(inc1))
+    torch.testing.assert_close(state.delta[name], inc1.dense())
     assert len(list((tmp_path / "increments").glob("*.safetensors"))) == 1  # the old rounds' files are gone
-    torch.testing.assert_close(load_state(tmp_path).delta[name], to_dense(inc1))
+    torch.testing.assert_close(load_state(tmp_path).delta[name], inc1.dense())
 
 
 def test_node_state_folds_its_increments_into_one_dense_file_once_they_outweigh_it(tmp_path):
@@ -106,10 +106,10 @@ def test_node_state_folds_its_increments_into_one_dense_file_once_they_outweigh_
     state, total = NodeState(), torch.zeros(16, 12)
     for version in range(1, 9):  # rank-4 increments: 112 floats (and a header) against 192 dense: they fold every second one
         A, B = torch.randn(4, 12, generator=g), torch.randn(16, 4, generator=g)
-        sent = encode_delta({"m": (A, B)})
-        state.add({"m": to_dense((A, B))}, version, sent)
+        sent = encode_delta({"m": LowRank(A, B)})
+        state.add({"m": LowRank(A, B).dense()}, version, sent)
         save_state(tmp_path, state)
-        total += to_dense((A, B))
+        total += LowRank(A, B).dense()
         loaded = load_state(tmp_path)
         torch.testing.assert_close(loaded.delta["m"], total)  # exact: folding cuts nothing
         kept = sorted(p.name for p in (tmp_path / "increments").glob("*.safetensors"))
@@ -123,7 +123,7 @@ def test_node_keeps_q_w0_once_and_quantizes_only_what_a_delta_touches_from_w0(ta
     name, other = task.targets[0], task.targets[1]
     out, fan_in = task.shapes[name]
     g = torch.Generator().manual_seed(1)
-    inc = (0.2 * torch.randn(2, fan_in, generator=g), 0.2 * torch.randn(out, 2, generator=g))
+    inc = LowRank(0.2 * torch.randn(2, fan_in, generator=g), 0.2 * torch.randn(out, 2, generator=g))
     w0 = _weight(task.base_model(), name)
     model, state = node_base(task, tmp_path, {}, 0, 0, "nf4")
     assert state.precision == "nf4" and len(state.base) == len(block_linears(model))
@@ -136,7 +136,7 @@ def test_node_keeps_q_w0_once_and_quantizes_only_what_a_delta_touches_from_w0(ta
     saved = load_state(tmp_path)
     assert saved.version == 1 and saved.precision == "nf4"
     # eqs 11-12: the touched weight is Q(W0 + ΣΔW); the saved Q(W0) of every weight is kept as it was, not rewritten
-    expected = quantize(w0 + to_dense(inc), "nf4").dequantize()
+    expected = quantize(w0 + inc.dense(), "nf4").dequantize()
     torch.testing.assert_close(_weight(model, name), expected)
     assert all(torch.equal(saved.base[m].data, stored_before[m]) for m in saved.base)
     assert (tmp_path / "base.safetensors").stat().st_mtime_ns == base_file.st_mtime_ns
@@ -149,14 +149,14 @@ def test_node_keeps_q_w0_once_and_quantizes_only_what_a_delta_touches_from_w0(ta
 
     # a new precision rebuilds the whole base from W0 + ΣΔW
     model, state = node_base(task, tmp_path, {}, 1, 1, "nf8")
-    torch.testing.assert_close(_weight(model, name), quantize(w0 + to_dense(inc), "nf8").dequantize())
+    torch.testing.assert_close(_weight(model, name), quantize(w0 + inc.dense(), "nf8").dequantize())
     assert load_state(tmp_path).precision == "nf8"
     assert type(model.get_submodule(name)).__name__ == "StoredLinear" and stored_bytes(model) > nf4_bytes
     nf8_bytes = stored_bytes(model)
     # back to FP32: exact W0 + ΣΔW, no stored base
     model, state = node_base(task, tmp_path, {}, 1, 1, "fp32")
     assert stored_bytes(model) > nf8_bytes
-    torch.testing.assert_close(_weight(model, name), w0 + to_dense(inc))
+    torch.testing.assert_close(_weight(model, name), w0 + inc.dense())
     assert not load_state(tmp_path).base
 
 
@@ -187,7 +187,7 @@ def test_state_bytes_a_message_writes_do_not_grow_with_the_model(tmp_path, preci
         per_message = []
         for version in (1, 2, 3):
             before = files_on_disk(directory)
-            inc = (0.01 * torch.randn(4, 128, generator=g), 0.01 * torch.randn(128, 4, generator=g))
+            inc = LowRank(0.01 * torch.randn(4, 128, generator=g), 0.01 * torch.randn(128, 4, generator=g))
             model, _ = node_base(task, directory, encode_delta({module: inc}), version - 1, version, precision)
             per_message.append(bytes_written(directory, before))
         written[layers] = per_message
@@ -200,7 +200,7 @@ def test_a_damaged_state_file_is_detected_and_rebuilt_from_the_whole_history(tas
     name = task.targets[0]
     out, fan_in = task.shapes[name]
     g = torch.Generator().manual_seed(2)
-    inc = (0.1 * torch.randn(2, fan_in, generator=g), 0.1 * torch.randn(out, 2, generator=g))
+    inc = LowRank(0.1 * torch.randn(2, fan_in, generator=g), 0.1 * torch.randn(out, 2, generator=g))
     node_base(task, tmp_path, {}, 0, 0, "nf8")
     good, _ = node_base(task, tmp_path, encode_delta({name: inc}), 0, 1, "nf8")
     (increment,) = (tmp_path / "increments").glob("*.safetensors")

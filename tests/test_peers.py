@@ -15,7 +15,6 @@ from fedpipe_core.aggregate import (
     aggregate_padded,
     module_weights,
     norm_weights,
-    svd_truncate,
 )
 from fedpipe_core.codec import (
     decode_delta,
@@ -26,6 +25,7 @@ from fedpipe_core.codec import (
 from fedpipe_core.config import ConfigError
 from fedpipe_core.cost import step_flops
 from fedpipe_core.local import lora_alphas, run_full_round
+from fedpipe_core.lowrank import LowRank, best_rank
 from fedpipe_core.profile import ClientProfile
 from fedpipe_core.protocol import TrainReply
 from fedpipe_core.strategies import STRATEGIES, FedAdapter, FlexLoRA, FullFT, HetLoRA, Legend
@@ -43,20 +43,21 @@ from server_app.strategy import FlowerAdapter
 
 
 def test_hetlora_zero_padding_with_norm_weights_by_hand():
-    a1, b1 = factors(2, 6, 5, 1)
-    a2, b2 = factors(4, 6, 5, 2)
     s = 2.0
-    updates = [ClientUpdate({"q": (a1, b1)}, {"q": s}, 10), ClientUpdate({"q": (a2, b2)}, {"q": s}, 30)]
+    f1, f2 = factors(2, 6, 5, 1, s), factors(4, 6, 5, 2, s)
+    (a1, b1), (a2, b2) = (f1.A, f1.B), (f2.A, f2.B)
+    updates = [ClientUpdate({"q": f1}, 10), ClientUpdate({"q": f2}, 30)]
     n1, n2 = float(torch.linalg.norm(s * b1 @ a1)), float(torch.linalg.norm(s * b2 @ a2))
     w1, w2 = n1 / (n1 + n2), n2 / (n1 + n2)
-    A, B = aggregate_padded(updates, {"q": 4}, norm_weights)["q"]
-    assert A.shape == (4, 5) and B.shape == (6, 4)
+    averaged = aggregate_padded(updates, {"q": 4}, norm_weights)["q"]
+    A, B = averaged.A, averaged.B
+    assert A.shape == (4, 5) and B.shape == (6, 4) and averaged.scale == s
     torch.testing.assert_close(A[:2], w1 * a1 + w2 * a2[:2])
     torch.testing.assert_close(A[2:], w2 * a2[2:])  # client 1's padded rows are zeros
     torch.testing.assert_close(B[:, :2], w1 * b1 + w2 * b2[:, :2])
     torch.testing.assert_close(B[:, 2:], w2 * b2[:, 2:])
     # example weights (LoRA-FedAvg / LEGEND) differ from norm weights
-    A_ex, _ = aggregate_padded(updates, {"q": 4}, module_weights)["q"]
+    A_ex = aggregate_padded(updates, {"q": 4}, module_weights)["q"].A
     torch.testing.assert_close(A_ex[:2], 0.25 * a1 + 0.75 * a2[:2])
 
 
@@ -64,16 +65,16 @@ def test_legend_per_layer_weights_by_hand():
     # client 1 (10 examples) trains layers 0 and 1, client 2 (30) layer 1 only, client 3 (20) layer 2 only
     l0_1, l1_1, l1_2, l2_3 = factors(2, 4, 3, 1), factors(4, 4, 3, 2), factors(2, 4, 3, 3), factors(4, 4, 3, 4)
     updates = [
-        ClientUpdate({"l0": l0_1, "l1": l1_1}, {"l0": 1.0, "l1": 1.0}, 10),
-        ClientUpdate({"l1": l1_2}, {"l1": 1.0}, 30),
-        ClientUpdate({"l2": l2_3}, {"l2": 1.0}, 20),
+        ClientUpdate({"l0": l0_1, "l1": l1_1}, 10),
+        ClientUpdate({"l1": l1_2}, 30),
+        ClientUpdate({"l2": l2_3}, 20),
     ]
     out = aggregate_padded(updates, {"l0": 4, "l1": 4, "l2": 4}, Legend.weighting)
-    torch.testing.assert_close(out["l0"][0][:2], l0_1[0])  # the only device on layer 0 gets weight 1
-    torch.testing.assert_close(out["l0"][0][2:], torch.zeros(2, 3))
-    torch.testing.assert_close(out["l1"][0][:2], 0.25 * l1_1[0][:2] + 0.75 * l1_2[0])
-    torch.testing.assert_close(out["l1"][0][2:], 0.25 * l1_1[0][2:])
-    torch.testing.assert_close(out["l2"][1], l2_3[1])
+    torch.testing.assert_close(out["l0"].A[:2], l0_1.A)  # the only device on layer 0 gets weight 1
+    torch.testing.assert_close(out["l0"].A[2:], torch.zeros(2, 3))
+    torch.testing.assert_close(out["l1"].A[:2], 0.25 * l1_1.A[:2] + 0.75 * l1_2.A)
+    torch.testing.assert_close(out["l1"].A[2:], 0.25 * l1_1.A[2:])
+    torch.testing.assert_close(out["l2"].B, l2_3.B)
 
 
 def test_flexlora_svd_truncation_meets_the_eckart_young_bound():
@@ -81,18 +82,18 @@ def test_flexlora_svd_truncation_meets_the_eckart_young_bound():
     delta = torch.randn(12, 9, generator=g)
     sigma = torch.linalg.svdvals(delta.double())
     for rank in (1, 3, 9, 20):
-        A, B = svd_truncate(delta, rank)
+        best = best_rank(delta, rank)
         r = min(rank, 9)
-        assert A.shape == (r, 9) and B.shape == (12, r)
-        error = float(torch.linalg.norm(delta - B @ A))
+        assert best.A.shape == (r, 9) and best.B.shape == (12, r) and best.scale == 1.0
+        error = float(torch.linalg.norm(delta - best.dense()))
         assert error == pytest.approx(float(sigma[r:].pow(2).sum().sqrt()), abs=1e-4)
         other = factors(r, 12, 9, rank)  # any other rank-r product is no closer
-        assert error <= float(torch.linalg.norm(delta - other[1] @ other[0])) + 1e-6
+        assert error <= float(torch.linalg.norm(delta - other.dense())) + 1e-6
 
 
 def test_ft_averages_dense_updates_by_examples():
     d1, d2 = torch.ones(3, 2), torch.full((3, 2), 5.0)
-    out = aggregate_dense([ClientUpdate({}, {}, 30, dense={"w": d1}), ClientUpdate({}, {}, 10, dense={"w": d2, "u": d2})])
+    out = aggregate_dense([ClientUpdate({}, 30, dense={"w": d1}), ClientUpdate({}, 10, dense={"w": d2, "u": d2})])
     torch.testing.assert_close(out["w"], torch.full((3, 2), 2.0))
     torch.testing.assert_close(out["u"], d2)
 
@@ -144,7 +145,7 @@ def _scaled_update(strategy, ranks, seed, std, examples=8):
     g = torch.Generator().manual_seed(seed)
     shapes = strategy.task.shapes
     factors = {
-        m: (std * torch.randn(r, shapes[m][1], generator=g), std * torch.randn(shapes[m][0], r, generator=g))
+        m: LowRank(std * torch.randn(r, shapes[m][1], generator=g), std * torch.randn(shapes[m][0], r, generator=g))
         for m, r in ranks.items()
     }
     report = TrainReply(num_examples=examples, train_loss=2.0, state_version=0)
@@ -178,9 +179,8 @@ def test_fedadapter_trial_groups_keep_the_configuration_whose_model_scores_best_
     chosen_loss, others = trials[1]["eval_loss"], [trials[0]["eval_loss"], trials[2]["eval_loss"]]
     assert chosen_loss < 2 * chosen_loss < min(others)  # the untouched base against wrecked ones
     module = next(iter(plans[1].ranks))  # trained by every group: the global factors are the deeper group's alone
-    A, B = strategy.factors[module]
-    torch.testing.assert_close(A[:2], updates[2][0].factors[module][0])
-    torch.testing.assert_close(B[:, :2], updates[2][0].factors[module][1])
+    torch.testing.assert_close(strategy.factors[module].A[:2], updates[2][0].factors[module].A)
+    torch.testing.assert_close(strategy.factors[module].B[:, :2], updates[2][0].factors[module].B)
     # the next decision round tries from the configuration chosen
     assert {frozenset(p.ranks.items()) for p in strategy.plan_round(2, [1, 2, 3]).values()} == {
         frozenset(strategy.ranks_of(c).items()) for c in fedadapter_trials(deeper, len(strategy.layers), (2, 4, 8))
@@ -304,10 +304,9 @@ def test_flexlora_sends_each_node_the_truncated_global_delta(task):
     delta = strategy.strategy.global_delta()
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
     module = task.targets[0]
-    sent = decode_factors(from_record(messages[2].content["arrays"]), task.shapes)[module]
-    assert sent[0].shape[0] == 2
-    A, B = svd_truncate(delta[module], 2)
-    torch.testing.assert_close(strategy.strategy.scaling() * sent[1] @ sent[0], B @ A, rtol=1e-4, atol=1e-6)
+    sent = decode_factors(from_record(messages[2].content["arrays"]), task.shapes, strategy.strategy.scaling())[module]
+    assert sent.rank == 2
+    torch.testing.assert_close(sent.dense(), best_rank(delta[module], 2).dense(), rtol=1e-4, atol=1e-6)
 
 
 def test_ft_leaves_out_nodes_that_cannot_hold_it_and_rejects_factor_replies(task):
@@ -339,22 +338,22 @@ def test_a_widened_fedadapter_component_starts_like_fresh_lora_and_trains(task, 
 
     strategy = FedAdapter(task)
     strategy.profiles = {1: ClientProfile(64 * 2**30, 35e12, "declared")}
-    initial = {m: (A.clone(), B.clone()) for m, (A, B) in strategy.factors.items()}
+    initial = {m: LowRank(f.A.clone(), f.B.clone(), f.scale) for m, f in strategy.factors.items()}
     plan = strategy.plan_round(1, [1])[1]
     narrow = set(plan.ranks.values()).pop()
     arrays = encode_factors(client_factors(task, plan.ranks, 1))
     report = TrainReply(num_examples=10, train_loss=2.0, state_version=0)
     strategy.combine(1, {1: (strategy.read_update(arrays, report, plan.ranks), report)})
     module = next(iter(plan.ranks))
-    A, B = strategy.factors[module]
-    assert float(A[:narrow].abs().sum()) > 0 and not torch.equal(A[:narrow], initial[module][0][:narrow])
-    assert torch.equal(A[narrow:], initial[module][0][narrow:]) and float(A[narrow:].abs().sum()) > 0  # fresh random rows
+    A, B = strategy.factors[module].A, strategy.factors[module].B
+    assert float(A[:narrow].abs().sum()) > 0 and not torch.equal(A[:narrow], initial[module].A[:narrow])
+    assert torch.equal(A[narrow:], initial[module].A[narrow:]) and float(A[narrow:].abs().sum()) > 0  # fresh random rows
     assert float(B[:, narrow:].abs().sum()) == 0  # fresh zero columns
     wide = 2 * narrow
-    payload = encode_factors({module: (A[:wide], B[:, :wide])})
+    payload = encode_factors({module: strategy.factors[module].truncated(wide)})
     model, _ = node_base(task, tmp_path, {}, 0, 0, "fp32")
     out = run_client_round(
         task, model=model, examples=task.splits["train"][:4], ranks={module: wide}, initial_factors=payload, seed=0, local_steps=2
     )
-    _, trained_B = decode_factors(out.arrays, task.shapes)[module]
+    trained_B = decode_factors(out.arrays, task.shapes, strategy.scaling())[module].B
     assert float(trained_B[:, narrow:].abs().sum()) > 0  # the widened columns got gradients

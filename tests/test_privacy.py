@@ -194,8 +194,8 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     from fedpipe_core.node.state import node_state_dir
     from fedpipe_core.round_start import load_adapters
 
-    kept, _ = load_adapters(node_state_dir(local, 1, 2))
-    assert torch.equal(kept[module][0], a[module][:4])  # A stayed frozen through training
+    kept, _ = load_adapters(node_state_dir(local, 1, 2), adapter_scaling(local.config))
+    assert torch.equal(kept[module].A, a[module][:4])  # A stayed frozen through training
     strategy = FedPipe(local)
     assert all(torch.equal(strategy.frozen_a[m], a[m]) for m in task.targets)  # the server draws the same A
     g = torch.Generator().manual_seed(0)
@@ -203,7 +203,9 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     updates = [strategy.decode_update({f"{module}::B": b.numpy()}, {module: 4}, n) for b, n in zip(bs, (30, 10))]
     from fedpipe_core.strategies.fedpipe import average_b
 
-    (A, B), s = average_b(updates, strategy.frozen_a)[module], adapter_scaling(config)
+    averaged, s = average_b(updates, strategy.frozen_a)[module], adapter_scaling(config)
+    A, B = averaged.A, averaged.B
+    assert averaged.scale == 1.0 and {u.factors[module].scale for u in updates} == {s}  # the nodes' scale folded into B
     plain_sum = (30 * bs[0] + 10 * bs[1]) / 40  # what a secure sum of n_k B_k and n_k gives
     assert torch.allclose(B @ A, s * plain_sum @ a[module], atol=1e-6) and A.shape[0] == top
     exact = sum(w * s * b @ a[module] for b, w in zip(bs, (0.75, 0.25)))

@@ -56,8 +56,9 @@ def test_peft_trains_fp32_adapters_on_a_stored_layer_and_nothing_else(precision)
     x = torch.randn(5, 64)
     layer(x).pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
-    ((A, B),) = lora_factors(peft_model).values()
-    expected = F.linear(x, stored.dequantize()) + 2.0 * x @ A.T @ B.T  # scaling alpha / r = 8 / 4
+    (lowrank,) = lora_factors(peft_model).values()
+    assert lowrank.scale == 2.0  # scaling alpha / r = 8 / 4
+    expected = F.linear(x, stored.dequantize()) + 2.0 * x @ lowrank.A.T @ lowrank.B.T
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
 
 

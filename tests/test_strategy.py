@@ -8,11 +8,7 @@ import torch
 from fakes import FakeGrid, client_factors, fedavg_factors, reply
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedpipe_core.aggregate import (
-    ClientUpdate,
-    aggregate_delta,
-    to_dense,
-)
+from fedpipe_core.aggregate import ClientUpdate, aggregate_delta
 from fedpipe_core.codec import decode_delta, decode_factors, encode_factors
 from fedpipe_core.strategies import FedPipe, LoRAFedAvg
 from fedpipe_flower.messages import from_record, to_record
@@ -28,8 +24,9 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
     modules = list(task.targets)
     # node 22 is planned a subset of modules at rank 2 (heterogeneous plan)
     strategy.stats[1].ranks[22] = {m: 2 for m in modules[:3]}
-    good11 = client_factors(task, strategy.stats[1].ranks[11], 1)
-    good22 = client_factors(task, strategy.stats[1].ranks[22], 2)
+    scale = task.config.lora_alpha / task.config.lora_rank
+    good11 = client_factors(task, strategy.stats[1].ranks[11], 1, scale)
+    good22 = client_factors(task, strategy.stats[1].ranks[22], 2, scale)
     ok = {"train-loss": 2.0, "state-version": 0}
     bad_nan = encode_factors(client_factors(task, strategy.stats[1].ranks[33], 3))
     bad_nan[next(iter(bad_nan))][0, 0] = np.nan
@@ -45,13 +42,7 @@ def test_fedpipe_round_aggregates_valid_updates_and_rejects_bad_ones(task):
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["clients"] == 2 and strategy.stats[1].rejected == 6
-    alpha = task.config.lora_alpha
-    expected = aggregate_delta(
-        [
-            ClientUpdate(good11, {m: alpha / task.config.lora_rank for m in good11}, 30),
-            ClientUpdate(good22, {m: alpha / task.config.lora_rank for m in good22}, 10),
-        ]
-    )
+    expected = aggregate_delta([ClientUpdate(good11, 30), ClientUpdate(good22, 10)])
     got = strategy.strategy.global_delta()
     assert set(got) == set(expected)
     for m in expected:
@@ -74,21 +65,21 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
     grid = FakeGrid([1, 2, 3])
     list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     top = max(task.config.rank_candidates())
-    factors = {n: client_factors(task, {m: top for m in task.targets[:4]}, n) for n in (1, 2, 3)}
+    scale = task.config.lora_alpha / task.config.lora_rank
+    factors = {n: client_factors(task, {m: top for m in task.targets[:4]}, n, scale) for n in (1, 2, 3)}
     for n in factors:
         strategy.stats[1].ranks[n] = {m: top for m in task.targets[:4]}
     replies = [
         reply(n, encode_factors(f), {"train-loss": 2.0, "state-version": 0, "num-examples": 10}) for n, f in factors.items()
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    scale = task.config.lora_alpha / task.config.lora_rank
-    exact = aggregate_delta([ClientUpdate(f, {m: scale for m in f}, 10) for f in factors.values()])
+    exact = aggregate_delta([ClientUpdate(f, 10) for f in factors.values()])
     held, final = strategy.strategy.global_delta(), strategy.strategy.final_delta()
     for m in exact:  # the global state + what was cut = the exact average; the cut is the SVD tail
-        torch.testing.assert_close(held[m] + to_dense(strategy.strategy.residual[m]), exact[m], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(held[m] + strategy.strategy.residual[m].dense(), exact[m], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(final[m], exact[m], rtol=1e-4, atol=1e-6)  # the final model keeps the tail
         tail = torch.linalg.svdvals(exact[m].double())[top:]
-        assert float(to_dense(strategy.strategy.residual[m]).norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
+        assert float(strategy.strategy.residual[m].dense().norm()) == pytest.approx(float(tail.norm()), rel=1e-3)
         sv = torch.linalg.svdvals(held[m].double())
         assert sv[top] < 1e-5 * sv[0] < sv[top - 1]  # the nodes merge a rank-8 ΔW
     messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
@@ -105,23 +96,24 @@ def test_fedpipe_svd_dispatch_sends_what_the_global_state_holds_and_carries_the_
 def test_lora_fedavg_round_averages_factors(task):
     strategy = FlowerAdapter(LoRAFedAvg(task))
     initial = to_record(strategy.strategy.global_arrays())
-    start = decode_factors(from_record(initial), task.shapes)
-    assert all(torch.count_nonzero(b) == 0 for _, b in start.values())
+    start = decode_factors(from_record(initial), task.shapes, strategy.strategy.scaling())
+    assert all(torch.count_nonzero(f.B) == 0 for f in start.values())
     assert all(t.abs().sum() == 0 for t in strategy.strategy.global_delta().values())
     grid = FakeGrid([1, 2])
     list(strategy.configure_train(1, initial, ConfigRecord(), grid))
-    f1 = client_factors(task, strategy.stats[1].ranks[1], 5)
-    f2 = client_factors(task, strategy.stats[1].ranks[2], 6)
+    scale = strategy.strategy.scaling()
+    f1 = client_factors(task, strategy.stats[1].ranks[1], 5, scale)
+    f2 = client_factors(task, strategy.stats[1].ranks[2], 6, scale)
     replies = [
         reply(1, encode_factors(f1), {"train-loss": 2.0, "num-examples": 1}),
         reply(2, encode_factors(f2), {"train-loss": 2.0, "num-examples": 3}),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    expected = fedavg_factors([ClientUpdate(f1, {}, 1), ClientUpdate(f2, {}, 3)])
+    expected = fedavg_factors([ClientUpdate(f1, 1), ClientUpdate(f2, 3)])
     module = task.targets[0]
     got = strategy.strategy.global_delta()[module]
-    a, b = expected[module]
-    torch.testing.assert_close(got, task.config.lora_alpha / task.config.lora_rank * to_dense((a, b)), rtol=1e-5, atol=1e-7)
+    assert expected[module].scale == task.config.lora_alpha / task.config.lora_rank
+    torch.testing.assert_close(got, expected[module].dense(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("strategy_cls", [FedPipe, LoRAFedAvg])

@@ -299,6 +299,5 @@ def local_only_model(task: Task, data: NodeData, steps: int, device: torch.devic
         seed=cfg.seed,
         local_steps=steps,
     )
-    scaling = adapter_scaling(cfg)
-    delta = {m: scaling * (B @ A) for m, (A, B) in decode_factors(out.arrays, task.shapes).items()}
+    delta = {m: lowrank.dense() for m, lowrank in decode_factors(out.arrays, task.shapes, adapter_scaling(cfg)).items()}
     return global_model(task, delta).to(device)

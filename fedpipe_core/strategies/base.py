@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedpipe_core.aggregate import ClientUpdate, lowrank_norm
+from fedpipe_core.aggregate import ClientUpdate
 from fedpipe_core.codec import decode_factors
 from fedpipe_core.cost import lora_params, peak_memory, step_flops
 from fedpipe_core.local import adapter_scaling
@@ -181,15 +181,15 @@ class Strategy(ABC):
 
     def decode_update(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """A node's adapter factors, checked against the modules and ranks it was assigned."""
-        factors = decode_factors(arrays, self.task.shapes)
-        for module, (A, _) in factors.items():
+        factors = decode_factors(arrays, self.task.shapes, self.scaling())
+        for module, lowrank in factors.items():
             if module not in assigned:
                 raise UpdateError(f"module {module!r} was not assigned to this node")
-            if A.shape[0] != assigned[module]:
-                raise UpdateError(f"module {module!r} has rank {A.shape[0]}, assigned {assigned[module]}")
+            if lowrank.rank != assigned[module]:
+                raise UpdateError(f"module {module!r} has rank {lowrank.rank}, assigned {assigned[module]}")
         if not factors:
             raise UpdateError("reply carries no adapter")
-        return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
+        return ClientUpdate(factors, num_examples)
 
     def observe_weight_norms(self, reports: list[dict[str, float]]) -> None:
         """A round's reported ‖W‖ per module: their median replaces the module's previous value."""
@@ -204,7 +204,7 @@ class Strategy(ABC):
     def _check_norms(self, update: ClientUpdate) -> None:
         """Reject an update whose ΔW on a module exceeds ``max-update-ratio`` × that weight's norm."""
         norms, ratio = self.reference_norms(), self.task.config.max_update_ratio
-        sizes = {m: lowrank_norm(A, B, update.scaling[m]) for m, (A, B) in update.factors.items()}
+        sizes = {m: lowrank.norm() for m, lowrank in update.factors.items()}
         sizes |= {m: float(d.norm()) for m, d in update.dense.items()}
         for module, norm in sizes.items():
             if module not in norms:

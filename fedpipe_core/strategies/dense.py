@@ -13,10 +13,10 @@ from abc import abstractmethod
 
 import torch
 
-from fedpipe_core.aggregate import ClientUpdate, aggregate_delta, aggregate_dense, svd_truncate
+from fedpipe_core.aggregate import ClientUpdate, aggregate_delta, aggregate_dense
 from fedpipe_core.codec import decode_delta, encode_dense
 from fedpipe_core.cost import full_params, full_peak_memory, full_step_flops
-from fedpipe_core.lora import Factors
+from fedpipe_core.lowrank import Factors, LowRank, best_rank
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import UpdateError
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
@@ -60,8 +60,8 @@ class FlexLoRA(DenseStrategy):
         top = max(self.task.config.rank_candidates())
         factors = {}
         for module, delta in self.delta.items():
-            A, B = svd_truncate(delta, top)
-            factors[module] = (A, B / self.scaling())  # the node computes s · B · A
+            best = best_rank(delta, top)
+            factors[module] = LowRank(best.A, best.B / self.scaling(), self.scaling())  # the node's adapters apply s
         return factors
 
     def node_payload(self, node_id: int, server_round: int, state: Factors, plan: Plan) -> Arrays:
@@ -116,7 +116,7 @@ class FullFT(DenseStrategy):
             raise UpdateError(f"module {unassigned[0]!r} was not assigned to this node")
         if not dense:
             raise UpdateError("reply carries no weight update")
-        return ClientUpdate({}, {}, num_examples, dense=dense)
+        return ClientUpdate({}, num_examples, dense=dense)
 
     def trainable_params(self, ranks: dict[str, int]) -> int:
         return full_params(self.task.spec, list(ranks))

@@ -23,13 +23,12 @@ from fedpipe_core.aggregate import (
     aggregate_padded,
     module_weights,
     norm_weights,
-    to_dense,
-    truncate_factors,
 )
 from fedpipe_core.codec import decode_factors, encode_factors
 from fedpipe_core.config import ConfigError, key_of
 from fedpipe_core.evaluate import evaluate_validation
-from fedpipe_core.lora import Factors, fresh_factors
+from fedpipe_core.lora import fresh_factors
+from fedpipe_core.lowrank import Factors
 from fedpipe_core.plan import Plan
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.peer_rules import (
@@ -43,7 +42,7 @@ from fedpipe_core.strategies.peer_rules import (
 
 def truncated_payload(factors: Factors, plan: Plan) -> Arrays:
     """The plan's modules that have global factors, cut to the node's rank: A[:r], B[:, :r]."""
-    return encode_factors({m: truncate_factors(factors[m], r) for m, r in plan.ranks.items() if m in factors})
+    return encode_factors({m: factors[m].truncated(r) for m, r in plan.ranks.items() if m in factors})
 
 
 class FactorStrategy(ArrayState):
@@ -65,7 +64,7 @@ class FactorStrategy(ArrayState):
         if self._factors is None:
             cfg = self.task.config
             ranks = {m: self.global_rank() for m in self.task.targets}  # the model's order, as peft draws them
-            self._factors = fresh_factors(self.task.shapes, ranks, cfg.seed)
+            self._factors = fresh_factors(self.task.shapes, ranks, cfg.seed, self.scaling())
         return self._factors
 
     def dispatch_state(self) -> Factors:
@@ -83,17 +82,16 @@ class FactorStrategy(ArrayState):
         averaging them as zeros would leave a component with a zero A row and B column, which gets no
         gradient ever again (FedAdapter widening, HetLoRA and LEGEND ranks no node reached)."""
         previous = self.factors
-        ranks = {m: A.shape[0] for m, (A, _) in previous.items()}
+        ranks = {m: lowrank.rank for m, lowrank in previous.items()}
         averaged = aggregate_padded([u for u, _ in updates.values()], ranks, type(self).weighting)
-        for module, (A, B) in averaged.items():
-            trained = max(u.factors[module][0].shape[0] for u, _ in updates.values() if module in u.factors)
-            A[trained:], B[:, trained:] = previous[module][0][trained:], previous[module][1][:, trained:]
+        for module, lowrank in averaged.items():
+            trained = max(u.factors[module].rank for u, _ in updates.values() if module in u.factors)
+            lowrank.A[trained:], lowrank.B[:, trained:] = previous[module].A[trained:], previous[module].B[:, trained:]
         return {**previous, **averaged}
 
     def delta_of(self, factors: Factors) -> dict[str, torch.Tensor]:
         """ΔW = s · B A of every module of ``factors``."""
-        scale = self.scaling()
-        return {m: scale * to_dense(lowrank) for m, lowrank in factors.items()}
+        return {m: lowrank.dense() for m, lowrank in factors.items()}
 
     def global_delta(self) -> dict[str, torch.Tensor]:
         return self.delta_of(self.factors)
@@ -102,7 +100,7 @@ class FactorStrategy(ArrayState):
         return encode_factors(self.factors)
 
     def load_global_arrays(self, arrays: Arrays) -> None:
-        self._factors = decode_factors(arrays, self.task.shapes)
+        self._factors = decode_factors(arrays, self.task.shapes, self.scaling())
 
 
 class LoRAFedAvg(FactorStrategy):

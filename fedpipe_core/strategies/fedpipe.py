@@ -10,15 +10,12 @@ import torch
 
 from fedpipe_core.aggregate import (
     ClientUpdate,
-    LowRank,
     aggregate_lowrank,
-    concat_lowrank,
-    lowrank_svd,
     module_weights,
-    to_dense,
     truncate_with_feedback,
 )
 from fedpipe_core.codec import decode_factors, encode_delta, encode_dense, encode_factors
+from fedpipe_core.lowrank import LowRank, concat, factor_svd
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import TrainReply, UpdateError
 from fedpipe_core.round_start import change, shared_a
@@ -114,7 +111,7 @@ class FedPipe(Strategy):
         for rnd in range(start + 1, end + 1):
             for module, lowrank in self.increments.get(rnd, {}).items():
                 pending.setdefault(module, []).append(lowrank)
-        return encode_delta({m: concat_lowrank(parts) for m, parts in pending.items()})
+        return encode_delta({m: concat(parts) for m, parts in pending.items()})
 
     # --- read and combine -----------------------------------------------------------------------
     @property
@@ -136,10 +133,10 @@ class FedPipe(Strategy):
                 raise UpdateError(f"array {key!r}: a frozen-A node sends '<assigned module>::B' only")
             if value.shape != (self.task.shapes[module][0], rank) or not np.isfinite(value).all():
                 raise UpdateError(f"array {key!r}: B must be finite with shape {(self.task.shapes[module][0], rank)}")
-            factors[module] = (self.frozen_a[module], torch.from_numpy(value.astype(np.float32)))
+            factors[module] = LowRank(self.frozen_a[module], torch.from_numpy(value.astype(np.float32)), self.scaling())
         if not factors:
             raise UpdateError("reply carries no adapter")
-        return ClientUpdate(factors, {m: self.scaling() for m in factors}, num_examples)
+        return ClientUpdate(factors, num_examples)
 
     def _decode_change(self, arrays: Arrays, assigned: dict[str, int], num_examples: int) -> ClientUpdate:
         """A continued node sends its adapters after the round at the assigned rank (``<module>::A|B``, checked as
@@ -149,10 +146,10 @@ class FedPipe(Strategy):
         update = super().decode_update(
             {k: v for k, v in arrays.items() if not k.endswith(("::A0", "::B0"))}, assigned, num_examples
         )
-        before = decode_factors(start, self.task.shapes) if start else {}
-        for module, (A0, _) in before.items():
-            if module not in update.factors or A0.shape[0] > assigned[module]:
-                raise UpdateError(f"module {module!r}: starting adapters of rank {A0.shape[0]} do not fit its assigned rank")
+        before = decode_factors(start, self.task.shapes, self.scaling()) if start else {}
+        for module, lowrank in before.items():
+            if module not in update.factors or lowrank.rank > assigned[module]:
+                raise UpdateError(f"module {module!r}: starting adapters of rank {lowrank.rank} do not fit its assigned rank")
         return replace(update, factors=change(before, update.factors))
 
     def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None):
@@ -178,7 +175,7 @@ class FedPipe(Strategy):
         trained it and Σ n_k, so ΔW = s (Σ n_k B_k / Σ n_k) A exactly, as :func:`average_b` computes it per site. No site
         sent importance: each module's is the mean singular value of this increment (eq 3's factor the server can see)."""
         a, scale = self.frozen_a, self.scaling()
-        increment = {m: (a[m], torch.from_numpy(scale * sums[m] / weights[m]).float()) for m in sorted(sums)}
+        increment = {m: LowRank(a[m], torch.from_numpy(scale * sums[m] / weights[m]).float()) for m in sorted(sums)}
         self._commit(server_round, increment, versions)
         self.importance.update({m: mean_singular_value(lowrank) for m, lowrank in increment.items()})
 
@@ -227,8 +224,8 @@ class FedPipe(Strategy):
         super().load_state_dict(state, tensors)
         self.importance = {str(m): float(v) for m, v in dict(state["importance"]).items()}
         for rnd in state["increment-rounds"]:
-            self.increments[int(rnd)] = decode_factors(under(tensors, f"{rnd}/"), self.task.shapes)
-        self.residual = decode_factors(under(tensors, "residual/"), self.task.shapes)
+            self.increments[int(rnd)] = decode_factors(under(tensors, f"{rnd}/"), self.task.shapes, scale=1.0)
+        self.residual = decode_factors(under(tensors, "residual/"), self.task.shapes, scale=1.0)
         self._total = None
 
 
@@ -236,14 +233,14 @@ def _accumulate(total: dict[str, torch.Tensor], increment: dict[str, LowRank]) -
     """``total`` plus one round's ΔW, module by module (a new dict; the tensors of ``total`` are not changed)."""
     out = dict(total)
     for module, lowrank in increment.items():
-        dense = to_dense(lowrank)
+        dense = lowrank.dense()
         out[module] = out[module] + dense if module in out else dense
     return out
 
 
 def mean_singular_value(lowrank: LowRank) -> float:
-    """Eq 3's first factor: the mean of ΔW's singular values over its rank (``lowrank`` with the scale in B)."""
-    return float(lowrank_svd(lowrank)[1].mean())
+    """Eq 3's first factor: the mean of ΔW's singular values over its rank."""
+    return float(factor_svd(lowrank)[1].mean())
 
 
 def average_b(updates: list[ClientUpdate], a: dict[str, torch.Tensor]) -> dict[str, LowRank]:
@@ -252,7 +249,8 @@ def average_b(updates: list[ClientUpdate], a: dict[str, torch.Tensor]) -> dict[s
     out: dict[str, LowRank] = {}
     for module in sorted({m for u in updates for m in u.factors}):
         pairs = module_weights(updates, module)
-        out[module] = (a[module], sum(w * u.scaling[module] * u.factors[module][1].double() for u, w in pairs).float())
+        b = sum(w * u.factors[module].scale * u.factors[module].B.double() for u, w in pairs)
+        out[module] = LowRank(a[module], b.float())
     return out
 
 
