@@ -198,6 +198,9 @@ def test_with_a_frozen_a_the_average_is_a_plain_sum_of_the_bs(task, tmp_path):
     assert torch.equal(kept[module].A, a[module][:4])  # A stayed frozen through training
     strategy = FedPipe(local)
     assert all(torch.equal(strategy.frozen_a[m], a[m]) for m in task.targets)  # the server draws the same A
+    out_features = task.shapes[module][0]
+    assert strategy.trainable_params({module: 4}) == 4 * out_features  # B alone trains
+    assert FedPipe(task).trainable_params({module: 4}) == 4 * sum(task.shapes[module])  # A and B
     g = torch.Generator().manual_seed(0)
     bs = [torch.randn(task.shapes[module][0], top, generator=g) * 0.01 for _ in range(2)]
     updates = [strategy.decode_update({f"{module}::B": b.numpy()}, {module: 4}, n) for b, n in zip(bs, (30, 10))]

@@ -91,6 +91,12 @@ class FedPipe(Strategy):
             for node, batch in zip(node_ids, batches)
         }
 
+    def trainable_params(self, ranks: dict[str, int]) -> int:
+        """Parameters a node trains under a plan with these ranks: A and B, or B alone (out · r) with a frozen A."""
+        if self.task.config.trains_frozen_a:
+            return sum(r * self.task.spec.modules[m][1] for m, r in ranks.items())
+        return super().trainable_params(ranks)
+
     def upload_params(self) -> float:
         """Adapter parameters ``fedpipe.upload-budget-mb`` allows a node per round: FP32 (A, B), twice over for a
         continued node (it sends the adapters it started from beside them)."""
