@@ -362,7 +362,10 @@ def lr_trials(
     run_all(suite, todo if run else [], suite_dir, app, timeout_s, failures, trial=True)
     chosen = {row: chosen_lr(suite, suite_dir, *row) for row in suite.runs}
     record = {"/".join(row): {"chosen": lr, "final_eval_loss": losses} for row, (lr, losses) in chosen.items()}
-    (suite_dir / "lr.json").write_text(json.dumps({"rule": "lowest final eval loss on seed " + str(seed), **record}, indent=2))
+    path = suite_dir / "lr.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}  # rows a narrower --suites-file left out stay
+    merged = {**kept, "rule": "lowest final eval loss on seed " + str(seed), **record}
+    path.write_text(json.dumps(merged, indent=2))
     return {row: lr for row, (lr, _) in chosen.items()}
 
 

@@ -509,6 +509,8 @@ def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at
         return True, ""
 
     monkeypatch.setattr(bench, "run_one", fake)
+    (out / "s").mkdir(parents=True)  # a row a narrower suites file ran earlier keeps its choice
+    (out / "s" / "lr.json").write_text(json.dumps({"rule": "r", "legend/hetero": {"chosen": 0.01, "final_eval_loss": {}}}))
     stale = _fake_run(run_dir(out / "s", "lora-fedavg", "hetero", 2), [3.0, 1.0], [0.0, 1.0], 4.0, 30.0)
     (stale / "config.json").write_text(json.dumps({"train.lr": 0.001}))  # from before the grid: another rate
     elsewhere = _fake_run(run_dir(out / "ablation", "fedpipe", "x", 1), [3.0, 1.5 + math.log10(3)], [0.0, 1.0], 4.0, 30.0)
@@ -522,6 +524,7 @@ def test_an_lr_grid_picks_each_row_s_rate_on_the_first_seed_and_runs_the_rest_at
     assert [(s, seed, lr) for s, seed, lr, trial in ran if not trial] == [("fedpipe", 2, 0.003), ("lora-fedavg", 2, 0.01)]
     chosen = json.loads((out / "s" / "lr.json").read_text())
     assert chosen["fedpipe/hetero"]["chosen"] == 0.003 and chosen["lora-fedavg/hetero"]["chosen"] == 0.01
+    assert chosen["legend/hetero"]["chosen"] == 0.01 and chosen["rule"] == "lowest final eval loss on seed 1"
     assert chosen["fedpipe/hetero"]["final_eval_loss"]["0.001"] == pytest.approx(1.5 + math.log10(3))
     seed1 = run_dir(out / "s", "fedpipe", "hetero", 1)
     assert (seed1 / "1").resolve() == (run_dir(out / "s", "fedpipe", "hetero", 1, 0.003) / "1").resolve()  # the trial
