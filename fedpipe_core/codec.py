@@ -63,22 +63,22 @@ def _group(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, dict[s
     return grouped
 
 
-def _check_pair(module: str, parts: dict[str, np.ndarray], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _pair(module: str, parts: dict[str, np.ndarray], shape: tuple[int, int], scale: float) -> LowRank:
+    """A module's checked ``::A`` and ``::B`` as FP32 factors of the given scale."""
     if set(parts) != {"A", "B"}:
         raise UpdateError(f"module {module!r}: expected both ::A and ::B, got {sorted(parts)}")
     A, B = parts["A"], parts["B"]
     out_dim, in_dim = shape
     if A.shape[1] != in_dim or B.shape[0] != out_dim or A.shape[0] != B.shape[1] or A.shape[0] < 1:
         raise UpdateError(f"module {module!r}: A {A.shape} and B {B.shape} do not factor a ({out_dim}, {in_dim}) weight")
-    return A, B
+    return LowRank(torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32)), scale)
 
 
 def decode_factors(arrays: Mapping[str, np.ndarray], shapes: Shapes, scale: float) -> Factors:
     """Validate and convert ``{module::A, module::B}`` back to factors of the given scale (see the module's note)."""
     out: Factors = {}
     for module, parts in _group(arrays, shapes).items():
-        A, B = _check_pair(module, parts, shapes[module])
-        out[module] = LowRank(torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32)), scale)
+        out[module] = _pair(module, parts, shapes[module], scale)
     return out
 
 
@@ -91,8 +91,7 @@ def decode_delta(arrays: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, 
                 raise UpdateError(f"module {module!r}: dense ΔW must come alone with shape {shapes[module]}")
             out[module] = torch.from_numpy(parts["dW"].astype(np.float32))
         else:
-            A, B = _check_pair(module, parts, shapes[module])
-            out[module] = LowRank(torch.from_numpy(A.astype(np.float32)), torch.from_numpy(B.astype(np.float32))).dense()
+            out[module] = _pair(module, parts, shapes[module], scale=1.0).dense()
     return out
 
 

@@ -65,10 +65,10 @@ def concat(parts: list[LowRank]) -> LowRank:
     """Σ_i s_i B_i A_i as one factor pair (exact): [s_1 B_1 | ...] · [A_1; ...], or the shared scale kept when all
     parts have the same one."""
     scales = {p.scale for p in parts}
-    if len(scales) == 1:
-        return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1), scales.pop())
-    folded = [p.folded() for p in parts]
-    return LowRank(torch.cat([p.A for p in folded]), torch.cat([p.B for p in folded], dim=1))
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    if scale == 1.0:
+        parts = [p.folded() for p in parts]
+    return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1), scale)
 
 
 def factor_svd(lowrank: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
