@@ -18,8 +18,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import platform
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 import psutil
@@ -61,6 +63,31 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=compute_dtype(device))
     return contextlib.nullcontext()
+
+
+def host_facts() -> dict[str, object]:
+    """The machine the floats came from: CPU model, the instruction set torch dispatches to, threads, torch and CUDA.
+
+    CPU kernels sum in an order that depends on the instruction set (AVX512 or AVX2), so the same run on another CPU
+    gives losses that differ in the sixth digit; a run record names its host so a reader can tell."""
+    facts: dict[str, object] = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        facts["cuda"] = torch.cuda.get_device_name()
+    return facts
+
+
+def _cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo, else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def trim_heap() -> None:

@@ -13,6 +13,7 @@ import torch
 from flwr.common import log
 
 from fedpipe_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpipe_core.device import host_facts
 from fedpipe_core.evaluate import evaluate_validation
 from fedpipe_core.protocol import MODELS, FinalReply
 from fedpipe_core.results import RESULTS_VERSION, RunWriter
@@ -194,6 +195,7 @@ class RunRecorder:
             "wall_s": time.time() - self.started,
             "results_version": RESULTS_VERSION,
             "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "host": host_facts(),
             **({"best_round": self.best[1], "best_loss": self.best[0]} if self.best else {}),
         }
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fedpipe_core import device as device_module
 from fedpipe_core.cost import peak_memory
-from fedpipe_core.device import PeakMemory, compute_dtype, resolve_device
+from fedpipe_core.device import PeakMemory, compute_dtype, host_facts, resolve_device
 from fedpipe_core.qlinear import place, stored_linear
 from fedpipe_core.quantize import quantize
 
@@ -149,3 +149,17 @@ def test_the_cost_model_predicts_a_cpu_round_within_20_percent(task, tmp_path, p
     assert done.returncode == 0, done.stderr[-2000:]
     measured, predicted = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.8 <= measured / predicted <= 1.2, (measured, predicted)
+
+
+def test_host_facts_name_the_kernels_this_process_dispatches_to():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        facts = host_facts()
+    finally:
+        torch.set_num_threads(threads)
+    assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["threads"] == 1
+    assert facts["torch"] == torch.__version__
+    assert isinstance(facts["cpu"], str) and facts["cpu"]
+    assert ("cuda" in facts) == torch.cuda.is_available()

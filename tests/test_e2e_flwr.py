@@ -112,9 +112,12 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     for key in ("bleu", "nist", "meteor", "rouge_l", "cider", "ppl", "trainable_params", "total_bytes", "wall_s"):
         assert isinstance(summary[key], (int, float)), key
     assert 0 < summary["trainable_params"] <= 60 * 8 * (576 + 576)  # at most rank 8 on all 60 q/v projections
+    import torch
+
     from fedpipe_core.metrics import scorer
 
     assert summary["scorer"] == scorer() and summary["rounds"] == 2
+    assert summary["host"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the floats' provenance
     best = json.loads((run / "best" / "round.json").read_text())  # the best round's model, kept beside the last
     assert best["round"] == summary["best_round"] and best["loss"] == min(r["eval_loss"] for r in rows[1:])
     config = json.loads((run / "config.json").read_text())
