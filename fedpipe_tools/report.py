@@ -480,7 +480,11 @@ def write_report(
     )
     if fresh:  # the plots show the rows whose runs are here (a carried row has no curve)
         plot_loss(suite, fresh, out / f"{suite}-eval-loss-vs-sim-time.png")
-        plot_bytes(suite, runs, out / f"{suite}-bytes-per-round.png")
+        plot_bytes(
+            suite,
+            {row: run for row, run in runs.items() if fresh.get(row, {}).get("_curve")},
+            out / f"{suite}-bytes-per-round.png",
+        )
     for (strategy, setting), path_ in runs.items():  # each row's first seed as a run report: plans, bytes, node time
         write_run_report(path_, out / "runs" / f"{suite}--{strategy}--{setting}")
     return merged[suite]
@@ -675,13 +679,18 @@ def budget_table(results: dict[tuple[str, str], dict[str, Any]], budgets: Budget
 
 
 def plot_loss(suite: str, results: dict[tuple[str, str], dict[str, Any]], path: Path) -> None:
-    """Each row's eval loss against simulated time (its first seed's curve)."""
+    """Each row's eval loss against simulated time (its first seed's curve); an N/A row is named under the title."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (strategy, setting), r in results.items():
         points = r["_curve"]
-        ax.plot([p.time for p in points], [p.loss for p in points], marker="o", label=f"{strategy} / {setting}")
-    ax.set(xlabel="simulated time (s)", ylabel="eval loss", title=f"{suite}: eval loss vs simulated time")
+        if points:
+            ax.plot([p.time for p in points], [p.loss for p in points], marker="o", label=f"{strategy} / {setting}")
+    title = f"{suite}: eval loss vs simulated time"
+    untrained = [f"{strategy} / {setting}" for (strategy, setting), r in results.items() if not r["_curve"]]
+    if untrained:
+        title += "\nN/A (trained nothing, see the table): " + ", ".join(untrained)
+    ax.set(xlabel="simulated time (s)", ylabel="eval loss", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ import pytest
 from fedpipe_core.config import ConfigError, RunConfig
 from fedpipe_core.metrics import SCORER
 from fedpipe_core.results import RESULTS_VERSION
-from fedpipe_tools import bench
+from fedpipe_tools import bench, report
 from fedpipe_tools.bench import finished_identities, load_suites, reuse, run_dir, run_suite
 from fedpipe_tools.report import Budgets, Point, Target, loss_at, to_target, write_report
 
@@ -127,6 +127,23 @@ def _fake_run(
     ]
     (run / "plans.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plans))
     return run
+
+
+def test_the_loss_plot_names_a_row_that_trained_nothing_instead_of_an_empty_curve(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn: dict[str, object] = {}
+
+    def keep(figure, path, **_):
+        axes = figure.axes[0]
+        drawn.update(title=axes.get_title(), labels=[t.get_text() for t in axes.get_legend().get_texts()], lines=axes.lines)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    curve = [Point(time=0.0, bytes=0.0, steps=0, loss=3.0), Point(time=1.0, bytes=1e6, steps=8, loss=2.0)]
+    report.plot_loss("demo", {("fedpipe", "hetero"): {"_curve": curve}, ("ft", "hetero"): {"_curve": []}}, tmp_path / "x.png")
+    assert drawn["labels"] == ["fedpipe / hetero"]
+    assert [list(line.get_ydata()) for line in drawn["lines"]] == [[3.0, 2.0]]
+    assert drawn["title"].endswith("N/A (trained nothing, see the table): ft / hetero")
 
 
 def _two_runs(tmp_path: Path, steps: tuple[int, int] = (8, 8)) -> dict[tuple[str, str], Path]:
