@@ -160,7 +160,9 @@ class RoundStart:
         frozen = shared_a(shapes, targets, max(cfg.rank_candidates()), cfg.seed) if cfg.trains_frozen_a else None
         return cls(cfg.round_start, scaling, cfg.keep_moments, frozen)
 
-    def begin(self, directory: Path, ranks: dict[str, int], payload: Mapping[str, np.ndarray], shapes) -> Start:
+    def begin(
+        self, directory: Path, ranks: dict[str, int], payload: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, int]]
+    ) -> Start:
         """Where this round's adapters start (see the module's note for a plan that changed since the last round)."""
         if self.kind == "global":
             return Start(dict(payload))
@@ -180,7 +182,12 @@ class RoundStart:
         return products(start.before)
 
     def end(
-        self, directory: Path, start: Start, arrays: dict[str, np.ndarray], optimizer: OptimizerState, shapes
+        self,
+        directory: Path,
+        start: Start,
+        arrays: dict[str, np.ndarray],
+        optimizer: OptimizerState,
+        shapes: dict[str, tuple[int, int]],
     ) -> dict[str, np.ndarray]:
         """What the node sends after training to ``arrays`` (its adapters), keeping them for the next round when it
         continues: its adapters (global, restart); B's change zero-padded to the largest rank (frozen A); its adapters
