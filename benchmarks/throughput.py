@@ -28,6 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: --help stays fast
+    import torch
+
+    from fedpipe_core.data import Example
+    from fedpipe_core.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -37,7 +44,7 @@ TARGETS = {"nf4": 0.95, "16-bit": 0.95}
 PAIRS = {"nf4": ("fedpipe-nf4", "peft-nf4"), "16-bit": ("fedpipe-fp16", "peft-bf16")}
 
 
-def load(model: str, batch: int, seq: int, steps: int, rank: int):
+def load(model: str, batch: int, seq: int, steps: int, rank: int) -> tuple[Task, list[Example]]:
     """The task (its tokenizer, targets and config) and the ``batch × steps`` longest training examples."""
     from fedpipe_core.config import RunConfig
     from fedpipe_core.data import encode
@@ -49,7 +56,7 @@ def load(model: str, batch: int, seq: int, steps: int, rank: int):
     return task, longest[: batch * steps]
 
 
-def tokens_of(task, examples, batch: int, steps: int, seed: int) -> int:
+def tokens_of(task: Task, examples: list[Example], batch: int, steps: int, seed: int) -> int:
     """The non-padding tokens of the batches :func:`~fedpipe_core.train.train_local` draws (the same for every run)."""
     from fedpipe_core.data import collate
     from fedpipe_core.train import batches
@@ -58,7 +65,7 @@ def tokens_of(task, examples, batch: int, steps: int, seed: int) -> int:
     return sum(int(collate(task.tokenizer, b, task.config.max_seq_len)["attention_mask"].sum()) for b in chosen)
 
 
-def fedpipe_round(task, examples, precision: str, device) -> tuple[float, int]:
+def fedpipe_round(task: Task, examples: list[Example], precision: str, device: torch.device) -> tuple[float, int]:
     """Seconds of a FedPipe client round's training and its measured peak bytes."""
     from fedpipe_core.local import run_client_round
     from fedpipe_core.node.state import node_base
@@ -72,7 +79,7 @@ def fedpipe_round(task, examples, precision: str, device) -> tuple[float, int]:
     return out.train_s, out.peak_bytes
 
 
-def peft_loop(task, examples, precision: str, device) -> tuple[float, int]:
+def peft_loop(task: Task, examples: list[Example], precision: str, device: torch.device) -> tuple[float, int]:
     """Seconds of a plain peft (+ bitsandbytes at NF4) LoRA loop over the same batches, and its peak bytes."""
     import torch
     from peft import LoraConfig, get_peft_model

@@ -11,6 +11,7 @@ leaves out ``evaluate`` refuses the final scoring on its test share).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import WARNING
 
 import psutil
@@ -106,7 +107,7 @@ def _local_round(msg: Message, context: Context, entered: float, startup: float)
     return local_round.train(msg, context, entered, startup)
 
 
-def _refusing(msg: Message, answer) -> Message:
+def _refusing(msg: Message, answer: Callable[[], Message]) -> Message:
     """``answer()``, or an error reply naming what secure aggregation refused (the round goes on without this node)."""
     try:
         return answer()

@@ -61,12 +61,12 @@ class _FrozenMatmul(torch.autograd.Function):
     lives only while one layer computes (as in bitsandbytes' 4-bit matmul), not until the backward pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: StoredLinear) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, layer: StoredLinear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantized())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad @ ctx.layer.dequantized().to(grad.dtype), None
 
 

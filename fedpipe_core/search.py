@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pulp
@@ -113,11 +114,11 @@ def greedy(spec: ModelSpec, importance: dict[str, float], batch: int, space: Sea
     return best
 
 
-def _by_importance(importance: dict[str, float], spec: ModelSpec):
+def _by_importance(importance: dict[str, float], spec: ModelSpec) -> Callable[[str], tuple[float, int, str]]:
     return lambda m: (-importance[m], -spec.modules[m][0], m)
 
 
-def _by_importance_per_param(importance: dict[str, float], spec: ModelSpec):
+def _by_importance_per_param(importance: dict[str, float], spec: ModelSpec) -> Callable[[str], tuple[float, int, str]]:
     return lambda m: (-importance[m] / (spec.modules[m][1] + spec.modules[m][2]), -spec.modules[m][0], m)
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
@@ -45,7 +46,7 @@ def loss_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[dict[str, An
     return curves
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn (a command's --help stays fast)."""
     import matplotlib
 

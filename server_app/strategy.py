@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpipe_core.codec import encode_dense
+from fedpipe_core.config import RunConfig
 from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import FinalInstruction, FinalReply, TrainReply, UpdateError
 from fedpipe_core.secagg import SecAggError
@@ -143,7 +144,7 @@ class FlowerAdapter(FlowerStrategy):
         return flower_round + self.round_offset
 
     @property
-    def config(self):
+    def config(self) -> RunConfig:
         return self.strategy.task.config
 
     def discover(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
@@ -294,7 +295,9 @@ class FlowerAdapter(FlowerStrategy):
         if not updated and replied and stats.privacy_refused == replied:
             raise PrivacySpent(f"round {server_round}: every node refused it, no site has privacy budget left")
 
-    def _aggregate_secure(self, server_round: int, replies: list[Message], stats: RoundStats):
+    def _aggregate_secure(
+        self, server_round: int, replies: list[Message], stats: RoundStats
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """A secure round: the masked uploads summed and unmasked (:func:`close_round`); the strategy gets the sums."""
         rnd, layout, grid = self.secure_round
         self.secure_round = None

@@ -28,7 +28,11 @@ def cache_key(**shaping: object) -> str:
     return hashlib.sha256(json.dumps({"v": CACHE_VERSION, **shaping}, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached_shares(directory: Path, key: str, build: Callable[[], tuple[dict[str, list[Example]], str, str]]):
+Shares = tuple[dict[str, list[Example]], str, str]
+"""A node's data shares by split, its data hash and a note on how they were made."""
+
+
+def cached_shares(directory: Path, key: str, build: Callable[[], Shares]) -> Shares:
     """The (shares, data hash, note) stored under ``key``, or built by ``build`` and stored (atomically)."""
     path = directory / f"{key}.json"
     if path.is_file():

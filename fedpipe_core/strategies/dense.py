@@ -21,12 +21,13 @@ from fedpipe_core.plan import Plan
 from fedpipe_core.protocol import UpdateError
 from fedpipe_core.strategies.base import Arrays, ArrayState, Updates
 from fedpipe_core.strategies.factors import truncated_payload
+from fedpipe_core.task import Task
 
 
 class DenseStrategy(ArrayState):
     """Global state: a dense ΔW per module."""
 
-    def __init__(self, task) -> None:
+    def __init__(self, task: Task) -> None:
         super().__init__(task)
         self.delta: dict[str, torch.Tensor] = {}
 

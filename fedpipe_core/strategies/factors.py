@@ -38,6 +38,7 @@ from fedpipe_core.strategies.peer_rules import (
     layers_top_down,
     legend_ranks,
 )
+from fedpipe_core.task import Task
 
 
 def truncated_payload(factors: Factors, plan: Plan) -> Arrays:
@@ -50,7 +51,7 @@ class FactorStrategy(ArrayState):
 
     weighting: ClassVar[Weighting] = staticmethod(module_weights)
 
-    def __init__(self, task) -> None:
+    def __init__(self, task: Task) -> None:
         super().__init__(task)
         self._factors: Factors | None = None
 
@@ -170,7 +171,7 @@ class FedAdapter(FactorStrategy):
     name = "fedadapter"
     missing = "bottleneck adapters (LoRA components at the configuration's width stand in for them)"
 
-    def __init__(self, task) -> None:
+    def __init__(self, task: Task) -> None:
         super().__init__(task)
         if not task.config.server_evaluates:
             raise ConfigError(

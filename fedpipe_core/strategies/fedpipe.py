@@ -21,6 +21,7 @@ from fedpipe_core.protocol import TrainReply, UpdateError
 from fedpipe_core.round_start import change, shared_a
 from fedpipe_core.search import SearchSpace, batch_sizes, plan_client
 from fedpipe_core.strategies.base import Arrays, Strategy, Updates, under
+from fedpipe_core.task import Task
 
 
 class FedPipe(Strategy):
@@ -38,7 +39,7 @@ class FedPipe(Strategy):
     name = "fedpipe"
     mode = "fedpipe"
 
-    def __init__(self, task) -> None:
+    def __init__(self, task: Task) -> None:
         super().__init__(task)
         self.increments: dict[int, dict[str, LowRank]] = {}
         self.synced: dict[int, int] = {}
@@ -158,7 +159,7 @@ class FedPipe(Strategy):
                 raise UpdateError(f"module {module!r}: starting adapters of rank {lowrank.rank} do not fit its assigned rank")
         return replace(update, factors=change(before, update.factors))
 
-    def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None):
+    def read_update(self, arrays: Arrays, reply: TrainReply, assigned: dict[str, int] | None) -> ClientUpdate:
         update = super().read_update(arrays, reply, assigned)
         if reply.state_version is None:
             raise UpdateError("reply metrics lack 'state-version'")
