@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from client_app import LOADED
 from fedpipe_core.node import wire
 from fedpipe_core.profile import ClientProfile, declared_on_device, node_number
-from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS, PHASE_PREFIX
+from fedpipe_core.protocol import ARRAYS, CONFIG, METRICS, PHASE_PREFIX, place_of
 from fedpipe_flower import secure
 from fedpipe_flower.messages import from_record, metrics_reply, profile_reply
 
@@ -71,7 +71,8 @@ def query(msg: Message, context: Context) -> Message:
     startup = entered - _process["started"] if _process["messages"] == 0 else 0.0
     _process["messages"] += 1
     profile = _profile(context)
-    return profile_reply(msg, profile, {"startup-s": startup, "handler-s": time.time() - entered})
+    timing = {"startup-s": startup, "handler-s": time.time() - entered}
+    return profile_reply(msg, profile, timing, place_of(context.node_config))
 
 
 @app.train()

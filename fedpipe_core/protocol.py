@@ -79,6 +79,26 @@ def profile_from_config(values: Mapping[str, Any]) -> ClientProfile:
     return checked_profile(values["memory-bytes"], values["flops"], str(values["source"]), values.get("compute-bytes", 4))
 
 
+PLACE = "place"
+"""A profile reply's key for the node's place in the federation's order: its node config's ``partition-id``."""
+
+
+def place_of(node_config: Mapping[str, Any]) -> int | None:
+    """The place a node reports: its node config's ``partition-id`` (every simulated node has one), else None."""
+    value = node_config.get("partition-id")
+    return None if value is None else int(value)
+
+
+def place_from_config(values: Mapping[str, Any]) -> int | None:
+    """The place a profile reply gives (None when it gives none); ValueError naming it when it is not an integer ≥ 0."""
+    if PLACE not in values:
+        return None
+    value = values[PLACE]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"profile reply {PLACE!r} = {value!r} is not an integer >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainInstruction:
     """What a node is told to do in a round (with the arrays of :meth:`Strategy.payloads`)."""

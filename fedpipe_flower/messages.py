@@ -17,6 +17,7 @@ from fedpipe_core.protocol import (
     ARRAYS,
     CONFIG,
     METRICS,
+    PLACE,
     PROFILE,
     PROFILE_QUERY,
     FinalInstruction,
@@ -24,6 +25,7 @@ from fedpipe_core.protocol import (
     TrainInstruction,
     TrainReply,
     UpdateError,
+    place_from_config,
     profile_from_config,
     profile_to_config,
 )
@@ -111,9 +113,12 @@ def profile_query(node_id: int) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord(PROFILE_QUERY)}), dst_node_id=node_id, message_type=MessageType.QUERY)
 
 
-def profile_reply(msg: Message, profile: ClientProfile, timing: dict[str, float] | None = None) -> Message:
-    """A QUERY reply: the profile and, when given, what the reply cost the node (``startup-s``, ``handler-s``)."""
-    content = RecordDict({PROFILE: ConfigRecord(profile_to_config(profile))})
+def profile_reply(
+    msg: Message, profile: ClientProfile, timing: dict[str, float] | None = None, place: int | None = None
+) -> Message:
+    """A QUERY reply: the profile, the node's place when it has one (:func:`~fedpipe_core.protocol.place_of`) and,
+    when given, what the reply cost the node (``startup-s``, ``handler-s``)."""
+    content = RecordDict({PROFILE: ConfigRecord(profile_to_config(profile) | ({} if place is None else {PLACE: place}))})
     if timing is not None:
         content[METRICS] = MetricRecord(timing)
     return Message(content, reply_to=msg)
@@ -127,9 +132,11 @@ def read_query_timing(reply: Message) -> float | None:
     return float(record["startup-s"]) + float(record["handler-s"])
 
 
-def read_profile(reply: Message) -> ClientProfile:
-    """The profile in a QUERY reply (KeyError, TypeError or ValueError when unusable)."""
-    return profile_from_config(reply.content.config_records[PROFILE])
+def read_profile(reply: Message) -> tuple[ClientProfile, int | None]:
+    """The profile and the node's place (None: it gave none) in a QUERY reply (KeyError, TypeError or ValueError when
+    unusable)."""
+    values = reply.content.config_records[PROFILE]
+    return profile_from_config(values), place_from_config(values)
 
 
 def train_message(node_id: int, arrays: ArrayRecord, instruction: TrainInstruction, config: ConfigRecord) -> Message:

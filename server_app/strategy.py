@@ -158,10 +158,13 @@ class FlowerAdapter(FlowerStrategy):
                 log(WARNING, "node %d could not be profiled: %s", node_id, reply.error.reason)
                 continue
             try:
-                self.strategy.profiles[node_id] = read_profile(reply)
+                profile, place = read_profile(reply)
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "node %d sent an unusable profile: %s", node_id, exc)
                 continue
+            self.strategy.profiles[node_id] = profile
+            if place is not None:
+                self.strategy.places[node_id] = place
             cost = read_query_timing(reply)
             if cost is not None:
                 stats.query_s[node_id] = cost
@@ -247,7 +250,7 @@ class FlowerAdapter(FlowerStrategy):
         if not updates:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
             return None, None
-        updates = dict(sorted(updates.items()))  # node order, not arrival order: float sums depend on their order
+        updates = {n: updates[n] for n in self.strategy.ordered(updates)}  # not arrival order: float sums depend on it
         stats.clients = len(updates)
         stats.num_examples = sum(r.num_examples for _, r in updates.values())  # processed, whatever the updates weigh
         stats.client_steps = sum(r.steps for _, r in updates.values())

@@ -16,17 +16,19 @@ from fedpipe_flower.messages import to_record
 
 class FakeGrid:
     """Answers profile queries like the ClientApp does: every node declares the same profile,
-    or its own from ``profiles`` ({node: (memory bytes, flops)})."""
+    or its own from ``profiles`` ({node: (memory bytes, flops)}), and its place from ``places`` when given."""
 
-    def __init__(self, nodes, memory=64 * 2**30, flops=35e12, profiles=None):
+    def __init__(self, nodes, memory=64 * 2**30, flops=35e12, profiles=None, places=None):
         self.nodes = nodes
         self.profiles = profiles or {}
+        self.places = places or {}
         self.default = (memory, flops)
         self.queries = 0
 
     def _profile(self, node):
         memory, flops = self.profiles.get(node, self.default)
-        return ConfigRecord({"memory-bytes": float(memory), "flops": float(flops), "source": "declared"})
+        place = {"place": self.places[node]} if node in self.places else {}
+        return ConfigRecord({"memory-bytes": float(memory), "flops": float(flops), "source": "declared", **place})
 
     def get_node_ids(self):
         return list(self.nodes)

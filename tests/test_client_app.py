@@ -29,11 +29,14 @@ def test_the_clientapp_module_and_a_declared_query_load_no_training_stack():
     assert done.stdout.split() == ["4", "[]"]
 
 
-def test_a_query_reply_carries_the_profile_and_what_it_cost():
+def test_a_query_reply_carries_the_profile_its_place_and_what_it_cost():
     reply = query(profile_query(7), _context({"memory-gb": 2.0, "tflops": 9.0}))
-    profile = read_profile(reply)
+    profile, place = read_profile(reply)
     assert profile.source == "declared" and profile.memory_bytes == 2.0 * 2**30 and profile.flops == 9e12
+    assert place is None  # a site that sets no partition-id has no place: the server orders it by node id
     assert 0 <= read_query_timing(reply) < 600
+    _, place = read_profile(query(profile_query(7), _context({"memory-gb": 2.0, "tflops": 9.0, "partition-id": 3})))
+    assert place == 3
 
 
 def test_a_site_answers_only_the_message_types_it_lists():

@@ -191,6 +191,21 @@ def test_fedadapter_trial_groups_keep_the_configuration_whose_model_scores_best_
     assert resumed.current == deeper
 
 
+def test_fedadapter_trial_groups_follow_the_nodes_places_not_the_ids_flower_drew(task):
+    strategy = FedAdapter(task)
+    strategy.profiles = {n: ClientProfile(64 * 2**30, 20e12, "declared") for n in (1, 2, 3, 4)}
+    strategy.places = {4: 0, 2: 1, 1: 2, 3: 3}
+    start = strategy.current
+    deeper, wider = fedadapter_trials(start, len(strategy.layers), task.config.rank_candidates())[1:]
+    plans = strategy.plan_round(1, [1, 2, 3, 4])
+    assert {n: p.ranks for n, p in plans.items()} == {  # places 0, 1, 2, 3: current, deeper, wider, current
+        4: strategy.ranks_of(start),
+        2: strategy.ranks_of(deeper),
+        1: strategy.ranks_of(wider),
+        3: strategy.ranks_of(start),
+    }
+
+
 def test_fedadapter_decides_every_upgrade_every_rounds_and_needs_a_server_validation_split(task):
     strategy = FedAdapter(replace(task, config=replace(task.config, adapter_upgrade_every=2)))
     strategy.profiles = {n: ClientProfile(64 * 2**30, 20e12, "declared") for n in (1, 2, 3)}

@@ -10,6 +10,8 @@ from fedpipe_core.protocol import (
     TrainInstruction,
     TrainReply,
     UpdateError,
+    place_from_config,
+    place_of,
     profile_from_config,
     profile_to_config,
 )
@@ -70,6 +72,14 @@ def test_profiles_travel_and_must_be_positive():
         profile_from_config({**profile_to_config(profile), "compute-bytes": 3})
     older = {k: v for k, v in profile_to_config(profile).items() if k != "compute-bytes"}
     assert profile_from_config(older).compute_bytes == 4  # a node that does not say computes in FP32
+
+
+def test_a_place_is_a_partition_id_and_a_bad_one_is_named():
+    assert place_of({"partition-id": 2, "num-partitions": 4}) == 2 and place_of({"data-path": "/site"}) is None
+    assert place_from_config({"place": 0}) == 0 and place_from_config({"flops": 1.0}) is None
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match=f"'place' = {bad!r} is not an integer >= 0"):
+            place_from_config({"place": bad})
 
 
 def test_every_mode_a_strategy_sends_has_a_local_routine():

@@ -134,3 +134,32 @@ def test_the_global_state_does_not_depend_on_the_order_replies_arrive_in(task, s
     for loss, delta in states[1:]:
         assert loss == states[0][0] and delta.keys() == states[0][1].keys()
         assert all(torch.equal(delta[m], states[0][1][m]) for m in delta)  # bitwise
+
+
+@pytest.mark.parametrize("strategy_cls", [FedPipe, LoRAFedAvg])
+def test_a_seed_fixes_the_global_state_whatever_node_ids_flower_draws(task, strategy_cls):
+    """Flower draws a simulation's node ids afresh every run: the nodes are summed in the order of their places."""
+    states = []
+    for ids in ([11, 22, 33, 44, 55], [90, 12, 57, 31, 8]):  # place p is node ids[p]; the second run's ids are unordered
+        strategy = FlowerAdapter(strategy_cls(task))
+        grid = FakeGrid(ids, places={node: place for place, node in enumerate(ids)})
+        list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+        assert strategy.strategy.ordered(ids[::-1]) == ids
+        ok = {"train-loss": 2.0, "state-version": 0}
+        replies = [
+            reply(node, encode_factors(client_factors(task, strategy.stats[1].ranks[node], 3 + p)), {**ok, "num-examples": 7 + p})
+            for p, node in enumerate(ids)
+        ]
+        strategy.aggregate_train(1, replies)
+        states.append(strategy.strategy.global_delta())
+    assert all(torch.equal(states[1][m], states[0][m]) for m in states[0])  # bitwise
+
+
+def test_nodes_without_a_place_follow_those_with_one_by_node_id(task):
+    strategy = LoRAFedAvg(task)
+    strategy.places = {40: 1, 7: 0}
+    assert strategy.ordered([50, 40, 3, 7]) == [7, 40, 3, 50]
+    state, tensors = strategy.state_dict()
+    resumed = LoRAFedAvg(task)
+    resumed.load_state_dict(state, tensors)
+    assert resumed.places == {40: 1, 7: 0}

@@ -14,6 +14,7 @@ import functools
 import math
 import statistics
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -62,14 +63,24 @@ class Strategy(ABC):
     def __init__(self, task: Task) -> None:
         self.task = task
         self.profiles: dict[int, ClientProfile] = {}
+        self.places: dict[int, int] = {}
+        """Each node's place in the federation's order, as it reported it (:meth:`ordered`)."""
         self.reported_norms: dict[str, float] = {}
         """‖W‖ per module as the sites reported it (median over a round's replies): the scale of
         ``max-update-ratio`` on a server that reads no weight (``eval.where = sites``)."""
 
+    def ordered(self, node_ids: Iterable[int]) -> list[int]:
+        """The nodes in the federation's order: by the place each reported (its ``partition-id``), then by node id.
+
+        Wherever the order decides something (which trial group a node joins, the order of a sum of floats), a seed
+        then decides it too: Flower draws a simulation's node ids afresh every run, so an order by node id alone
+        differs between two runs of one seed."""
+        return sorted(node_ids, key=lambda n: (n not in self.places, self.places.get(n, 0), n))
+
     # --- 1. plan --------------------------------------------------------------------------------
     def plan_round(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        """Every profiled node's plan this round, its local steps cut to ``round-deadline-s``."""
-        profiled = sorted(n for n in node_ids if n in self.profiles)
+        """Every profiled node's plan this round (in :meth:`ordered` order), its local steps cut to ``round-deadline-s``."""
+        profiled = self.ordered(n for n in node_ids if n in self.profiles)
         plans = self.make_plans(server_round, profiled) if profiled else {}
         for node_id, plan in plans.items():
             self._apply_deadline(node_id, plan)
@@ -256,11 +267,12 @@ class Strategy(ABC):
 
     def state_dict(self) -> tuple[dict[str, object], Arrays]:
         """Everything a checkpoint keeps of the strategy: JSON-able state and named arrays (global state included)."""
-        return {"profiles": {str(n): p.to_dict() for n, p in self.profiles.items()}}, {}
+        return {"profiles": {str(n): p.to_dict() for n, p in self.profiles.items()}, "places": self.places}, {}
 
     def load_state_dict(self, state: dict[str, object], tensors: Arrays) -> None:
         """Continue from a checkpoint's :meth:`state_dict`."""
         self.profiles = {int(n): ClientProfile(**p) for n, p in dict(state["profiles"]).items()}
+        self.places = {int(n): int(place) for n, place in dict(state.get("places", {})).items()}
 
 
 class ArrayState(Strategy):

@@ -160,8 +160,9 @@ class FedAdapter(FactorStrategy):
     """FedAdapter: one adapter configuration (depth = top layers, width = rank), chosen by trial groups.
 
     It starts shallow and narrow (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_start`). Every
-    ``fedadapter.upgrade-every`` rounds is a decision round: the nodes split, in turn by id, into trial groups training
-    the current, a deeper and a wider configuration (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_trials`)
+    ``fedadapter.upgrade-every`` rounds is a decision round: the nodes split, in turn in the federation's order
+    (:meth:`~fedpipe_core.strategies.base.Strategy.ordered`), into trial groups training the current, a deeper and a
+    wider configuration (:func:`~fedpipe_core.strategies.peer_rules.fedadapter_trials`)
     from the same global factors; each group's updates are averaged (FedAvg of A and B) and scored on the server's
     validation split, and the group with the lowest loss gives the next global factors and configuration. The other
     groups' work is dropped, the price the paper pays for searching while training. Other rounds every node trains
@@ -195,15 +196,15 @@ class FedAdapter(FactorStrategy):
         if (server_round - 1) % every == every - 1:
             trials = fedadapter_trials(self.current, len(self.layers), self.task.config.rank_candidates())
         trials = trials[: len(node_ids)]
-        self.groups = {node: trials[i % len(trials)] for i, node in enumerate(sorted(node_ids))}
+        self.groups = {node: trials[i % len(trials)] for i, node in enumerate(self.ordered(node_ids))}
         return {
             node: self.fit_plan(node, self.ranks_of(config), self.task.config.batch_size) for node, config in self.groups.items()
         }
 
     def combine(self, server_round: int, updates: Updates) -> None:
         by_config: dict[AdapterConfig, Updates] = {}
-        for node, update in sorted(updates.items()):
-            by_config.setdefault(self.groups[node], {})[node] = update
+        for node in self.ordered(updates):
+            by_config.setdefault(self.groups[node], {})[node] = updates[node]
         candidates = {config: self.averaged(group) for config, group in by_config.items()}
         if len(candidates) == 1:
             ((self.current, self._factors),) = candidates.items()
