@@ -129,7 +129,9 @@ def test_federation_trains_and_writes_the_results_contract(two_rounds, flwr_env,
     from fedpipe_core.model import default_cache_dir
 
     assert not (default_cache_dir() / "node-state" / str(config["run-id"])).exists()  # removed when the run ended
-    assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 2
+    checkpoint = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert checkpoint["round"] == 2
+    assert sorted(checkpoint["state"]["places"].values()) == [0, 1, 2]  # every node's partition id reached the server
 
     assert "FedPipe round 2/2 | eval loss" in log
 
