@@ -84,9 +84,14 @@ PLACE = "place"
 
 
 def place_of(node_config: Mapping[str, Any]) -> int | None:
-    """The place a node reports: its node config's ``partition-id`` (every simulated node has one), else None."""
+    """The place a node reports: its node config's ``partition-id`` (every simulated node has one), else None;
+    ValueError naming it when it is not an integer >= 0."""
     value = node_config.get("partition-id")
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"node config 'partition-id' = {value!r} is not an integer >= 0")
+    return value
 
 
 def place_from_config(values: Mapping[str, Any]) -> int | None:

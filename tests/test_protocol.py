@@ -76,6 +76,8 @@ def test_profiles_travel_and_must_be_positive():
 
 def test_a_place_is_a_partition_id_and_a_bad_one_is_named():
     assert place_of({"partition-id": 2, "num-partitions": 4}) == 2 and place_of({"data-path": "/site"}) is None
+    with pytest.raises(ValueError, match="node config 'partition-id' = 'a' is not an integer >= 0"):
+        place_of({"partition-id": "a"})
     assert place_from_config({"place": 0}) == 0 and place_from_config({"flops": 1.0}) is None
     for bad in (-1, 1.5, "3", True):
         with pytest.raises(ValueError, match=f"'place' = {bad!r} is not an integer >= 0"):
