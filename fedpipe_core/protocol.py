@@ -83,25 +83,23 @@ PLACE = "place"
 """A profile reply's key for the node's place in the federation's order: its node config's ``partition-id``."""
 
 
-def place_of(node_config: Mapping[str, Any]) -> int | None:
-    """The place a node reports: its node config's ``partition-id`` (every simulated node has one), else None;
-    ValueError naming it when it is not an integer >= 0."""
-    value = node_config.get("partition-id")
+def _place(value: object, where: str) -> int | None:
+    """``value`` as a place (None stays None); ValueError naming ``where`` when it is not an integer >= 0."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"node config 'partition-id' = {value!r} is not an integer >= 0")
+        raise ValueError(f"{where} = {value!r} is not an integer >= 0")
     return value
+
+
+def place_of(node_config: Mapping[str, Any]) -> int | None:
+    """The place a node reports: its node config's ``partition-id`` (every simulated node has one), else None."""
+    return _place(node_config.get("partition-id"), "node config 'partition-id'")
 
 
 def place_from_config(values: Mapping[str, Any]) -> int | None:
-    """The place a profile reply gives (None when it gives none); ValueError naming it when it is not an integer ≥ 0."""
-    if PLACE not in values:
-        return None
-    value = values[PLACE]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"profile reply {PLACE!r} = {value!r} is not an integer >= 0")
-    return value
+    """The place a profile reply gives (None when it gives none)."""
+    return _place(values.get(PLACE), f"profile reply {PLACE!r}")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ class Strategy(ABC):
         return plans
 
     def make_plans(self, server_round: int, node_ids: list[int]) -> dict[int, Plan]:
-        """Each (profiled, at least one) node's configuration; by default the run config's, the same for all."""
+        """Each (profiled, at least one) node's configuration, ``node_ids`` in :meth:`ordered` order; by default the run
+        config's, the same for all."""
         ranks = self.task.uniform_ranks()
         return {node: self.fit_plan(node, ranks, self.task.config.batch_size) for node in node_ids}
 

@@ -196,7 +196,7 @@ class FedAdapter(FactorStrategy):
         if (server_round - 1) % every == every - 1:
             trials = fedadapter_trials(self.current, len(self.layers), self.task.config.rank_candidates())
         trials = trials[: len(node_ids)]
-        self.groups = {node: trials[i % len(trials)] for i, node in enumerate(self.ordered(node_ids))}
+        self.groups = {node: trials[i % len(trials)] for i, node in enumerate(node_ids)}  # plan_round's order
         return {
             node: self.fit_plan(node, self.ranks_of(config), self.task.config.batch_size) for node, config in self.groups.items()
         }
