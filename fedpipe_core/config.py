@@ -105,7 +105,7 @@ class RunConfig:
     """`strategy.name`: `fedpipe`, or a peer: `lora-fedavg`, `hetlora`, `flexlora`, `legend`, `fedadapter`, `ft` (see
     [Strategies](#strategies))."""
     fraction_train: float = 1.0
-    """`strategy.fraction-train`: fraction of the connected nodes sampled each round."""
+    """`strategy.fraction-train`: fraction of the connected nodes sampled each round, drawn by `seed` and the round."""
     min_train_nodes: int = 2
     """`strategy.min-train-nodes`: nodes a round waits for before it starts."""
     round_timeout_s: float = 3600.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -169,16 +170,26 @@ class FlowerAdapter(FlowerStrategy):
             if cost is not None:
                 stats.query_s[node_id] = cost
 
+    def draw(self, server_round: int, connected: list[int]) -> list[int]:
+        """The round's nodes: every profiled one, or with ``fraction-train`` < 1 that fraction of the connected nodes
+        (at least ``min-train-nodes``) drawn from the profiled ones in :meth:`Strategy.ordered` order by a generator
+        seeded with the run seed and the round, so two runs of one seed, or a run resumed from its checkpoint, train
+        the same nodes each round (Flower's ``sample_nodes`` draws from its global, unseeded generator)."""
+        cfg = self.config
+        profiled = self.strategy.ordered(n for n in connected if n in self.strategy.profiles)
+        wanted = max(cfg.min_train_nodes, math.ceil(len(connected) * cfg.fraction_train))
+        if wanted >= len(profiled):
+            return profiled
+        return random.Random(f"draw:{cfg.seed}:{server_round}").sample(profiled, wanted)
+
     # --- Flower's Strategy interface ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round = self.run_round(server_round)
         cfg = self.config
-        available = len(list(grid.get_node_ids()))
-        wanted = max(cfg.min_train_nodes, math.ceil(available * cfg.fraction_train))
-        node_ids, _ = sample_nodes(grid, cfg.min_train_nodes, min(wanted, max(available, cfg.min_train_nodes)))
+        _, connected = sample_nodes(grid, cfg.min_train_nodes, 0)  # waits until `min-train-nodes` are connected
         stats = RoundStats(started_s=time.perf_counter())
-        self.discover(grid, sorted(node_ids), stats)
-        plans = self.strategy.plan_round(server_round, list(node_ids))
+        self.discover(grid, sorted(connected), stats)
+        plans = self.strategy.plan_round(server_round, self.draw(server_round, connected))
         self._check_budget(server_round, plans)  # a round that does not run keeps no stats: the run's figures end before it
         self.stats[server_round] = stats
         self._log_plans(server_round, plans)

@@ -155,6 +155,27 @@ def test_a_seed_fixes_the_global_state_whatever_node_ids_flower_draws(task, stra
     assert all(torch.equal(states[1][m], states[0][m]) for m in states[0])  # bitwise
 
 
+def test_a_sampled_round_draws_the_same_places_whatever_node_ids_flower_draws(task):
+    """With ``fraction-train`` < 1 the round's nodes are drawn by the run seed and round, over the nodes' places."""
+
+    def drawn(ids: list[int], seed: int) -> list[set[int]]:
+        config = replace(task.config, fraction_train=0.5, min_train_nodes=2, seed=seed)
+        strategy = FlowerAdapter(LoRAFedAvg(replace(task, config=config)))
+        grid = FakeGrid(ids, places={node: place for place, node in enumerate(ids)})
+        rounds = []
+        for server_round in range(1, 7):
+            sent = [m.metadata.dst_node_id for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)]
+            assert len(sent) == 3  # ceil(0.5 × 6)
+            rounds.append({ids.index(node) for node in sent})
+        assert grid.queries == 6  # every connected node profiled once, sampled or not
+        return rounds
+
+    first = drawn([11, 22, 33, 44, 55, 66], seed=5)
+    assert drawn([90, 12, 57, 31, 8, 70], seed=5) == first  # other node ids, same places drawn each round
+    assert len({frozenset(r) for r in first}) > 1  # the draw changes with the round
+    assert drawn([11, 22, 33, 44, 55, 66], seed=6) != first  # and with the seed
+
+
 def test_nodes_without_a_place_follow_those_with_one_by_node_id(task):
     strategy = LoRAFedAvg(task)
     strategy.places = {40: 1, 7: 0}
