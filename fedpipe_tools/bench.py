@@ -214,8 +214,9 @@ def reuse(
     trial: bool = False,
 ) -> Path | None:
     """Link a finished run of the same configuration (another suite's row, or the learning-rate trial that chose this
-    row's rate; same seeds give the same numbers, tests/test_determinism.py) as this one's, instead of running it
-    again (a learning-rate ``trial`` into its own directory); None where there is none."""
+    row's rate; same seeds give the same numbers up to the order float sums run in, tests/test_determinism.py) as
+    this one's, instead of running it again (a learning-rate ``trial`` into its own directory); None where there is
+    none."""
     out = run_dir(suite_dir, strategy, setting, seed, lr if trial else None)
     config = RunConfig.from_mapping(suite.config_of(strategy, setting, out.resolve(), seed, lr)).to_mapping()
     source = known.get(run_identity(config, suite.supernodes_of(setting)))

@@ -21,7 +21,8 @@ def test_the_scale_benchmark_runs_both_modes_with_the_same_numbers_and_a_warm_wo
     assert scale.main(["--model", "tiny", "--rounds", "2", "--steps", "1", "--workdir", str(tmp_path), "--timeout-s", "900"]) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(results) == {"in-process", "worker"}
-    assert results["worker"]["eval_loss"] == results["in-process"]["eval_loss"]  # the worker trains the same rounds
+    # the worker trains the same rounds: equal up to the order the CPU's kernels sum in (tests/test_determinism.py)
+    assert results["worker"]["eval_loss"] == pytest.approx(results["in-process"]["eval_loss"], rel=1e-4)
     assert results["worker"]["precisions"] == results["in-process"]["precisions"]  # the same plans
     for mode in results.values():
         assert 0 < mode["state_bytes_per_message"] <= 0.01 * mode["model_bytes"]
